@@ -1,0 +1,169 @@
+"""The Parquet archive: landing micro-batches and hourly compaction into the analysts' layout.
+
+Layout in the archive bucket:
+    landing/hour=YYYY-MM-DDTHH/<batch_id>.parquet            written by drain runs (at-least-once)
+    year=YYYY/month=MM/day=DD/hour=HH/events_NNNN.parquet     written by hourly compaction
+
+An hour's archive files are a pure function of that hour's landing files: compaction reads them all,
+keeps the first copy of each event_id, sorts by event time and rewrites the hour. Re-running it (for
+late events, or twice by accident) therefore still leaves every event exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pyarrow import fs
+
+from edge_bridge.envelope import Envelope
+
+TS = pa.timestamp("us", tz="UTC")
+ARCHIVE_SCHEMA = pa.schema(
+    [
+        ("event_id", pa.string()),
+        ("idempotency_key", pa.string()),
+        ("schema_version", pa.string()),
+        ("event_type", pa.string()),
+        ("source", pa.string()),
+        ("site_id", pa.string()),
+        ("device_id", pa.string()),
+        ("timestamp", TS),
+        ("received_at", TS),
+        ("ingested_at", TS),  # when a drain run took it from SQS
+        ("payload", pa.string()),  # the payload object as JSON text; DuckDB reads it with json functions
+    ]
+)
+ROWS_PER_FILE = 1_000_000
+ROW_GROUP_ROWS = 128 * 1024
+COMPRESSION = "zstd"
+
+
+def hour_key(ts: datetime) -> str:
+    """The hourly partition key, in Dagster's HourlyPartitionsDefinition format."""
+    return ts.astimezone(timezone.utc).strftime("%Y-%m-%d-%H:00")
+
+
+def parse_hour_key(key: str) -> datetime:
+    return datetime.strptime(key, "%Y-%m-%d-%H:%M").replace(tzinfo=timezone.utc)
+
+
+def landing_dir(bucket: str, landing_prefix: str, hour: str) -> str:
+    return f"{bucket}/{landing_prefix}/hour={parse_hour_key(hour):%Y-%m-%dT%H}"
+
+
+def archive_dir(bucket: str, hour: str) -> str:
+    return f"{bucket}/{parse_hour_key(hour):year=%Y/month=%m/day=%d/hour=%H}"
+
+
+def envelopes_to_table(envelopes: Iterable[Envelope], ingested_at: datetime) -> pa.Table:
+    rows = {name: [] for name in ARCHIVE_SCHEMA.names}
+    for env in envelopes:
+        rows["event_id"].append(env.event_id)
+        rows["idempotency_key"].append(env.idempotency_key)
+        rows["schema_version"].append(env.schema_version)
+        rows["event_type"].append(env.event_type)
+        rows["source"].append(env.source)
+        rows["site_id"].append(env.site_id)
+        rows["device_id"].append(env.device_id)
+        rows["timestamp"].append(env.timestamp)
+        rows["received_at"].append(env.received_at)
+        rows["ingested_at"].append(ingested_at)
+        rows["payload"].append(json.dumps(env.payload, separators=(",", ":"), ensure_ascii=False))
+    return pa.table(rows, schema=ARCHIVE_SCHEMA)
+
+
+def write_landing(filesystem: fs.FileSystem, bucket: str, landing_prefix: str, envelopes: list[Envelope], batch_id: str, ingested_at: datetime) -> dict[str, int]:
+    """Write one landing file per event-hour in this batch; returns {hour_key: rows}.
+
+    `batch_id` must be unique per attempt at a window (a re-delivered window writes a new file and
+    compaction removes the duplicates).
+    """
+    by_hour: dict[str, list[Envelope]] = {}
+    for env in envelopes:
+        by_hour.setdefault(hour_key(env.timestamp), []).append(env)
+    written = {}
+    for hour, group in sorted(by_hour.items()):
+        table = envelopes_to_table(group, ingested_at)
+        directory = landing_dir(bucket, landing_prefix, hour)
+        filesystem.create_dir(directory, recursive=True)
+        pq.write_table(table, f"{directory}/{batch_id}.parquet", filesystem=filesystem, compression=COMPRESSION)
+        written[hour] = table.num_rows
+    return written
+
+
+def _list_parquet(filesystem: fs.FileSystem, directory: str) -> list[str]:
+    selector = fs.FileSelector(directory, allow_not_found=True, recursive=False)
+    return sorted(info.path for info in filesystem.get_file_info(selector) if info.path.endswith(".parquet"))
+
+
+def read_landing(filesystem: fs.FileSystem, bucket: str, landing_prefix: str, hour: str) -> tuple[pa.Table, int]:
+    files = _list_parquet(filesystem, landing_dir(bucket, landing_prefix, hour))
+    if not files:
+        return ARCHIVE_SCHEMA.empty_table(), 0
+    tables = [pq.read_table(path, filesystem=filesystem, schema=ARCHIVE_SCHEMA) for path in files]
+    return pa.concat_tables(tables), len(files)
+
+
+def dedupe_by_event_id(table: pa.Table) -> pa.Table:
+    """Keep one row per event_id: the earliest ingested copy (ties: the first seen)."""
+    if table.num_rows == 0:
+        return table
+    indexed = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
+    ordered = indexed.sort_by([("event_id", "ascending"), ("ingested_at", "ascending"), ("_row", "ascending")])
+    ids = ordered.column("event_id").combine_chunks()
+    keep = pc.not_equal(ids[1:], ids[:-1])
+    mask = pa.concat_arrays([pa.array([True]), keep.fill_null(True)])
+    return ordered.filter(mask).drop_columns(["_row"])
+
+
+@dataclass
+class CompactionResult:
+    hour: str
+    landing_files: int
+    landing_rows: int
+    archived_rows: int
+    files: list[str]
+    removed_files: list[str]
+    bytes_written: int
+
+    @property
+    def duplicates_dropped(self) -> int:
+        return self.landing_rows - self.archived_rows
+
+
+def compact_hour(filesystem: fs.FileSystem, bucket: str, landing_prefix: str, hour: str, rows_per_file: int = ROWS_PER_FILE) -> CompactionResult:
+    landed, n_files = read_landing(filesystem, bucket, landing_prefix, hour)
+    unique = dedupe_by_event_id(landed).sort_by([("timestamp", "ascending"), ("event_id", "ascending")])
+    directory = archive_dir(bucket, hour)
+    before = set(_list_parquet(filesystem, directory))
+    written, total_bytes = [], 0
+    if unique.num_rows:
+        filesystem.create_dir(directory, recursive=True)
+    for n, start in enumerate(range(0, unique.num_rows, rows_per_file), start=1):
+        path = f"{directory}/events_{n:04d}.parquet"
+        pq.write_table(
+            unique.slice(start, rows_per_file),
+            path,
+            filesystem=filesystem,
+            compression=COMPRESSION,
+            row_group_size=ROW_GROUP_ROWS,
+        )
+        written.append(path)
+        total_bytes += filesystem.get_file_info(path).size
+    stale = sorted(before - set(written))
+    for path in stale:
+        filesystem.delete_file(path)
+    return CompactionResult(hour, n_files, landed.num_rows, unique.num_rows, written, stale, total_bytes)
+
+
+def read_archive_hour(filesystem: fs.FileSystem, bucket: str, hour: str) -> pa.Table:
+    files = _list_parquet(filesystem, archive_dir(bucket, hour))
+    if not files:
+        return ARCHIVE_SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(p, filesystem=filesystem, schema=ARCHIVE_SCHEMA) for p in files])

@@ -1,0 +1,101 @@
+"""The drain job: SQS `events` -> validate/de-duplicate -> destinations -> delete from SQS.
+
+Each op is thin: it calls the domain code in `pipeline.drain` / `pipeline.archive` and reports what
+it did. The delete op depends on every destination op, so a message is deleted only after all of
+them have durably accepted its event; a run that dies before that leaves the messages in SQS.
+"""
+
+
+import json
+from typing import Optional
+
+from dagster import (
+    AssetKey,
+    AssetMaterialization,
+    Config,
+    In,
+    Nothing,
+    OpExecutionContext,
+    Out,
+    in_process_executor,
+    job,
+    op,
+)
+
+from pipeline import drain
+from pipeline.archive import write_landing
+from pipeline.partitions import archive_hourly_partitions
+from pipeline.resources import ArchiveStore, DrainSettings, SQSResource
+from edge_bridge.envelope import format_ts, utc_now
+
+LANDING_ASSET = AssetKey("events_landing")
+DRAIN_TAG = "pipeline/drain"
+
+
+class WindowConfig(Config):
+    max_messages: Optional[int] = None  # default: DrainSettings.window_messages
+
+
+@op(out=Out(drain.Window))
+def receive_events_window(context: OpExecutionContext, config: WindowConfig, sqs: SQSResource, drain_settings: DrainSettings) -> drain.Window:
+    """Take a bounded window of messages; they stay invisible to others for the visibility timeout."""
+    size = config.max_messages or drain_settings.window_messages
+    window = drain.receive_window(sqs.get_client(), sqs.queue_url(), size, max_seconds=drain_settings.window_seconds)
+    context.log.info(f"received {len(window)} messages (window of at most {size})")
+    return window
+
+
+@op(out=Out(drain.ParsedWindow))
+def validate_and_dedupe(context: OpExecutionContext, window: drain.Window, archive: ArchiveStore) -> drain.ParsedWindow:
+    """Check every envelope against the contract; bad ones are kept in the quarantine area with a reason."""
+    parsed = drain.parse_window(window)
+    if parsed.quarantined:
+        lines = [
+            json.dumps({"message_id": m.message_id, "reason": reason, "detail": detail, "body": m.body[:262144]})
+            for m, reason, detail in parsed.quarantined
+        ]
+        key = f"quarantine/{utc_now():%Y-%m-%d}/{context.run_id}.jsonl"
+        archive.get_client().put_object(Bucket=archive.bucket, Key=key, Body="\n".join(lines).encode())
+        context.log.warning(f"quarantined {len(lines)} messages to s3://{archive.bucket}/{key}")
+        # Quarantined durably, so they may leave the queue with the rest.
+        parsed.receipts.extend(m.receipt_handle for m, _, _ in parsed.quarantined)
+    context.log.info(f"{len(parsed.events)} unique events, {parsed.duplicates} duplicates, {len(parsed.quarantined)} quarantined")
+    return parsed
+
+
+@op(out=Out(Nothing))
+def land_in_archive(context: OpExecutionContext, parsed: drain.ParsedWindow, archive: ArchiveStore) -> None:
+    """Write the window to the archive's landing area, one Parquet file per event-hour."""
+    if not parsed.events:
+        return
+    ingested_at = utc_now()
+    written = write_landing(archive.filesystem(), archive.bucket, archive.landing_prefix, parsed.events, context.run_id, ingested_at)
+    for hour, rows in written.items():
+        if not archive_hourly_partitions.has_partition_key(hour):
+            context.log.warning(f"{rows} events landed for hour {hour}, outside the archive's partitions")
+            continue
+        context.log_event(
+            AssetMaterialization(
+                asset_key=LANDING_ASSET,
+                partition=hour,
+                metadata={"rows": rows, "batch": context.run_id, "ingested_at": format_ts(ingested_at)},
+            )
+        )
+
+
+@op(ins={"landed": In(Nothing)})
+def delete_from_events_queue(context: OpExecutionContext, parsed: drain.ParsedWindow, sqs: SQSResource) -> int:
+    """Delete only now: every destination upstream of this op has accepted the window."""
+    deleted = drain.delete_messages(sqs.get_client(), sqs.queue_url(), parsed.receipts)
+    context.log.info(f"deleted {deleted} of {len(parsed.receipts)} messages from SQS")
+    return deleted
+
+
+@job(
+    executor_def=in_process_executor,
+    tags={DRAIN_TAG: "events"},
+    description="Drain a bounded window of the SQS events queue into every destination, then delete it.",
+)
+def drain_events_job():
+    parsed = validate_and_dedupe(receive_events_window())
+    delete_from_events_queue(parsed, landed=land_in_archive(parsed))

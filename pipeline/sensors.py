@@ -1,0 +1,67 @@
+"""Sensors: cheap looks at the world that decide which runs to launch; the heavy work is in runs."""
+
+
+from dagster import (
+    DagsterRunStatus,
+    DefaultSensorStatus,
+    RunRequest,
+    RunsFilter,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    define_asset_job,
+    in_process_executor,
+    sensor,
+)
+
+from pipeline import drain
+from pipeline.assets import events_archive
+from pipeline.jobs import DRAIN_TAG, LANDING_ASSET, drain_events_job
+from pipeline.partitions import archive_hourly_partitions
+from pipeline.resources import DrainSettings, SQSResource
+
+IN_PROGRESS = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
+ARCHIVE_HOUR_TAG = "pipeline/archive_hour"
+
+archive_job = define_asset_job(
+    "archive_hour_job",
+    selection=[events_archive],
+    description="Compact one hour of landing files into the exactly-once archive partition.",
+    executor_def=in_process_executor,
+)
+
+
+@sensor(job=drain_events_job, minimum_interval_seconds=5, default_status=DefaultSensorStatus.RUNNING)
+def events_queue_sensor(context: SensorEvaluationContext, sqs: SQSResource, drain_settings: DrainSettings):
+    """Launch drain runs while the events queue has visible messages, at most N at a time."""
+    visible, in_flight = drain.queue_depth(sqs.get_client(), sqs.queue_url())
+    if visible == 0:
+        return SkipReason(f"events queue is empty ({in_flight} in flight)")
+    running = context.instance.get_runs_count(RunsFilter(job_name=drain_events_job.name, statuses=IN_PROGRESS))
+    free = drain_settings.max_concurrent_runs - running
+    if free <= 0:
+        return SkipReason(f"{visible} messages waiting; {running} drain runs already in progress")
+    wanted = min(free, -(-visible // drain_settings.window_messages))
+    return [RunRequest(tags={DRAIN_TAG: "events", "pipeline/queue_depth": str(visible)}) for _ in range(wanted)]
+
+
+@sensor(job=archive_job, minimum_interval_seconds=30, default_status=DefaultSensorStatus.RUNNING)
+def archive_hours_sensor(context: SensorEvaluationContext):
+    """Re-compact every hour that received landing files since the last tick (late events included).
+
+    The run key names the hour and the newest landing materialization seen for it, so a tick that
+    is retried does not launch the same compaction twice, while new data always triggers a new one.
+    """
+    result = context.instance.fetch_materializations(LANDING_ASSET, limit=1000, cursor=context.cursor, ascending=True)
+    if not result.records:
+        return SkipReason("no new landing files")
+    newest: dict[str, int] = {}
+    for record in result.records:
+        key = record.partition_key
+        if key and archive_hourly_partitions.has_partition_key(key):
+            newest[key] = max(newest.get(key, 0), record.storage_id)
+    requests = [
+        RunRequest(run_key=f"archive-{hour}-{storage_id}", partition_key=hour, tags={ARCHIVE_HOUR_TAG: hour})
+        for hour, storage_id in sorted(newest.items())
+    ]
+    return SensorResult(run_requests=requests, cursor=result.cursor)
