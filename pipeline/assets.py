@@ -1,7 +1,7 @@
 """Software-defined assets: the landing area (written by drain runs) and the hourly Parquet archive."""
 
 
-from dagster import AssetExecutionContext, AssetSpec, MaterializeResult, asset
+from dagster import AssetExecutionContext, AssetSpec, Definitions, MaterializeResult, asset
 
 from pipeline.archive import compact_hour
 from pipeline.jobs import LANDING_ASSET
@@ -38,3 +38,6 @@ def events_archive(context: AssetExecutionContext, archive: ArchiveStore) -> Mat
             "bytes": result.bytes_written,
         }
     )
+
+
+defs = Definitions(assets=[events_landing, events_archive])

@@ -1,19 +1,12 @@
-"""The `pipeline` code location: one Definitions assembled from its modules."""
+"""The `pipeline` code location: one Definitions, merged from the modules that each contribute theirs."""
 
-from dagster import Definitions, EnvVar
+from dagster import Definitions
 
-from pipeline.assets import events_archive, events_landing
-from pipeline.jobs import drain_events_job
-from pipeline.resources import ArchiveStore, DrainSettings, SQSResource
-from pipeline.sensors import archive_hours_sensor, archive_job, events_queue_sensor
+from pipeline import assets, sensors
+from pipeline.resources import RESOURCES
 
-defs = Definitions(
-    assets=[events_landing, events_archive],
-    jobs=[drain_events_job, archive_job],
-    sensors=[events_queue_sensor, archive_hours_sensor],
-    resources={
-        "sqs": SQSResource(events_queue=EnvVar("PIPELINE_EVENTS_QUEUE")),
-        "archive": ArchiveStore(bucket=EnvVar("PIPELINE_ARCHIVE_BUCKET")),
-        "drain_settings": DrainSettings(),
-    },
+defs = Definitions.merge(
+    Definitions(resources=RESOURCES),
+    assets.defs,
+    sensors.defs,
 )

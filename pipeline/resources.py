@@ -6,7 +6,7 @@ same definitions reach the local emulator in dev and AWS in production.
 
 from __future__ import annotations
 
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, EnvVar
 from dagster_aws.utils import ResourceWithBoto3Configuration
 from pyarrow import fs
 
@@ -56,3 +56,11 @@ class DrainSettings(ConfigurableResource):
     window_messages: int = 5000
     window_seconds: float = 60.0
     max_concurrent_runs: int = 2
+
+
+# Shared by every module of the code location; configured from the environment when a run starts.
+RESOURCES = {
+    "sqs": SQSResource(events_queue=EnvVar("PIPELINE_EVENTS_QUEUE")),
+    "archive": ArchiveStore(bucket=EnvVar("PIPELINE_ARCHIVE_BUCKET")),
+    "drain_settings": DrainSettings(),
+}

@@ -4,6 +4,7 @@
 from dagster import (
     DagsterRunStatus,
     DefaultSensorStatus,
+    Definitions,
     RunRequest,
     RunsFilter,
     SensorEvaluationContext,
@@ -65,3 +66,6 @@ def archive_hours_sensor(context: SensorEvaluationContext):
         for hour, storage_id in sorted(newest.items())
     ]
     return SensorResult(run_requests=requests, cursor=result.cursor)
+
+
+defs = Definitions(jobs=[drain_events_job, archive_job], sensors=[events_queue_sensor, archive_hours_sensor])
