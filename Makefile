@@ -8,12 +8,15 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
 setup: system-deps python-deps node-deps
 
-# Debian packages the local stack runs on (Mosquitto, Node.js for the SQS/S3 emulator).
+# Debian packages the local stack runs on (Mosquitto, Node.js for the SQS/S3 emulator, Prometheus +
+# promtool and the Pushgateway for monitoring).
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v mosquitto_passwd >/dev/null || missing="$$missing mosquitto-clients"; \
 	command -v node >/dev/null || missing="$$missing nodejs npm"; \
+	command -v prometheus >/dev/null && command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v prometheus-pushgateway >/dev/null || missing="$$missing prometheus-pushgateway"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
