@@ -1,4 +1,4 @@
-"""Real local stand-ins for the production parts: a Mosquitto broker and the SQS + S3 emulator.
+"""Real local stand-ins for the production parts: Mosquitto, the SQS + S3 emulator, Prometheus + Pushgateway.
 
 The demo and the tests both start them through these classes, each on its own free port and in its
 own directory, so a test can kill, restart and cut them. Nothing here is used against AWS.
@@ -231,3 +231,175 @@ def aws_env(endpoint_url: str, region: str = "us-east-1") -> dict[str, str]:
         "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", "local"),
         "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "local"),
     }
+
+
+PROMETHEUS_CONFIG = DEVSTACK_DIR.parent / "config" / "prometheus" / "prometheus.yml"
+
+
+def _binary(*names: str) -> str:
+    for name in names:
+        found = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
+        if found:
+            return found
+    raise RuntimeError(f"{names[0]} is not installed: run `make setup` (Debian package {names[0]})")
+
+
+@dataclass
+class Pushgateway:
+    """A private Prometheus Pushgateway (Debian package): where short-lived Dagster runs push gauges."""
+
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> "Pushgateway":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [_binary("prometheus-pushgateway", "pushgateway"), f"--web.listen-address={self.target}", "--log.level=warn"],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.workdir / "pushgateway.log", "ab"),
+            start_new_session=True,
+        )
+        wait_for_port(self.port, timeout)
+        return self
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+    def kill(self) -> None:
+        kill9(self.proc)
+
+
+@dataclass
+class Prometheus:
+    """A private Prometheus (Debian package) scraping the given targets, with the project's alert rules.
+
+    The scrape jobs, rule files and `honor_labels` come from config/prometheus/prometheus.yml; only the
+    targets (job name -> ["host:port", ...]) and the intervals are filled in here, so the demo and the
+    tests run the same configuration a deployment would.
+    """
+
+    workdir: Path
+    targets: dict[str, list[str]] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    scrape_interval: str = "1s"
+    template: Path = PROMETHEUS_CONFIG
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def write_config(self) -> Path:
+        import yaml
+
+        config = yaml.safe_load(self.template.read_text())
+        config.setdefault("global", {}).update(scrape_interval=self.scrape_interval, evaluation_interval=self.scrape_interval)
+        config["rule_files"] = [str((self.template.parent / name).resolve()) for name in config.get("rule_files", [])]
+        jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+        unknown = set(self.targets) - set(jobs)
+        if unknown:
+            raise ValueError(f"no scrape job named {sorted(unknown)} in {self.template} (jobs: {sorted(jobs)})")
+        config["scrape_configs"] = []
+        for name, job in jobs.items():
+            if self.targets.get(name):
+                job["static_configs"] = [{"targets": list(self.targets[name])}]
+                config["scrape_configs"].append(job)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        path = self.workdir / "prometheus.yml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    def start(self, timeout: float = 30.0) -> "Prometheus":
+        import requests
+
+        config = self.write_config()
+        self.proc = subprocess.Popen(
+            [
+                _binary("prometheus"),
+                f"--config.file={config}",
+                f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--web.enable-lifecycle",
+                "--log.level=warn",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.workdir / "prometheus.log", "ab"),
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prometheus exited with {self.proc.returncode}; see {self.workdir / 'prometheus.log'}")
+            try:
+                if requests.get(f"{self.url}/-/ready", timeout=1).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"prometheus not ready after {timeout:.0f}s; see {self.workdir / 'prometheus.log'}")
+            time.sleep(0.1)
+
+    def _get(self, path: str, params: dict) -> object:
+        import requests
+
+        response = requests.get(f"{self.url}{path}", params=params, timeout=5)
+        response.raise_for_status()
+        body = response.json()
+        if body.get("status") != "success":
+            raise RuntimeError(f"prometheus {path} {params}: {body}")
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        """An instant query: the result vector (each item has `metric` labels and `value`)."""
+        return self._get("/api/v1/query", {"query": expr})["result"]
+
+    def series(self, name: str) -> list[dict]:
+        """Every series Prometheus has stored under this metric name (label sets)."""
+        return self._get("/api/v1/series", {"match[]": f'{{__name__="{name}"}}'})
+
+    def target_health(self) -> list[dict]:
+        """Per scrape target: job, url, health and last error, to explain a missing series."""
+        active = self._get("/api/v1/targets", {"state": "active"})["activeTargets"]
+        return [
+            {"job": t["labels"].get("job"), "url": t["scrapeUrl"], "health": t["health"], "error": t.get("lastError", "")}
+            for t in active
+        ]
+
+    def wait_for_series(self, names: list[str], timeout: float = 30.0) -> dict[str, list[dict]]:
+        """Poll until every name has at least one series; at the deadline, say which are missing and why."""
+        found: dict[str, list[dict]] = {}
+        deadline = time.monotonic() + timeout
+        while True:
+            for name in names:
+                if name not in found:
+                    series = self.series(name)
+                    if series:
+                        found[name] = series
+            if len(found) == len(names):
+                return found
+            if time.monotonic() > deadline:
+                missing = [n for n in names if n not in found]
+                raise AssertionError(f"prometheus has no series for {missing} after {timeout:.0f}s; targets: {self.target_health()}")
+            time.sleep(0.25)
+
+    def reload(self) -> None:
+        """Re-read the configuration after `targets` changed (the lifecycle API)."""
+        import requests
+
+        self.write_config()
+        requests.post(f"{self.url}/-/reload", timeout=10).raise_for_status()
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+    def kill(self) -> None:
+        kill9(self.proc)
