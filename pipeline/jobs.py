@@ -24,8 +24,11 @@ from dagster import (
 
 from pipeline import drain
 from pipeline.archive import write_landing
+from pipeline.metrics import push_gauges
 from pipeline.partitions import archive_hourly_partitions
-from pipeline.resources import ArchiveStore, DrainSettings, SQSResource
+from pipeline.resources import ArchiveStore, DrainSettings, RoutingSettings, SQSResource
+from pipeline.routing import destinations, monitoring
+from pipeline.routing.dlq_replay import record_drain_failure
 from edge_bridge.envelope import format_ts, utc_now
 
 LANDING_ASSET = AssetKey("events_landing")
@@ -83,7 +86,73 @@ def land_in_archive(context: OpExecutionContext, parsed: drain.ParsedWindow, arc
         )
 
 
-@op(ins={"landed": In(Nothing)})
+class _DestinationStep:
+    """Runs one destination's hand-over; if it fails, says why in the archive bucket before failing the
+    run, so the 02:00 events-dlq replay can report the reason for messages that end up there."""
+
+    def __init__(self, context: OpExecutionContext, window: drain.Window, archive: ArchiveStore) -> None:
+        self.context, self.window, self.archive = context, window, archive
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is not None and self.window.messages:
+            try:
+                key = record_drain_failure(
+                    self.archive.get_client(), self.archive.bucket, self.context.run_id, self.context.op.name,
+                    [m.message_id for m in self.window.messages], f"{exc_type.__name__}: {exc}",
+                )
+                self.context.log.error(f"{self.context.op.name} failed; window stays in SQS; reason recorded at {key}")
+            except Exception as record_exc:  # the original failure matters more than its record
+                self.context.log.error(f"could not record the failure: {record_exc}")
+        return False
+
+
+def _queue_urls(sqs: SQSResource):
+    client, cache = sqs.get_client(), {}
+
+    def url(name: str) -> str:
+        if name not in cache:
+            cache[name] = client.get_queue_url(QueueName=name)["QueueUrl"]
+        return cache[name]
+
+    return client, url
+
+
+@op(out=Out(Nothing))
+def route_to_partner_queues(context: OpExecutionContext, window: drain.Window, parsed: drain.ParsedWindow, sqs: SQSResource, archive: ArchiveStore, routing: RoutingSettings) -> None:
+    """Subscribed events only, already transformed to each partner's schema, into each partner's queue."""
+    with _DestinationStep(context, window, archive):
+        client, url = _queue_urls(sqs)
+        counts = destinations.route_to_partner_queues(client, routing.load(), parsed.events, url)
+    context.log.info(f"partner queues accepted {counts}")
+
+
+@op(out=Out(Nothing))
+def route_to_priority_queues(context: OpExecutionContext, window: drain.Window, parsed: drain.ParsedWindow, sqs: SQSResource, archive: ArchiveStore, routing: RoutingSettings) -> None:
+    """Every event into the high, medium or low queue its event type maps to."""
+    with _DestinationStep(context, window, archive):
+        client, url = _queue_urls(sqs)
+        counts = destinations.route_to_priority_queues(client, routing.load(), parsed.events, url)
+    context.log.info(f"priority queues accepted {counts}")
+
+
+@op(out=Out(Nothing))
+def send_to_monitoring(context: OpExecutionContext, window: drain.Window, parsed: drain.ParsedWindow, sqs: SQSResource, routing: RoutingSettings) -> None:
+    """Operational events to Loki (when configured) and the window's cloud metrics to the Pushgateway."""
+    config = routing.load().monitoring
+    operational = [e for e in parsed.events if e.event_type in config.event_types]
+    loki = config.loki_url()
+    if loki and operational and not monitoring.push_to_loki(loki, operational):
+        context.log.warning(f"Loki did not accept {len(operational)} operational event lines (they are archived)")
+    visible, _ = drain.queue_depth(sqs.get_client(), sqs.queue_url())
+    gauges = monitoring.window_metrics(len(window), len(parsed.quarantined), parsed.events, visible)
+    push_gauges("pipeline_drain", gauges, labels={"queue": sqs.events_queue})
+    context.log.info(f"{len(operational)} operational events; metrics {({k: round(v[1], 3) for k, v in gauges.items()})}")
+
+
+@op(ins={"landed": In(Nothing), "partners": In(Nothing), "prioritized": In(Nothing), "monitored": In(Nothing)})
 def delete_from_events_queue(context: OpExecutionContext, parsed: drain.ParsedWindow, sqs: SQSResource) -> int:
     """Delete only now: every destination upstream of this op has accepted the window."""
     deleted = drain.delete_messages(sqs.get_client(), sqs.queue_url(), parsed.receipts)
@@ -97,5 +166,12 @@ def delete_from_events_queue(context: OpExecutionContext, parsed: drain.ParsedWi
     description="Drain a bounded window of the SQS events queue into every destination, then delete it.",
 )
 def drain_events_job():
-    parsed = validate_and_dedupe(receive_events_window())
-    delete_from_events_queue(parsed, landed=land_in_archive(parsed))
+    window = receive_events_window()
+    parsed = validate_and_dedupe(window)
+    delete_from_events_queue(
+        parsed,
+        landed=land_in_archive(parsed),
+        partners=route_to_partner_queues(window, parsed),
+        prioritized=route_to_priority_queues(window, parsed),
+        monitored=send_to_monitoring(window, parsed),
+    )

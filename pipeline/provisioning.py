@@ -88,6 +88,11 @@ def provision(config: StackConfig | None = None) -> Provisioned:
     out.queues[q.dlq_name] = dlq_url
     ensure_bucket(s3, config.archive.bucket, config.region)
     out.buckets.append(config.archive.bucket)
+    ensure_bucket(s3, config.claim_check.bucket, config.region)
+    out.buckets.append(config.claim_check.bucket)
+    from pipeline.routing.provisioning import provision_routing
+
+    out.queues.update(provision_routing(sqs))
     log.info("provisioned queues=%s buckets=%s", sorted(out.queues), out.buckets)
     return out
 

@@ -6,11 +6,23 @@ same definitions reach the local emulator in dev and AWS in production.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from dagster import ConfigurableResource, EnvVar
 from dagster_aws.utils import ResourceWithBoto3Configuration
+from dagster_dbt import DbtCliResource
 from pyarrow import fs
 
 from pipeline import stack
+
+DBT_PROJECT_DIR = stack.PROJECT_ROOT / "dbt"
+
+
+def dbt_executable() -> str:
+    """dbt from this interpreter's environment (the .venv), which need not be on PATH."""
+    beside = Path(sys.executable).parent / "dbt"
+    return str(beside) if beside.exists() else "dbt"
 
 
 class _AwsEndpoint(ResourceWithBoto3Configuration):
@@ -58,9 +70,24 @@ class DrainSettings(ConfigurableResource):
     max_concurrent_runs: int = 2
 
 
+class RoutingSettings(ConfigurableResource):
+    """The routing config (config/routing.yaml unless PIPELINE_ROUTING_CONFIG or `config_path` says
+    otherwise), loaded when a run or tick uses it, and the time budget of one partner delivery run."""
+
+    config_path: str | None = None
+    delivery_run_seconds: float = 60.0
+
+    def load(self):
+        from pipeline.routing.config import load_routing_config
+
+        return load_routing_config(self.config_path)
+
+
 # Shared by every module of the code location; configured from the environment when a run starts.
 RESOURCES = {
     "sqs": SQSResource(events_queue=EnvVar("PIPELINE_EVENTS_QUEUE")),
     "archive": ArchiveStore(bucket=EnvVar("PIPELINE_ARCHIVE_BUCKET")),
     "drain_settings": DrainSettings(),
+    "routing": RoutingSettings(),
+    "dbt": DbtCliResource(project_dir=str(DBT_PROJECT_DIR), profiles_dir=str(DBT_PROJECT_DIR), dbt_executable=dbt_executable()),
 }

@@ -8,7 +8,7 @@ from dagster import DagsterInstance, RunRequest, SkipReason, build_sensor_contex
 from pipeline.archive import hour_key, read_archive_hour
 from pipeline.assets import events_archive
 from pipeline.jobs import drain_events_job
-from pipeline.resources import ArchiveStore, DrainSettings, SQSResource
+from pipeline.resources import ArchiveStore, DrainSettings, RoutingSettings, SQSResource
 from pipeline.sensors import events_queue_sensor
 from pipeline.stack import aws_client, s3_filesystem
 from tests.conftest import queue_counts, sample_envelope
@@ -19,6 +19,7 @@ def resources(**drain):
         "sqs": SQSResource(events_queue="events"),
         "archive": ArchiveStore(bucket="events-archive"),
         "drain_settings": DrainSettings(window_seconds=5, **drain),
+        "routing": RoutingSettings(),
     }
 
 

@@ -1,0 +1,1 @@
+"""Routing: where each drained event goes (partners, priority queues, monitoring), in plain Python."""

@@ -1,0 +1,208 @@
+"""The routing configuration (`config/routing.yaml`): partners, priority rules, monitoring, automation.
+
+Validated when loaded, so a typo fails the run that reads it with the key's path in the message
+instead of silently routing nothing. Secrets are never in the file: a partner names the environment
+variable that holds its signing secret, read only when a delivery run needs it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edge_bridge.envelope import ENVELOPE_FIELDS
+from pipeline.stack import PROJECT_ROOT
+
+DEFAULT_ROUTING_CONFIG = PROJECT_ROOT / "config" / "routing.yaml"
+PRIORITIES = ("high", "medium", "low")
+Priority = Literal["high", "medium", "low"]
+_NAME = r"^[a-z0-9][a-z0-9\-]{0,60}$"
+_ENV = r"^[A-Z_][A-Z0-9_]*$"
+
+
+class RoutingConfigError(ValueError):
+    """A routing config that cannot be used; the message names the file and the offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _field_path(path: str) -> str:
+    top, dot, key = path.partition(".")
+    if top not in ENVELOPE_FIELDS or (dot and (top != "payload" or not key)) or "." in key:
+        raise ValueError(f"{path!r} is neither an envelope field ({', '.join(ENVELOPE_FIELDS)}) nor 'payload.<key>'")
+    return path
+
+
+class TransformConfig(_Strict):
+    strip_fields: tuple[str, ...] = ()
+    rename: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("rename")
+    @classmethod
+    def _targets(cls, rename: dict[str, str]) -> dict[str, str]:
+        for source, target in rename.items():
+            _field_path(source)
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_\-]*$", target):
+                raise ValueError(f"rename target {target!r} (for {source!r}) must be a plain field name")
+        if len(set(rename.values())) != len(rename):
+            raise ValueError("two fields are renamed to the same name")
+        return rename
+
+    @model_validator(mode="after")
+    def _not_renamed_to_stripped(self) -> "TransformConfig":
+        clash = sorted(set(self.rename.values()) & set(self.strip_fields))
+        if clash:
+            raise ValueError(f"rename targets {clash} are also strip_fields")
+        return self
+
+
+class PartnerConfig(_Strict):
+    name: str = Field(pattern=_NAME)
+    webhook: str = Field(pattern=r"^https?://")
+    secret_env: str = Field(pattern=_ENV)
+    subscriptions: tuple[str, ...] = Field(min_length=1)
+    allowed_fields: tuple[str, ...] | None = None
+    transform: TransformConfig = TransformConfig()
+    timeout_s: float = Field(10.0, gt=0, le=60)
+
+    @field_validator("allowed_fields")
+    @classmethod
+    def _paths(cls, fields: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if fields is not None:
+            if not fields:
+                raise ValueError("an empty whitelist sends nothing; drop the partner or list fields")
+            for path in fields:
+                _field_path(path)
+        return fields
+
+    @model_validator(mode="after")
+    def _no_rename_collisions(self) -> "PartnerConfig":
+        kept = {path.partition(".")[0] for path in (self.allowed_fields or ENVELOPE_FIELDS) if path not in self.transform.rename}
+        clash = sorted(kept & set(self.transform.rename.values()))
+        if clash:
+            raise ValueError(f"transform.rename targets {clash} collide with fields the partner already receives")
+        return self
+
+    @property
+    def queue_name(self) -> str:
+        return f"partner-{self.name}"
+
+    @property
+    def dlq_name(self) -> str:
+        return f"partner-{self.name}-dlq"
+
+    def secret(self) -> str:
+        value = os.environ.get(self.secret_env)
+        if not value:
+            raise RoutingConfigError(f"partner {self.name!r}: environment variable {self.secret_env} (its webhook secret) is not set")
+        return value
+
+
+class PriorityQueues(_Strict):
+    high: str = "events-high"
+    medium: str = "events-medium"
+    low: str = "events-low"
+
+
+class PriorityConfig(_Strict):
+    queues: PriorityQueues = PriorityQueues()
+    default: Priority = "low"
+    rules: dict[str, Priority] = Field(default_factory=dict)
+
+    def for_event_type(self, event_type: str) -> Priority:
+        return self.rules.get(event_type, self.default)
+
+    def queue_for(self, priority: str) -> str:
+        return getattr(self.queues, priority)
+
+
+class MonitoringConfig(_Strict):
+    event_types: tuple[str, ...] = ()
+    loki_url_env: str = Field("PIPELINE_LOKI_URL", pattern=_ENV)
+
+    def loki_url(self) -> str | None:
+        return os.environ.get(self.loki_url_env) or None
+
+
+class AutomationRule(_Strict):
+    event_type: str
+    incident: bool = True
+    webhook_env: str | None = Field(None, pattern=_ENV)
+    secret_env: str | None = Field(None, pattern=_ENV)
+
+
+class AutomationConfig(_Strict):
+    rules: tuple[AutomationRule, ...] = ()
+
+    def rule_for(self, event_type: str) -> AutomationRule | None:
+        return next((r for r in self.rules if r.event_type == event_type), None)
+
+
+class RoutingConfig(_Strict):
+    retry_delays_s: tuple[int, ...] = Field((1, 5, 15, 60, 300), min_length=1)
+    partners: tuple[PartnerConfig, ...] = ()
+    priority: PriorityConfig = PriorityConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
+    automation: AutomationConfig = AutomationConfig()
+
+    @field_validator("retry_delays_s")
+    @classmethod
+    def _sqs_visibility_range(cls, delays: tuple[int, ...]) -> tuple[int, ...]:
+        bad = [d for d in delays if not 0 <= d <= 43200]
+        if bad:
+            raise ValueError(f"delays {bad} are outside SQS's visibility range 0..43200 s")
+        return delays
+
+    @field_validator("partners")
+    @classmethod
+    def _unique_names(cls, partners: tuple[PartnerConfig, ...]) -> tuple[PartnerConfig, ...]:
+        names = [p.name for p in partners]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"partner names must be unique: {dupes}")
+        return partners
+
+    def partner(self, name: str) -> PartnerConfig:
+        for partner in self.partners:
+            if partner.name == name:
+                return partner
+        raise RoutingConfigError(f"no partner named {name!r} (known: {[p.name for p in self.partners]})")
+
+    @property
+    def max_attempts(self) -> int:
+        return 1 + len(self.retry_delays_s)
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def parse_routing_config(data: object, source: str = "routing config") -> RoutingConfig:
+    try:
+        return RoutingConfig.model_validate(data or {})
+    except ValidationError as exc:
+        problems = "; ".join(f"{_loc(e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise RoutingConfigError(f"{source}: {problems}") from None
+
+
+def routing_config_path(path: str | Path | None = None) -> Path:
+    return Path(path or os.environ.get("PIPELINE_ROUTING_CONFIG") or DEFAULT_ROUTING_CONFIG)
+
+
+def load_routing_config(path: str | Path | None = None) -> RoutingConfig:
+    path = routing_config_path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise RoutingConfigError(f"{path}: {exc}") from None
+    return parse_routing_config(data, str(path))

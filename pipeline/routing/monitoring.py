@@ -1,0 +1,61 @@
+"""The Grafana route: operational event lines to Loki's push API, and the drain's cloud metrics.
+
+Monitoring is observability, not delivery: a Loki that is down is logged and counted by the caller,
+and never holds a window in SQS (the events are still archived, so nothing is lost).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import requests
+
+from edge_bridge.envelope import Envelope, utc_now
+
+log = logging.getLogger(__name__)
+
+
+def loki_streams(events: list[Envelope]) -> dict:
+    """Loki push body: one stream per (site, event type, source), values as [ns timestamp, JSON line]."""
+    streams: dict[tuple[str, str, str], list[list[str]]] = {}
+    for event in events:
+        key = (event.site_id, event.event_type, event.source)
+        line = json.dumps({"event_id": event.event_id, "device_id": event.device_id, "payload": event.payload}, separators=(",", ":"))
+        streams.setdefault(key, []).append([str(int(event.timestamp.timestamp() * 1e9)), line])
+    return {
+        "streams": [
+            {"stream": {"job": "edge-events", "site_id": s, "event_type": t, "source": src}, "values": sorted(values)}
+            for (s, t, src), values in sorted(streams.items())
+        ]
+    }
+
+
+def push_to_loki(url: str, events: list[Envelope], timeout_s: float = 5.0, attempts: int = 3) -> bool:
+    """POST to `<url>/loki/api/v1/push`; returns whether Loki accepted it (after a few quick tries)."""
+    if not events:
+        return True
+    endpoint = url.rstrip("/") + "/loki/api/v1/push"
+    body = loki_streams(events)
+    for attempt in range(1, attempts + 1):
+        try:
+            response = requests.post(endpoint, json=body, timeout=timeout_s)
+            if response.status_code < 300:
+                return True
+            log.warning("Loki push attempt %d: HTTP %s %s", attempt, response.status_code, response.text[:200])
+        except requests.RequestException as exc:
+            log.warning("Loki push attempt %d: %s", attempt, exc)
+        time.sleep(0.2 * attempt)
+    return False
+
+
+def window_metrics(received: int, quarantined: int, events: list[Envelope], queue_visible: int) -> dict[str, tuple[str, float]]:
+    """The seed's cloud metrics for one drain window, as push_gauges expects them."""
+    now = utc_now()
+    lag = max(((now - e.received_at).total_seconds() for e in events), default=0.0)
+    return {
+        "sqs_queue_depth": ("Visible messages in the events queue after this drain window", float(queue_visible)),
+        "consumer_lag": ("Seconds between the edge receiving the oldest event of the window and its drain", max(lag, 0.0)),
+        "processing_error_rate": ("Share of the window's messages quarantined as invalid", quarantined / received if received else 0.0),
+    }
