@@ -4,7 +4,7 @@ PY    := .venv/bin/python
 UV    := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: setup test demo demo-stop bench system-deps python-deps node-deps
+.PHONY: setup test demo demo-stop bench system-deps python-deps node-deps dbt-parse dbt-build
 
 setup: system-deps python-deps node-deps
 
@@ -33,15 +33,26 @@ devstack/fauxqs/node_modules/.installed: devstack/fauxqs/package-lock.json
 	cd devstack/fauxqs && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
-test: setup
+# The Dagster code location reads dbt's manifest at import; outside `dagster dev` it must exist first.
+dbt-parse: python-deps
+	.venv/bin/dbt parse --project-dir dbt --profiles-dir dbt --quiet
+
+# dbt build by hand (the daily schedule does it in Dagster): marts land in DBT_DUCKDB_PATH (default
+# dbt/target/analytics.duckdb). Reads the demo's local S3 endpoint unless AWS_ENDPOINT_URL is set (empty: AWS).
+dbt-build: dbt-parse
+	$(PY) -m pipeline.analyst --install-httpfs
+	AWS_ENDPOINT_URL=$${AWS_ENDPOINT_URL-http://127.0.0.1:4566} AWS_ACCESS_KEY_ID=$${AWS_ACCESS_KEY_ID:-local} \
+	AWS_SECRET_ACCESS_KEY=$${AWS_SECRET_ACCESS_KEY:-local} .venv/bin/dbt build --project-dir dbt --profiles-dir dbt
+
+test: setup dbt-parse
 	$(PY) -m pytest
 
-demo: setup
+demo: setup dbt-parse
 	$(PY) -m devstack.demo
 
 demo-stop:
 	$(PY) -m devstack.demo --stop
 
 # Benchmarks print figures; they are kept out of the default test run.
-bench: setup
+bench: setup dbt-parse
 	$(PY) -m pytest -m benchmark -s -p no:cacheprovider

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyarrow import fs
 
-from edge_bridge.envelope import Envelope
+from edge_bridge.envelope import SUPPORTED_MAJORS, Envelope, utc_now
 
 TS = pa.timestamp("us", tz="UTC")
 ARCHIVE_SCHEMA = pa.schema(
@@ -131,17 +131,45 @@ class CompactionResult:
     files: list[str]
     removed_files: list[str]
     bytes_written: int
+    newly_archived: int = 0
+    archival_lag_minutes: float = 0.0
+    archived_ids: pa.Array | None = None
 
     @property
     def duplicates_dropped(self) -> int:
         return self.landing_rows - self.archived_rows
 
 
+def _archived_ids(filesystem: fs.FileSystem, paths: list[str]) -> pa.Array:
+    if not paths:
+        return pa.array([], pa.string())
+    return pa.concat_tables([pq.read_table(p, columns=["event_id"], filesystem=filesystem) for p in paths]).column("event_id").combine_chunks()
+
+
+def archival_lag_minutes(unique: pa.Table, previously_archived: pa.Array, archived_at: datetime) -> tuple[int, float]:
+    """How long the oldest newly archived event waited between leaving SQS and reaching the archive.
+
+    Returns (newly archived events, lag in minutes); a re-run that adds nothing has no lag.
+    """
+    new = unique.filter(pc.invert(pc.is_in(unique.column("event_id"), value_set=previously_archived)))
+    if new.num_rows == 0:
+        return 0, 0.0
+    oldest = pc.min(new.column("ingested_at")).as_py()
+    return new.num_rows, max(0.0, (archived_at - oldest).total_seconds() / 60)
+
+
 def compact_hour(filesystem: fs.FileSystem, bucket: str, landing_prefix: str, hour: str, rows_per_file: int = ROWS_PER_FILE) -> CompactionResult:
+    """Rewrite one hour of the archive from all of its landing files, each event_id once.
+
+    Files are written as events_0001.parquet, events_0002.parquet, ... of at most `rows_per_file`
+    rows (so an hour is usually one file of analytics-friendly size), then files of an earlier, larger
+    compaction are removed. Each S3 PUT replaces a whole object, so readers never see half a file.
+    """
     landed, n_files = read_landing(filesystem, bucket, landing_prefix, hour)
     unique = dedupe_by_event_id(landed).sort_by([("timestamp", "ascending"), ("event_id", "ascending")])
     directory = archive_dir(bucket, hour)
-    before = set(_list_parquet(filesystem, directory))
+    before = _list_parquet(filesystem, directory)
+    previously = _archived_ids(filesystem, before)
     written, total_bytes = [], 0
     if unique.num_rows:
         filesystem.create_dir(directory, recursive=True)
@@ -156,10 +184,62 @@ def compact_hour(filesystem: fs.FileSystem, bucket: str, landing_prefix: str, ho
         )
         written.append(path)
         total_bytes += filesystem.get_file_info(path).size
-    stale = sorted(before - set(written))
+    stale = sorted(set(before) - set(written))
     for path in stale:
         filesystem.delete_file(path)
-    return CompactionResult(hour, n_files, landed.num_rows, unique.num_rows, written, stale, total_bytes)
+    newly, lag = archival_lag_minutes(unique, previously, utc_now())
+    return CompactionResult(
+        hour, n_files, landed.num_rows, unique.num_rows, written, stale, total_bytes, newly, lag, unique.column("event_id").combine_chunks()
+    )
+
+
+@dataclass
+class HourAudit:
+    """What the archive of one hour actually holds, read back from S3 after compaction."""
+
+    hour: str
+    rows: int
+    distinct_event_ids: int
+    missing_ids: int  # expected (unique landed) but not archived
+    unexpected_ids: int  # archived but not among the unique landed ids
+    schema_problems: list[str]
+    versions: dict[str, int]
+
+    @property
+    def duplicate_event_ids(self) -> int:
+        return self.rows - self.distinct_event_ids
+
+    @property
+    def unsupported_versions(self) -> list[str]:
+        return sorted(v for v in self.versions if not _supported_version(v))
+
+
+def _supported_version(version: str) -> bool:
+    major, _, _ = (version or "").partition(".")
+    return major.isdigit() and int(major) in SUPPORTED_MAJORS
+
+
+def audit_hour(filesystem: fs.FileSystem, bucket: str, hour: str, expected_ids: pa.Array | None = None) -> HourAudit:
+    """Read an archive hour back and compare it with what compaction meant to write."""
+    paths = _list_parquet(filesystem, archive_dir(bucket, hour))
+    problems = []
+    tables = []
+    for path in paths:
+        schema = pq.read_schema(path, filesystem=filesystem)
+        if not schema.remove_metadata().equals(ARCHIVE_SCHEMA):
+            problems.append(f"{path}: schema differs from ARCHIVE_SCHEMA: {schema.remove_metadata()}")
+            continue
+        tables.append(pq.read_table(path, columns=["event_id", "schema_version"], filesystem=filesystem))
+    table = pa.concat_tables(tables) if tables else pa.table({"event_id": pa.array([], pa.string()), "schema_version": pa.array([], pa.string())})
+    ids = table.column("event_id").combine_chunks()
+    distinct = pc.unique(ids)
+    missing = unexpected = 0
+    if expected_ids is not None:
+        missing = int(pc.sum(pc.invert(pc.is_in(expected_ids, value_set=distinct))).as_py() or 0)
+        unexpected = int(pc.sum(pc.invert(pc.is_in(distinct, value_set=expected_ids))).as_py() or 0)
+    counts = pc.value_counts(table.column("schema_version").combine_chunks())
+    versions = {row["values"]: row["counts"] for row in counts.to_pylist()}
+    return HourAudit(hour, table.num_rows, len(distinct), missing, unexpected, problems, versions)
 
 
 def read_archive_hour(filesystem: fs.FileSystem, bucket: str, hour: str) -> pa.Table:

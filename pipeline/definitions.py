@@ -2,11 +2,12 @@
 
 from dagster import Definitions
 
-from pipeline import assets, sensors
+from pipeline import analytics, assets, sensors
 from pipeline.resources import RESOURCES
 
 defs = Definitions.merge(
     Definitions(resources=RESOURCES),
     assets.defs,
     sensors.defs,
+    analytics.defs,
 )
