@@ -19,6 +19,8 @@ class EdgeConfig:
     mqtt_username: str | None = None
     mqtt_password: str | None = None
     client_id: str = "edge-bridge"
+    site_id: str = "site-local"
+    site_timezone: str = "UTC"
     queue_name: str = "events"
     queue_url_override: str | None = None
     fifo: bool = False
@@ -26,6 +28,16 @@ class EdgeConfig:
     sender_threads: int = 4
     max_inflight: int = 1000
     linger_s: float = 0.005
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 9108
+    # Retry log: bound on jobs + DLQ rows, first backoff (doubling), attempts before the DLQ.
+    retry_log_max_events: int = 5_000_000
+    retry_backoff_s: float = 5.0
+    retry_max_attempts: int = 3
+    # While SQS is unreachable the service probes it this often instead of trying every event.
+    probe_interval_s: float = 1.0
+    max_message_bytes: int = 262144
+    claim_check_bucket: str = "events-claim-check"
 
     @classmethod
     def from_env(cls) -> "EdgeConfig":
@@ -35,11 +47,22 @@ class EdgeConfig:
             mqtt_username=_env("EDGE_MQTT_USERNAME"),
             mqtt_password=_env("EDGE_MQTT_PASSWORD"),
             client_id=_env("EDGE_CLIENT_ID", "edge-bridge"),
+            site_id=_env("EDGE_SITE_ID", "site-local"),
+            site_timezone=_env("EDGE_SITE_TIMEZONE", "UTC"),
             queue_name=_env("EDGE_EVENTS_QUEUE", "events"),
             queue_url_override=_env("EDGE_EVENTS_QUEUE_URL"),
             fifo=_env("EDGE_EVENTS_QUEUE", "events").endswith(".fifo"),
             state_dir=Path(_env("EDGE_STATE_DIR", ".edge_state")),
             sender_threads=int(_env("EDGE_SENDER_THREADS", "4")),
+            max_inflight=int(_env("EDGE_MAX_INFLIGHT", "1000")),
+            admin_host=_env("EDGE_ADMIN_HOST", "127.0.0.1"),
+            admin_port=int(_env("EDGE_ADMIN_PORT", "9108")),
+            retry_log_max_events=int(_env("EDGE_RETRY_LOG_MAX_EVENTS", "5000000")),
+            retry_backoff_s=float(_env("EDGE_RETRY_BACKOFF_S", "5")),
+            retry_max_attempts=int(_env("EDGE_RETRY_MAX_ATTEMPTS", "3")),
+            probe_interval_s=float(_env("EDGE_PROBE_INTERVAL_S", "1")),
+            max_message_bytes=int(_env("EDGE_MAX_MESSAGE_BYTES", "262144")),
+            claim_check_bucket=_env("EDGE_CLAIM_CHECK_BUCKET", "events-claim-check"),
         )
 
     def queue_url(self) -> str:
@@ -47,5 +70,4 @@ class EdgeConfig:
             return self.queue_url_override
         from edge_bridge.sqs_sender import sqs_client
 
-        # Looked up once at start; while SQS is unreachable the service retries the lookup.
         return sqs_client().get_queue_url(QueueName=self.queue_name)["QueueUrl"]

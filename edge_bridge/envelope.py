@@ -134,3 +134,31 @@ def parse_envelope(raw: bytes | str) -> Envelope:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "envelope"
         raise EnvelopeRejected("invalid_field", f"{where}: {first['msg']}") from None
+
+
+class ClaimCheck(BaseModel):
+    """What travels through SQS instead of an event too large for it: where the envelope waits in S3.
+
+    The SQS body is `{"claim_check": {...}, "event_id": ..., "site_id": ...}`; the cloud side fetches
+    the envelope from `s3://bucket/key` before validating it, so consumers never see the pointer.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    bucket: str = Field(min_length=1)
+    key: str = Field(min_length=1)
+    bytes: int = Field(ge=0)
+    sha256: str = Field(min_length=64, max_length=64)
+
+
+CLAIM_CHECK_FIELD = "claim_check"
+
+
+def claim_check_pointer(body: str) -> ClaimCheck | None:
+    """The pointer in an SQS body, or None for an ordinary envelope (checked without a full parse)."""
+    if not body.startswith('{"' + CLAIM_CHECK_FIELD + '"'):
+        return None
+    try:
+        return ClaimCheck.model_validate(json.loads(body)[CLAIM_CHECK_FIELD])
+    except (ValueError, KeyError, TypeError, ValidationError) as exc:
+        raise EnvelopeRejected("bad_claim_check", str(exc)[:200]) from None

@@ -1,8 +1,14 @@
-"""The edge service: MQTT (QoS 1, persistent session) to SQS, acknowledging only what is safe.
+"""The edge service: MQTT (QoS 1, persistent session) to SQS, with a DuckDB retry log behind it.
 
-Persist before acknowledging: a message's PUBACK goes to the broker only once its event is in SQS (or,
-for bad input, once it is quarantined). Until then the broker keeps the message and redelivers it
-when the service reconnects, and the service itself keeps retrying what it holds.
+Every event gets an immediate, batched attempt at SQS. What SQS does not take becomes a job in the
+retry log (committed in one transaction per group), and only then is its MQTT message acknowledged:
+persist before acknowledging, so a `kill -9` at any instant leaves each event in the broker, in SQS
+or in the retry log. A poller retries due jobs with backoff; after the third failure a job moves to
+the local DLQ, which a replay (daily at 02:00 site time, or on demand) puts back in line.
+
+When a call to SQS fails outright, a circuit breaker sends new events straight to the retry log
+(no per-event timeout) and a probe checks SQS every `probe_interval_s` until it answers again.
+At the retry log's size bound the service stops acknowledging: the broker keeps the backlog.
 """
 
 from __future__ import annotations
@@ -11,53 +17,107 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_bridge.claim_check import ClaimChecker, s3_client
 from edge_bridge.config import EdgeConfig
-from edge_bridge.envelope import EnvelopeRejected, parse_envelope
+from edge_bridge.envelope import Envelope, EnvelopeRejected, make_idempotency_key, parse_envelope, utc_now
+from edge_bridge.metrics import EdgeMetrics
 from edge_bridge.quarantine import Quarantine
+from edge_bridge.retry_log import Job, RetryLog
 from edge_bridge.sqs_sender import SQS_BATCH_MAX, Outgoing, SqsBatchSender, sqs_client
 
 log = logging.getLogger(__name__)
 
 EVENTS_TOPIC = "sites/+/events/#"
+INTERNAL_SOURCE = "edge"
+SPILL_GROUP_MAX = 5000
+POLL_BATCH = 1000
 
 
 @dataclass
 class Received:
-    mid: int
+    """One message on its way; `ack` is called exactly when the event is safe (SQS, retry log, quarantine)."""
+
     topic: str
     payload: bytes
+    ack: Callable[[], None]
 
 
 @dataclass
-class Counters:
-    received: int = 0
-    sent: int = 0
-    send_failures: int = 0
-    quarantined: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
+class Ready:
+    received: Received
+    event_id: str
+    site_id: str
+    body: str  # the envelope as received; the retry log keeps this, never a claim-check pointer
 
-    def add(self, **deltas: int) -> None:
-        with self.lock:
-            for name, delta in deltas.items():
-                setattr(self, name, getattr(self, name) + delta)
+
+class CircuitBreaker:
+    """Open after a failed SQS call; closed again by a successful probe."""
+
+    def __init__(self) -> None:
+        self._open = threading.Event()
+        self.last_error = ""
+        self.opened_at: float | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._open.is_set()
+
+    def trip(self, error: str) -> None:
+        self.last_error = error
+        if not self._open.is_set():
+            self.opened_at = time.time()
+            self._open.set()
+            log.warning("SQS unreachable (%s): new events go straight to the retry log", error)
+
+    def reset(self) -> None:
+        if self._open.is_set():
+            self._open.clear()
+            log.info("SQS reachable again after %.1fs: resuming realtime sends and retries", time.time() - (self.opened_at or time.time()))
 
 
 class EdgeService:
     def __init__(self, config: EdgeConfig, sender: SqsBatchSender | None = None) -> None:
         self.config = config
-        self.sender = sender or SqsBatchSender(sqs_client(), config.queue_url(), fifo=config.fifo)
+        self.metrics = EdgeMetrics()
+        self.sqs = sqs_client()
+        self.sender = sender or SqsBatchSender(self.sqs, self._lookup_queue_url(), fifo=config.fifo)
+        self.claim_checker = ClaimChecker(s3_client(), config.claim_check_bucket, config.max_message_bytes)
         self.quarantine = Quarantine(config.state_dir / "quarantine.jsonl")
-        self.counters = Counters()
+        self.retry_log = RetryLog(
+            config.state_dir / "retry_log.duckdb",
+            max_events=config.retry_log_max_events,
+            backoff_s=config.retry_backoff_s,
+            max_attempts=config.retry_max_attempts,
+        )
+        self.metrics.jobs_pending.set_function(lambda: self.retry_log.pending)
+        self.metrics.dlq_size.set_function(lambda: self.retry_log.dlq_size)
+        self.breaker = CircuitBreaker()
+        self.metrics.circuit_open.set_function(lambda: int(self.breaker.is_open))
         self.inbox: queue.Queue[Received] = queue.Queue()
+        self._spill_q: queue.Queue[tuple[list[Ready], str, str]] = queue.Queue()
+        self._held = 0
+        self._full = False
         self._stop = threading.Event()
-        self._workers: list[threading.Thread] = []
+        self._threads: list[threading.Thread] = []
+        self._pool = ThreadPoolExecutor(max_workers=max(1, config.sender_threads), thread_name_prefix="retry-send")
         self.connected = threading.Event()
+        self.admin = None
         self.client = self._make_client()
+
+    def _lookup_queue_url(self) -> str | None:
+        try:
+            return self.config.queue_url()
+        except Exception as exc:  # noqa: BLE001 - SQS may be down at start; the probe looks it up later
+            log.warning("cannot look up the SQS queue URL yet (%s); events go to the retry log until it answers", exc)
+            return None
 
     # --- MQTT -----------------------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
@@ -86,21 +146,42 @@ class EdgeService:
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         self.connected.set()
+        self.metrics.mqtt_connected.set(1)
         log.info("subscribed to %s", EVENTS_TOPIC)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
+        self.metrics.mqtt_connected.set(0)
         if not self._stop.is_set():
             log.warning("MQTT disconnected (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
-        self.counters.add(received=1)
-        self.inbox.put(Received(message.mid, message.topic, message.payload))
+        self.metrics.received.inc()
+        self.metrics.rate.add()
+        mid = message.mid
+        self.inbox.put(Received(message.topic, message.payload, lambda: client.ack(mid, 1)))
 
-    def _ack(self, mid: int) -> None:
-        self.client.ack(mid, 1)
+    # --- internal events ------------------------------------------------------------------------
+    def emit(self, event_type: str, payload: dict[str, Any], device_id: str = "edge-service", timeout: float = 30.0) -> Envelope:
+        """Submit an internal event (check-in, job, robot action); returns once it is in SQS or the retry log."""
+        ts = utc_now()
+        envelope = Envelope(
+            idempotency_key=make_idempotency_key(self.config.site_id, device_id, event_type, ts),
+            event_type=event_type,
+            source=INTERNAL_SOURCE,
+            site_id=self.config.site_id,
+            device_id=device_id,
+            timestamp=ts,
+            payload=payload,
+        )
+        persisted = threading.Event()
+        self.inbox.put(Received(envelope.topic, envelope.to_json().encode("utf-8"), persisted.set))
+        if not persisted.wait(timeout):
+            raise TimeoutError(f"internal event {envelope.event_id} not persisted within {timeout:.0f}s")
+        self.metrics.internal.inc()
+        return envelope
 
-    # --- delivery -------------------------------------------------------------------------------
+    # --- realtime path --------------------------------------------------------------------------
     def _next_batch(self) -> list[Received]:
         try:
             first = self.inbox.get(timeout=0.2)
@@ -116,55 +197,231 @@ class EdgeService:
                 break
         return batch
 
-    def _to_outgoing(self, batch: list[Received]) -> list[Outgoing]:
-        out = []
+    def _reject(self, item: Received, reason: str, detail: str) -> None:
+        self.quarantine.put(item.topic, item.payload, reason, detail)
+        self.metrics.quarantined.labels(reason).inc()
+        item.ack()  # quarantined durably: acking loses nothing and unblocks the stream
+
+    def _prepare(self, batch: list[Received]) -> list[Ready]:
+        ready = []
         for item in batch:
             try:
                 envelope = parse_envelope(item.payload)
             except EnvelopeRejected as exc:
-                self.quarantine.put(item.topic, item.payload, exc.reason, exc.detail)
-                self.counters.add(quarantined=1)
-                self._ack(item.mid)  # quarantined durably: acking loses nothing and unblocks the stream
+                self._reject(item, exc.reason, exc.detail)
                 continue
-            body = item.payload.decode("utf-8")
-            out.append(Outgoing(key=item.mid, event_id=envelope.event_id, site_id=envelope.site_id, body=body))
-        return out
+            parts = item.topic.split("/")
+            if len(parts) < 2 or parts[0] != "sites" or parts[1] != envelope.site_id:
+                self._reject(item, "site_mismatch", f"topic {item.topic!r} carries an event of site {envelope.site_id!r}")
+                continue
+            ready.append(Ready(item, envelope.event_id, envelope.site_id, item.payload.decode("utf-8")))
+        return ready
 
-    def _deliver(self, events: list[Outgoing]) -> None:
-        """Send until SQS has every event; ack each one as soon as it is in."""
-        backoff = 0.2
-        while events and not self._stop.is_set():
-            outcome = self.sender.send(events)
-            for event in outcome.sent:
-                self._ack(event.key)
-            self.counters.add(sent=len(outcome.sent), send_failures=len(outcome.failed))
-            events = [event for event, _ in outcome.failed]
-            if events:
-                log.warning("SQS refused %d events (%s); retrying in %.1fs", len(events), outcome.failed[0][1], backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+    def _sqs_body(self, ready: Ready) -> str:
+        if self.claim_checker.needs_claim_check(ready.body):
+            body = self.claim_checker.check_in(ready.event_id, ready.site_id, ready.body)
+            self.metrics.claim_checks.inc()
+            return body
+        return ready.body
+
+    def _send(self, items: list[Ready]) -> tuple[list[Ready], list[tuple[Ready, str]], str | None]:
+        """One SendMessageBatch (claim-checking oversized events first): (sent, failed with error, call error)."""
+        if self.sender.queue_url is None:
+            error = "SQS queue URL not known yet"
+            return [], [(r, error) for r in items], error
+        outgoing, failed = [], []
+        for r in items:
+            try:
+                outgoing.append(Outgoing(key=r, event_id=r.event_id, site_id=r.site_id, body=self._sqs_body(r)))
+            except Exception as exc:  # noqa: BLE001 - S3 down: the event waits in the retry log
+                failed.append((r, f"claim check failed: {type(exc).__name__}: {exc}"))
+        call_error = failed[0][1] if failed and not outgoing else None
+        if not outgoing:
+            return [], failed, call_error
+        start = time.perf_counter()
+        outcome = self.sender.send(outgoing)
+        self.metrics.send_latency.observe(time.perf_counter() - start)
+        failed += [(event.key, error) for event, error in outcome.failed]
+        return [event.key for event in outcome.sent], failed, outcome.call_error
+
+    def _chunks(self, items: list[Ready]) -> list[list[Ready]]:
+        """Batches of at most ten whose bodies fit SQS's per-request size limit together."""
+        chunks, current, size = [], [], 0
+        limit = self.claim_checker.max_body_bytes
+        for r in items:
+            n = min(len(r.body), limit)
+            if current and (len(current) == SQS_BATCH_MAX or size + n > limit):
+                chunks.append(current)
+                current, size = [], 0
+            current.append(r)
+            size += n
+        if current:
+            chunks.append(current)
+        return chunks
+
+    def _handle(self, batch: list[Received]) -> None:
+        ready = self._prepare(batch)
+        if not ready:
+            return
+        if self.breaker.is_open:
+            self._spill_q.put((ready, f"SQS unreachable: {self.breaker.last_error}", "circuit_open"))
+            return
+        for chunk in self._chunks(ready):
+            sent, failed, call_error = self._send(chunk)
+            for r in sent:
+                r.received.ack()
+            if sent:
+                self.metrics.delivered.labels("realtime").inc(len(sent))
+            if failed:
+                if call_error:
+                    self.breaker.trip(call_error)
+                log.warning("SQS refused %d events (%s); committing them to the retry log", len(failed), failed[0][1])
+                cause = "call_failed" if call_error else "entry_failed"
+                for r, error in failed:
+                    self._spill_q.put(([r], error, cause))
 
     def _worker(self) -> None:
         while not self._stop.is_set():
             batch = self._next_batch()
             if batch:
-                self._deliver(self._to_outgoing(batch))
+                try:
+                    self._handle(batch)
+                except Exception:  # noqa: BLE001 - never let one bad batch kill a sender; the broker redelivers unacked
+                    log.exception("sender failed on a batch of %d; its messages stay unacked", len(batch))
+
+    # --- retry log writer (group commit, then ack) ----------------------------------------------
+    def _spill_writer(self) -> None:
+        held: list[tuple[Ready, str, str]] = []
+        full_logged = False
+        while not self._stop.is_set():
+            try:
+                timeout = 0.2 if not held else 0.05
+                ready, error, cause = self._spill_q.get(timeout=timeout)
+                held += [(r, error, cause) for r in ready]
+            except queue.Empty:
+                if not held:
+                    continue
+            while len(held) < SPILL_GROUP_MAX:
+                try:
+                    ready, error, cause = self._spill_q.get_nowait()
+                except queue.Empty:
+                    break
+                held += [(r, error, cause) for r in ready]
+            room = self.retry_log.max_events - self.retry_log.pending - self.retry_log.dlq_size
+            group, held = held[: max(0, min(room, SPILL_GROUP_MAX))], held[max(0, min(room, SPILL_GROUP_MAX)) :]
+            self._held = len(held)
+            self.metrics.held.set(len(held))
+            self._full = bool(held)
+            self.metrics.retry_log_full.set(int(self._full))
+            if held and not full_logged:
+                log.warning("retry log at its bound (%d events): holding %d MQTT messages unacked", self.retry_log.max_events, len(held))
+                full_logged = True
+            elif not held:
+                full_logged = False
+            if not group:
+                continue
+            self.retry_log.add([(r.event_id, r.body, error) for r, error, _ in group])
+            for r, _, cause in group:
+                r.received.ack()
+                self.metrics.spilled.labels(cause).inc()
+
+    # --- poller: retries, probe -----------------------------------------------------------------
+    def _probe(self) -> None:
+        try:
+            if self.sender.queue_url is None:
+                self.sender.queue_url = self.config.queue_url()
+            else:
+                self.sqs.get_queue_attributes(QueueUrl=self.sender.queue_url, AttributeNames=["QueueArn"])
+        except Exception as exc:  # noqa: BLE001 - still down
+            self.breaker.trip(f"{type(exc).__name__}: {exc}")
+            return
+        self.breaker.reset()
+
+    def _retry(self, jobs: list[Job]) -> None:
+        ready_by_job = {job.job_id: Ready(Received("", b"", lambda: None), job.event_id, "", job.body) for job in jobs}
+        for job_id, r in ready_by_job.items():
+            try:
+                r.site_id = parse_envelope(r.body).site_id
+            except EnvelopeRejected:
+                r.site_id = "unknown"
+        job_of = {id(r): job_id for job_id, r in ready_by_job.items()}
+        results = list(self._pool.map(self._send, self._chunks(list(ready_by_job.values()))))
+        done, failed = [], []
+        for sent, failures, call_error in results:
+            done += [job_of[id(r)] for r in sent]
+            failed += [(job_of[id(r)], error) for r, error in failures]
+            if call_error:
+                self.breaker.trip(call_error)
+        moved = self.retry_log.record(done, failed)
+        self.metrics.delivered.labels("retry").inc(len(done))
+        self.metrics.retry_failures.inc(len(failed))
+        self.metrics.dead_lettered.inc(moved)
+        if failed:
+            log.warning("retry of %d jobs failed (%s); %d moved to the DLQ", len(failed), failed[0][1], moved)
+
+    def _poller(self) -> None:
+        while not self._stop.is_set():
+            if self.breaker.is_open or self.sender.queue_url is None:
+                if self._stop.wait(self.config.probe_interval_s):
+                    return
+                self._probe()
+                continue
+            try:
+                jobs = self.retry_log.due(POLL_BATCH)
+                if not jobs:
+                    self._stop.wait(0.2)
+                    continue
+                self._retry(jobs)
+            except Exception:  # noqa: BLE001 - a failed round leaves the jobs in place for the next one
+                log.exception("retry round failed")
+                self._stop.wait(1)
+
+    # --- operations (admin API) -----------------------------------------------------------------
+    def replay_dlq(self) -> int:
+        count = self.retry_log.replay_dlq()
+        self.metrics.replayed.inc(count)
+        return count
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "site_id": self.config.site_id,
+            "mqtt_connected": self.connected.is_set(),
+            "sqs_reachable": not self.breaker.is_open and self.sender.queue_url is not None,
+            "sqs_last_error": self.breaker.last_error if self.breaker.is_open else "",
+            "jobs_pending": self.retry_log.pending,
+            "dlq_size": self.retry_log.dlq_size,
+            "retry_log_max_events": self.retry_log.max_events,
+            "retry_log_full": self._full,
+            "held_unacked": self._held,
+            "retry_log_bytes": self.retry_log.size_bytes(),
+            "mqtt_message_rate": round(self.metrics.rate.rate(), 2),
+        }
 
     # --- lifecycle ------------------------------------------------------------------------------
     def start(self) -> "EdgeService":
-        for i in range(self.config.sender_threads):
-            worker = threading.Thread(target=self._worker, name=f"sqs-sender-{i}", daemon=True)
-            worker.start()
-            self._workers.append(worker)
+        targets = [(f"sqs-sender-{i}", self._worker) for i in range(self.config.sender_threads)]
+        targets += [("retry-log-writer", self._spill_writer), ("retry-poller", self._poller)]
+        for name, target in targets:
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        if self.config.admin_port >= 0:
+            from edge_bridge.admin import AdminServer
+
+            self.admin = AdminServer(self, self.config.admin_host, self.config.admin_port).start()
         self.client.connect_async(self.config.mqtt_host, self.config.mqtt_port, keepalive=30)
         self.client.loop_start()
         return self
 
     def stop(self) -> None:
-        """Stop without acking what is not in SQS: the broker keeps it for the next start."""
+        """Stop without acking what is not persisted: the broker keeps it for the next start."""
         self._stop.set()
-        for worker in self._workers:
-            worker.join(timeout=15)
+        for thread in self._threads:
+            thread.join(timeout=15)
+        self._pool.shutdown(wait=True)
+        if self.admin:
+            self.admin.stop()
         self.client.disconnect()
         self.client.loop_stop()
+        self.retry_log.close()
         self.quarantine.close()

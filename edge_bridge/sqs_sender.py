@@ -28,6 +28,7 @@ class Outgoing:
 class BatchOutcome:
     sent: list[Outgoing]
     failed: list[tuple[Outgoing, str]]  # (event, error), the entries SQS or the network refused
+    call_error: str | None = None  # set when the call itself failed (network, throttling): SQS may be down
 
 
 def sqs_client(connect_timeout: float = 2.0, read_timeout: float = 10.0):
@@ -64,7 +65,7 @@ class SqsBatchSender:
             response = self.client.send_message_batch(QueueUrl=self.queue_url, Entries=entries)
         except Exception as exc:  # noqa: BLE001 - any failure means "not in SQS"; the caller keeps the events
             error = f"{type(exc).__name__}: {exc}"
-            return BatchOutcome(sent=[], failed=[(event, error) for event in events])
+            return BatchOutcome(sent=[], failed=[(event, error) for event in events], call_error=error)
         ok_ids = {item["Id"] for item in response.get("Successful", [])}
         failed_entries = {item["Id"]: f"{item.get('Code')}: {item.get('Message', '')}" for item in response.get("Failed", [])}
         sent, failed = [], []

@@ -50,10 +50,15 @@ class ArchiveConfig(_Strict):
     landing_prefix: str = "landing"
 
 
+class ClaimCheckConfig(_Strict):
+    bucket: str = "events-claim-check"
+
+
 class StackConfig(_Strict):
     region: str = "us-east-1"
     events_queue: EventsQueueConfig = EventsQueueConfig()
     archive: ArchiveConfig = ArchiveConfig()
+    claim_check: ClaimCheckConfig = ClaimCheckConfig()
 
 
 def load_stack_config(path: str | Path | None = None) -> StackConfig:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from devstack.processes import AwsEmulator, Mosquitto, aws_env, stop_process
+from devstack.processes import AwsEmulator, Mosquitto, aws_env, free_port, stop_process
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,6 +62,10 @@ class EdgeProcess:
         self.proc: subprocess.Popen | None = None
         self.log_path = workdir / "edge.log"
 
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['EDGE_ADMIN_PORT']}"
+
     def start(self) -> "EdgeProcess":
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._subscribed_before = self.log().count("subscribed to")
@@ -105,6 +109,7 @@ def edge_factory(tmp_path, mosquitto, aws):
             EDGE_CLIENT_ID="edge-bridge-test",
             EDGE_STATE_DIR=str(tmp_path / "edge_state"),
             EDGE_EVENTS_QUEUE_URL=aws.provisioned.queues["events"],
+            EDGE_ADMIN_PORT=str(free_port()),
             PYTHONUNBUFFERED="1",
         )
         env.update(extra_env)

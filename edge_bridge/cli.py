@@ -1,0 +1,92 @@
+"""`python -m edge_bridge.cli status | dlq list | dlq replay | emit`: operate a running edge service.
+
+Everything goes through the service's admin API (`EDGE_ADMIN_URL`, default http://127.0.0.1:9108),
+because the service alone may write its DuckDB retry log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import requests
+
+
+class AdminClient:
+    def __init__(self, base_url: str | None = None, timeout: float = 30.0) -> None:
+        self.base_url = (base_url or os.environ.get("EDGE_ADMIN_URL") or "http://127.0.0.1:9108").rstrip("/")
+        self.timeout = timeout
+
+    def _get(self, path: str, **params) -> requests.Response:
+        return requests.get(self.base_url + path, params=params, timeout=self.timeout)
+
+    def status(self) -> dict:
+        response = self._get("/status")
+        response.raise_for_status()
+        return response.json()
+
+    def health(self) -> tuple[bool, dict]:
+        response = self._get("/healthz")
+        return response.status_code == 200, response.json()
+
+    def dlq_list(self, limit: int = 100) -> list[dict]:
+        response = self._get("/dlq", limit=limit)
+        response.raise_for_status()
+        return response.json()
+
+    def dlq_replay(self) -> int:
+        response = requests.post(self.base_url + "/dlq/replay", timeout=self.timeout)
+        response.raise_for_status()
+        return int(response.json()["replayed"])
+
+    def emit(self, event_type: str, payload: dict, device_id: str = "edge-service") -> dict:
+        response = requests.post(
+            self.base_url + "/events",
+            json={"event_type": event_type, "payload": payload, "device_id": device_id},
+            timeout=self.timeout,
+        )
+        response.raise_for_status()
+        return response.json()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m edge_bridge.cli", description=__doc__.splitlines()[0])
+    parser.add_argument("--admin-url", help="admin API of the edge service (default: $EDGE_ADMIN_URL or http://127.0.0.1:9108)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("status", help="counts: pending jobs, DLQ size, SQS reachability, retry log fill")
+    dlq = commands.add_parser("dlq", help="the local DLQ").add_subparsers(dest="dlq_command", required=True)
+    dlq_list = dlq.add_parser("list", help="dead letters with their last error")
+    dlq_list.add_argument("--limit", type=int, default=100)
+    dlq.add_parser("replay", help="put every dead letter back in line for delivery")
+    emit = commands.add_parser("emit", help="an internal event (check-in, job, robot action)")
+    emit.add_argument("event_type")
+    emit.add_argument("--payload", default="{}", help="JSON object")
+    emit.add_argument("--device-id", default="edge-service")
+    args = parser.parse_args(argv)
+
+    client = AdminClient(args.admin_url)
+    try:
+        if args.command == "status":
+            ok, status = client.health()
+            print(json.dumps(status, indent=2))
+            return 0 if ok else 1
+        if args.command == "dlq" and args.dlq_command == "list":
+            for letter in client.dlq_list(args.limit):
+                print(f"{letter['event_id']}  attempts={letter['attempts']}  bytes={letter['body_bytes']}  {letter['last_error']}")
+            return 0
+        if args.command == "dlq" and args.dlq_command == "replay":
+            print(f"replayed {client.dlq_replay()} events from the DLQ")
+            return 0
+        if args.command == "emit":
+            print(json.dumps(client.emit(args.event_type, json.loads(args.payload), args.device_id)))
+            return 0
+    except requests.RequestException as exc:
+        print(f"edge service admin API unreachable at {client.base_url}: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
