@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from edge_bridge.envelope import Envelope, EnvelopeRejected, parse_envelope
+from edge_bridge.envelope import Envelope, EnvelopeRejected, claim_check_pointer, parse_envelope
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,32 @@ def receive_window(sqs, queue_url: str, max_messages: int, wait_time_s: int = 1,
     return window
 
 
-def parse_window(window: Window) -> ParsedWindow:
-    """Validate every message and keep one event per event_id; the rest are duplicates or quarantined."""
+def parse_window(window: Window, s3_client=None) -> ParsedWindow:
+    """Validate every message and keep one event per event_id; the rest are duplicates or quarantined.
+
+    A claim-check pointer (an event the edge stored in S3 because it exceeded the SQS size limit) is
+    resolved here, so nothing downstream ever sees one. If S3 cannot be read the message is left out
+    of `receipts` (not deleted), so SQS redelivers it later.
+    """
     events: dict[str, Envelope] = {}
     receipts, quarantined, duplicates = [], [], 0
     for msg in window.messages:
         try:
-            env = parse_envelope(msg.body)
+            body = msg.body
+            pointer = claim_check_pointer(body)
+            if pointer is not None:
+                from edge_bridge.claim_check import resolve
+
+                if s3_client is None:
+                    from pipeline.stack import aws_client
+
+                    s3_client = aws_client("s3")
+                try:
+                    body = resolve(s3_client, pointer)
+                except Exception as exc:  # noqa: BLE001 - S3 unavailable: leave the message for redelivery
+                    log.warning("claim check s3://%s/%s unresolved (%s); leaving the message in SQS", pointer.bucket, pointer.key, exc)
+                    continue
+            env = parse_envelope(body)
         except EnvelopeRejected as exc:
             quarantined.append((msg, exc.reason, exc.detail))
             continue
