@@ -12,13 +12,14 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from devstack.processes import AwsEmulator, Mosquitto, aws_env, stop_process, wait_for_port
+from devstack.processes import AwsEmulator, Mosquitto, Prometheus, Pushgateway, aws_env, free_port, stop_process, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE = Path(os.environ.get("DEMO_STATE_DIR", ROOT / ".demo"))
@@ -30,15 +31,33 @@ def _port(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
+def _port_or_free(name: str, default: int) -> int:
+    """The env var's port, else the usual one, else any free port: a second stack must not fail to start."""
+    if name in os.environ:
+        return int(os.environ[name])
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", default))
+            return default
+        except OSError:
+            return free_port()
+
+
 class Demo:
     def __init__(self) -> None:
         self.mqtt_port = _port("DEMO_MQTT_PORT", 1883)
         self.aws_port = _port("DEMO_AWS_PORT", 4566)
         self.dagster_port = _port("DEMO_DAGSTER_PORT", 3000)
+        self.prometheus_port = _port_or_free("DEMO_PROMETHEUS_PORT", 9090)
+        self.pushgateway_port = _port_or_free("DEMO_PUSHGATEWAY_PORT", 9091)
+        self.edge_admin_port = _port_or_free("DEMO_EDGE_ADMIN_PORT", 9108)
+        self.consumer_metrics_port = _port_or_free("DEMO_CONSUMER_METRICS_PORT", 9102)
         self.dagster_home = Path(os.environ.get("DAGSTER_HOME", ROOT / ".dagster_home"))
         self.children: dict[str, subprocess.Popen] = {}
         self.mosquitto: Mosquitto | None = None
         self.aws: AwsEmulator | None = None
+        self.pushgateway: Pushgateway | None = None
+        self.prometheus: Prometheus | None = None
         self.stopping = threading.Event()
 
     @property
@@ -49,6 +68,7 @@ class Demo:
             DAGSTER_HOME=str(self.dagster_home),
             PIPELINE_EVENTS_QUEUE="events",
             PIPELINE_ARCHIVE_BUCKET="events-archive",
+            PIPELINE_PUSHGATEWAY_URL=self.pushgateway.url if self.pushgateway else "",
             EDGE_MQTT_HOST="127.0.0.1",
             EDGE_MQTT_PORT=str(self.mqtt_port),
             PYTHONUNBUFFERED="1",
@@ -69,6 +89,9 @@ class Demo:
             pids["mosquitto"] = self.mosquitto.proc.pid
         if self.aws and self.aws.proc:
             pids["aws-emulator"] = self.aws.proc.pid
+        for name, part in (("pushgateway", self.pushgateway), ("prometheus", self.prometheus)):
+            if part and part.proc:
+                pids[name] = part.proc.pid
         PIDS.write_text(json.dumps({"demo": os.getpid(), "children": pids}, indent=2))
 
     def start(self) -> None:
@@ -90,8 +113,24 @@ class Demo:
         provisioned = provision()
         log.info("provisioned    queues %s, bucket(s) %s", ", ".join(sorted(provisioned.queues)), ", ".join(provisioned.buckets))
 
+        self.pushgateway = Pushgateway(STATE / "pushgateway", port=self.pushgateway_port).start()
+        self._record()
+        log.info("started %-14s %s", "pushgateway", self.pushgateway.url)
+        self.prometheus = Prometheus(
+            STATE / "prometheus",
+            port=self.prometheus_port,
+            scrape_interval="5s",
+            targets={
+                "edge": [f"127.0.0.1:{self.edge_admin_port}"],
+                "consumers": [f"127.0.0.1:{self.consumer_metrics_port}"],
+                "pushgateway": [self.pushgateway.target],
+            },
+        ).start()
+        self._record()
+        log.info("started %-14s %s", "prometheus", self.prometheus.url)
+
         env = self.env
-        self._spawn("edge", [sys.executable, "-m", "edge_bridge"], {**env, "EDGE_CLIENT_ID": "edge-bridge-demo", "EDGE_STATE_DIR": str(STATE / "edge")})
+        self._spawn("edge", [sys.executable, "-m", "edge_bridge"], {**env, "EDGE_CLIENT_ID": "edge-bridge-demo", "EDGE_STATE_DIR": str(STATE / "edge"), "EDGE_ADMIN_PORT": str(self.edge_admin_port)})
         self._spawn("traffic", [sys.executable, "-m", "devstack.traffic", "--port", str(self.mqtt_port)], env)
         self._spawn(
             "dagster",
@@ -105,6 +144,9 @@ The demo is up.
   Dagster UI        http://127.0.0.1:{self.dagster_port}   (Runs: drain_events_job; Assets: events_archive)
   MQTT broker       {self.mosquitto.url}   (topic sites/<site>/events/<source>/<type>)
   SQS/S3 endpoint   {self.aws.endpoint_url}   (AWS_ENDPOINT_URL for the aws CLI or boto3)
+  Prometheus        {self.prometheus.url}   (Alerts: /alerts; the nine series, e.g. /graph?g0.expr=jobs_pending_count)
+  Pushgateway       {self.pushgateway.url}   (the last gauges each Dagster run pushed)
+  Edge admin        http://127.0.0.1:{self.edge_admin_port}/status   (/metrics, /healthz, /dlq)
   Logs              {STATE}/*.log
 
 What to watch: drain runs start within seconds as events arrive; archive_hour_job materializes
@@ -113,17 +155,48 @@ events_archive partitions about 30 s later. Ctrl-C (or `make demo-stop`) stops e
             flush=True,
         )
 
+    def progress(self) -> str:
+        """One line a person watching the demo wants: how many events went where, from Prometheus."""
+        queries = {
+            "received at edge": "sum(edge_mqtt_messages_received_total)",
+            "sent to SQS": "sum(edge_events_delivered_total)",
+            "edge pending": "sum(jobs_pending_count)",
+            "edge DLQ": "sum(dlq_size)",
+            "SQS depth": "max(sqs_queue_depth)",
+            "partner success": "min(partner_delivery_success_rate)",
+            "archive files": "sum(parquet_files_written)",
+            "archival lag min": "max(archival_lag_minutes)",
+        }
+        parts = []
+        for label, expr in queries.items():
+            try:
+                result = self.prometheus.query(expr) if self.prometheus else []
+            except Exception as exc:  # a slow Prometheus must not stop the demo
+                log.debug("progress query %s failed: %s", expr, exc)
+                result = []
+            value = f"{float(result[0]['value'][1]):g}" if result else "-"
+            parts.append(f"{label} {value}")
+        running = ", ".join(name for name, proc in self.children.items() if proc.poll() is None)
+        return f"running: {running} | " + " | ".join(parts)
+
     def wait(self) -> None:
+        next_progress = time.monotonic() + 15
         while not self.stopping.is_set():
             for name, proc in self.children.items():
                 if proc.poll() is not None:
                     log.error("%s exited with %s; see %s/%s.log", name, proc.returncode, STATE, name)
                     self.stopping.set()
+            if time.monotonic() >= next_progress and not self.stopping.is_set():
+                log.info("%s", self.progress())
+                next_progress = time.monotonic() + 15
             self.stopping.wait(1)
 
     def stop(self) -> None:
         for name in reversed(list(self.children)):
             stop_process(self.children[name], timeout=15)
+        for part in (self.prometheus, self.pushgateway):
+            if part:
+                part.stop()
         if self.aws:
             self.aws.stop()
         if self.mosquitto:
