@@ -1,0 +1,1 @@
+"""The long-running priority consumer service (`python -m pipeline.consumers`)."""
