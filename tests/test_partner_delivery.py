@@ -1,0 +1,147 @@
+"""Partner webhooks against real local HTTP receivers: signing, retries held by SQS, DLQ, redelivery."""
+
+import base64
+import json
+import os
+import threading
+
+import pytest
+from standardwebhooks import Webhook, WebhookVerificationError
+
+from devstack.partner_receiver import PartnerReceiver
+from pipeline.routing.config import load_routing_config
+from pipeline.routing.delivery import PartnerDelivery, PartnerQueues, redeliver_partner_dlq
+from pipeline.routing.destinations import route_to_partner_queues
+from pipeline.routing.logs import AttemptLog, read_log
+from pipeline.routing.provisioning import provision_routing
+from pipeline.routing.webhooks import signed_headers
+from pipeline.stack import aws_client, s3_filesystem
+from tests.conftest import queue_counts, sample_envelope, wait_until
+from tests.test_routing_config import routing_file
+
+DELAYS = (1, 1, 2)
+
+
+def new_secret() -> str:
+    return "whsec_" + base64.b64encode(os.urandom(24)).decode()
+
+
+@pytest.fixture
+def partners(tmp_path, aws, monkeypatch):
+    """Three partners with their own receivers: recovering (500 twice), always failing, healthy."""
+    receivers = {
+        "recovering": PartnerReceiver(new_secret(), fail_first=2).start(),
+        "down": PartnerReceiver(new_secret(), always_fail=True).start(),
+        "healthy": PartnerReceiver(new_secret()).start(),
+    }
+    config = []
+    for name, receiver in receivers.items():
+        env = f"PARTNER_{name.upper()}_SECRET"
+        monkeypatch.setenv(env, receiver.secret)
+        config.append({"name": name, "webhook": receiver.url, "secret_env": env, "subscriptions": ["door_access", "intrusion_alert"], "timeout_s": 3})
+    routing = load_routing_config(routing_file(tmp_path, config, delays=DELAYS))
+    queues = provision_routing(aws_client("sqs"), routing)
+    yield routing, receivers, {p.name: PartnerQueues(queues[p.queue_name], queues[p.dlq_name]) for p in routing.partners}
+    for receiver in receivers.values():
+        receiver.stop()
+
+
+def run_delivery(routing, queues, name, max_seconds=30.0):
+    log = AttemptLog(s3_filesystem(), "events-archive", tag=f"{name}-")
+    return PartnerDelivery(routing.partner(name), aws_client("sqs"), queues[name], routing.retry_delays_s, log).run(max_seconds=max_seconds)
+
+
+def route(routing, events):
+    sqs = aws_client("sqs")
+    return route_to_partner_queues(sqs, routing, events, lambda n: sqs.get_queue_url(QueueName=n)["QueueUrl"])
+
+
+def test_signature_verifies_with_the_standardwebhooks_library_and_fails_for_a_changed_body():
+    secret = new_secret()
+    body = json.dumps({"event_id": "e-1", "location_id": "site-123"})
+    headers = signed_headers(secret, "e-1", body)
+    assert Webhook(secret).verify(body, headers) == json.loads(body)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(secret).verify(body.replace("123", "124"), headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(new_secret()).verify(body, headers)
+
+
+def test_partner_receives_signed_bodies_it_can_verify_with_webhook_id_equal_to_event_id(partners):
+    routing, receivers, queues = partners
+    events = [sample_envelope(device_id=f"door-{i}") for i in range(12)] + [sample_envelope(event_type="motion")]
+    route(routing, events)
+    stats = run_delivery(routing, queues, "healthy")
+    healthy = receivers["healthy"]
+    assert stats.delivered == 12 and healthy.rejected_signatures == 0
+    assert set(healthy.accepted) == {e.event_id for e in events if e.event_type != "motion"}
+
+
+def test_down_partner_does_not_slow_others_and_recovering_partner_gets_every_event_once(partners):
+    routing, receivers, queues = partners
+    events = [sample_envelope(device_id=f"door-{i}") for i in range(8)]
+    route(routing, events)
+    results = {}
+    threads = [threading.Thread(target=lambda n=n: results.__setitem__(n, run_delivery(routing, queues, n))) for n in receivers]
+    for thread in threads:
+        thread.start()
+    # While "down" is still retrying, a second wave arrives: the healthy partner takes it at once.
+    wait_until(lambda: len(receivers["down"].requests) >= 8, 15, message="the down partner's first attempts")
+    second = [sample_envelope(device_id=f"door-late-{i}") for i in range(4)]
+    route(routing, second)
+    for thread in threads:
+        thread.join(60)
+    ids = {e.event_id for e in events + second}
+
+    recovering, down, healthy = receivers["recovering"], receivers["down"], receivers["healthy"]
+    assert set(recovering.accepted) == ids and set(healthy.accepted) == ids
+    assert any(r.status == 500 for r in recovering.requests), "the recovering partner did fail first"
+    last_healthy = max(r.at for r in healthy.requests)
+    assert last_healthy < max(r.at for r in down.requests), "healthy deliveries finished while the down partner was still retrying"
+
+    dlq = [json.loads(b) for b in _drain_bodies(queues["down"].dlq_url)]
+    assert sorted(m["event_id"] for m in dlq) == sorted(ids)
+    assert queue_counts(queues["down"].url) == (0, 0)
+    first_wave = {e.event_id for e in events}
+    for event_id in first_wave:
+        stamps = [r.at for r in down.attempts_for(event_id)]
+        assert len(stamps) == routing.max_attempts
+        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        for gap, delay in zip(gaps, DELAYS):
+            assert delay - 0.05 <= gap < delay + 1.5, f"retry gaps {gaps} do not follow {DELAYS}"
+
+
+def test_every_attempt_is_logged_as_parquet_with_the_contract_columns(partners):
+    routing, receivers, queues = partners
+    route(routing, [sample_envelope(device_id=f"door-{i}") for i in range(3)])
+    run_delivery(routing, queues, "down")
+    table = read_log(s3_filesystem(), "events-archive", "delivery_attempts").to_pylist()
+    assert len(table) == 3 * routing.max_attempts
+    outcomes = sorted({(r["attempt"], r["outcome"]) for r in table})
+    assert outcomes == [(1, "failed"), (2, "failed"), (3, "failed"), (4, "dead_lettered")]
+    assert all(r["status_code"] == 500 and r["partner"] == "down" and r["latency_ms"] >= 0 for r in table)
+
+
+def test_redelivery_moves_the_dlq_back_once_the_partner_answers_again(partners):
+    routing, receivers, queues = partners
+    events = [sample_envelope(device_id=f"door-{i}") for i in range(5)]
+    route(routing, events)
+    run_delivery(routing, queues, "down")
+    assert queue_counts(queues["down"].dlq_url)[0] == 5
+
+    still_down = redeliver_partner_dlq(routing.partner("down"), aws_client("sqs"), queues["down"], None)
+    assert still_down.moved == 0 and not still_down.partner_answered
+    wait_until(lambda: queue_counts(queues["down"].dlq_url) == (5, 0), 10, message="the probed message to be visible again")
+
+    receivers["down"].always_fail = False
+    report = redeliver_partner_dlq(routing.partner("down"), aws_client("sqs"), queues["down"], None)
+    assert report.partner_answered and report.moved == 4
+    run_delivery(routing, queues, "down")
+    assert set(receivers["down"].accepted) == {e.event_id for e in events}
+    assert queue_counts(queues["down"].dlq_url) == (0, 0)
+
+
+def _drain_bodies(url):
+    from tests.conftest import receive_all
+
+    return [json.dumps(b) for b in receive_all(url, timeout=1.0)]
