@@ -3,6 +3,7 @@
 from dagster import Definitions
 
 from pipeline import analytics, assets, sensors
+from pipeline import partner_jobs, replay
 from pipeline.resources import RESOURCES
 
 defs = Definitions.merge(
@@ -10,4 +11,6 @@ defs = Definitions.merge(
     assets.defs,
     sensors.defs,
     analytics.defs,
+    partner_jobs.defs,
+    replay.defs,
 )
