@@ -1,0 +1,130 @@
+"""Device adapters: realistic native messages of each family become envelopes; broken ones are refused with a reason."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import pytest
+
+from edge_bridge.adapters import ADAPTERS, AdapterRejected, ajax, idp, nvr, zigbee
+
+SITE = "site-123"
+RECEIVED = datetime(2024, 1, 15, 10, 30, 5, tzinfo=timezone.utc)
+
+AJAX_INTRUSION = {
+    "hubId": "002A3F1C", "deviceId": "3B41F2", "deviceType": "MotionProtect", "eventCode": "INTRUSION",
+    "room": "Lobby", "timestamp": 1705314600123, "userName": None,
+}
+ZIGBEE_CONTACT = {"contact": False, "battery": 91, "linkquality": 120, "voltage": 2995, "last_seen": "2024-01-15T10:30:00.000Z"}
+NVR_LINE = {
+    "ipAddress": "10.0.3.21", "macAddress": "44:19:B6:0A:11:02", "channelID": 4, "dateTime": "2024-01-15T11:30:00+01:00",
+    "eventType": "linedetection", "eventState": "active", "eventDescription": "Line crossing alarm", "regionID": 2,
+}
+IDP_DENIED = {
+    "eventId": "a9f3c0", "occurredAt": "2024-01-15T10:30:00Z", "door": {"id": "door-456", "name": "Main"},
+    "credential": {"type": "card", "id": "card-77"}, "decision": "denied", "reason": "outside schedule",
+}
+
+
+def raw(data) -> bytes:
+    return json.dumps(data).encode()
+
+
+def test_ajax_intrusion_becomes_an_intrusion_alert_at_the_hub_time():
+    env = ajax.adapt(SITE, "ajax/events", raw(AJAX_INTRUSION))
+    assert (env.source, env.event_type, env.device_id) == ("ajax", "intrusion_alert", "ajax-002A3F1C-3B41F2")
+    assert env.timestamp == datetime(2024, 1, 15, 10, 30, 0, 123000, tzinfo=timezone.utc)
+    assert env.topic == "sites/site-123/events/ajax/intrusion_alert"
+    assert env.payload["room"] == "Lobby"
+
+
+@pytest.mark.parametrize(
+    "code,event_type",
+    [("ARM", "arm"), ("DISARM", "disarm"), ("FIRE", "fire_alarm"), ("TAMPER", "tamper"), ("PANIC", "panic")],
+)
+def test_every_ajax_event_family_maps_to_its_event_type(code, event_type):
+    assert ajax.adapt(SITE, "ajax/events", raw({**AJAX_INTRUSION, "eventCode": code})).event_type == event_type
+
+
+def test_zigbee_contact_state_becomes_a_contact_event_keeping_every_field():
+    env = zigbee.adapt(SITE, "zigbee2mqtt/front_door", raw(ZIGBEE_CONTACT), RECEIVED)
+    assert (env.source, env.event_type, env.device_id) == ("zigbee", "contact", "zigbee-front_door")
+    assert env.payload["battery"] == 91 and env.payload["linkquality"] == 120
+    assert env.timestamp == datetime(2024, 1, 15, 10, 30, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize(
+    "state,event_type",
+    [
+        ({"occupancy": True, "battery": 80}, "occupancy"),
+        ({"water_leak": True, "battery": 80}, "water_leak"),
+        ({"temperature": 21.5, "humidity": 45.2, "linkquality": 90}, "climate"),
+        ({"battery": 15, "linkquality": 90}, "battery"),
+        ({"linkquality": 33}, "link_quality"),
+    ],
+)
+def test_zigbee_state_is_typed_by_the_fact_it_reports(state, event_type):
+    assert zigbee.adapt(SITE, "zigbee2mqtt/sensor_1", raw(state), RECEIVED).event_type == event_type
+
+
+def test_zigbee_without_last_seen_takes_the_receive_time_so_the_key_stays_deterministic():
+    first = zigbee.adapt(SITE, "zigbee2mqtt/hall", raw({"occupancy": True}), RECEIVED)
+    again = zigbee.adapt(SITE, "zigbee2mqtt/hall", raw({"occupancy": True}), RECEIVED)
+    assert first.timestamp == RECEIVED
+    assert first.idempotency_key == again.idempotency_key
+    assert first.event_id != again.event_id
+
+
+def test_nvr_line_crossing_is_normalised_to_utc_per_channel():
+    env = nvr.adapt(SITE, "nvr/alarms", raw(NVR_LINE))
+    assert (env.source, env.event_type, env.device_id) == ("nvr", "line_crossing", "nvr-4419b60a1102-ch4")
+    assert env.timestamp == datetime(2024, 1, 15, 10, 30, tzinfo=timezone.utc)
+    assert env.payload["region_id"] == 2
+
+
+@pytest.mark.parametrize(
+    "kind,event_type",
+    [("VMD", "motion"), ("fielddetection", "intrusion_zone"), ("videoloss", "video_loss"), ("shelteralarm", "tamper")],
+)
+def test_every_nvr_alarm_maps_to_its_event_type(kind, event_type):
+    assert nvr.adapt(SITE, "nvr/alarms", raw({**NVR_LINE, "eventType": kind})).event_type == event_type
+
+
+def test_idp_denied_access_keeps_door_credential_and_result():
+    env = idp.adapt(SITE, "idp/access", raw(IDP_DENIED))
+    assert (env.source, env.event_type, env.device_id) == ("idp", "door_access", "idp-door-456")
+    assert {k: env.payload[k] for k in ("door", "credential", "result")} == {"door": "door-456", "credential": "card-77", "result": "denied"}
+    assert env.idempotency_key == "site-123-idp-door-456-door_access-2024-01-15T10:30:00Z"
+
+
+def test_the_same_device_message_always_yields_the_same_key_and_a_fresh_event_id():
+    for family, topic, data in [("ajax", "ajax/events", AJAX_INTRUSION), ("nvr", "nvr/alarms", NVR_LINE), ("idp", "idp/access", IDP_DENIED)]:
+        a, b = (ADAPTERS[family](SITE, topic, raw(data), RECEIVED) for _ in range(2))
+        assert a.idempotency_key == b.idempotency_key
+        assert a.event_id != b.event_id
+
+
+@pytest.mark.parametrize(
+    "family,topic,payload,reason",
+    [
+        ("ajax", "ajax/events", b'{"hubId": "002A3F1C", "eventCode": "INTRUSION"', "bad_json"),
+        ("ajax", "ajax/events", raw({**AJAX_INTRUSION, "eventCode": "SELF_DESTRUCT"}), "unknown_event_type"),
+        ("ajax", "ajax/events", raw({k: v for k, v in AJAX_INTRUSION.items() if k != "deviceId"}), "missing_field"),
+        ("ajax", "ajax/events", raw({**AJAX_INTRUSION, "timestamp": "yesterday"}), "bad_timestamp"),
+        ("zigbee", "zigbee2mqtt/front_door", b"\xff\xfe\x00binary", "not_utf8"),
+        ("zigbee", "zigbee2mqtt/front_door", raw({"state": "ON"}), "unknown_event_type"),
+        ("zigbee", "zigbee2mqtt/bridge/state", raw({"state": "online"}), "not_a_device_topic"),
+        ("nvr", "nvr/alarms", raw({"eventType": "VMD"}), "missing_field"),
+        ("nvr", "nvr/alarms", raw({**NVR_LINE, "eventType": "audioexception"}), "unknown_event_type"),
+        ("nvr", "nvr/alarms", raw({**NVR_LINE, "dateTime": "2024-01-15T10:30:00"}), "bad_timestamp"),
+        ("idp", "idp/access", b"[1, 2, 3]", "not_an_object"),
+        ("idp", "idp/access", raw({**IDP_DENIED, "decision": "maybe"}), "unknown_event_type"),
+        ("idp", "idp/access", raw({**IDP_DENIED, "credential": {"type": "card"}}), "missing_field"),
+        ("idp", "idp/access", b'{"pad": "' + b"x" * (5 * 1024 * 1024) + b'"}', "too_large"),
+    ],
+)
+def test_malformed_device_message_is_refused_with_a_stable_reason(family, topic, payload, reason):
+    with pytest.raises(AdapterRejected) as refused:
+        ADAPTERS[family](SITE, topic, payload, RECEIVED)
+    assert refused.value.reason == reason
