@@ -4,7 +4,7 @@
   fall back to an empty relation with the same columns.
 #}
 {% macro archive_path(suffix) -%}
-  {{ var('archive_root') }}/{{ suffix }}
+  {{ env_var('DBT_ARCHIVE_ROOT', 's3://' ~ env_var('PIPELINE_ARCHIVE_BUCKET', 'events-archive')) }}/{{ suffix }}
 {%- endmacro %}
 
 {% macro files_exist(pattern) %}
