@@ -4,6 +4,7 @@ from dagster import Definitions
 
 from pipeline import analytics, assets, sensors
 from pipeline import partner_jobs, replay
+from pipeline import archive_replay
 from pipeline.resources import RESOURCES
 
 defs = Definitions.merge(
@@ -13,4 +14,5 @@ defs = Definitions.merge(
     analytics.defs,
     partner_jobs.defs,
     replay.defs,
+    archive_replay.defs,
 )
