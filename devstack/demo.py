@@ -69,6 +69,7 @@ class Demo:
             PIPELINE_EVENTS_QUEUE="events",
             PIPELINE_ARCHIVE_BUCKET="events-archive",
             PIPELINE_PUSHGATEWAY_URL=self.pushgateway.url if self.pushgateway else "",
+            PIPELINE_CONSUMER_METRICS_PORT=str(self.consumer_metrics_port),
             EDGE_MQTT_HOST="127.0.0.1",
             EDGE_MQTT_PORT=str(self.mqtt_port),
             PYTHONUNBUFFERED="1",
