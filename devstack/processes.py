@@ -137,9 +137,11 @@ class Mosquitto:
         if self.users is None:
             lines.append("allow_anonymous true")
         else:
-            passwd = self.workdir / "passwd"
-            acl = self.workdir / "acl"
+            # In the data dir: Mosquitto reads them after dropping to its own user (see above).
+            passwd = data_dir / "passwd"
+            acl = data_dir / "acl"
             passwd.write_text("")
+            passwd.chmod(0o600)
             for user in self.users:
                 subprocess.run(
                     ["mosquitto_passwd", "-b", str(passwd), user.username, user.password],
@@ -153,6 +155,10 @@ class Mosquitto:
                 acl_lines += [f"topic read {t}" for t in user.read]
                 acl_lines.append("")
             acl.write_text("\n".join(acl_lines))
+            if os.geteuid() == 0:
+                user = pwd.getpwnam("mosquitto")
+                for path in (passwd, acl):
+                    os.chown(path, user.pw_uid, user.pw_gid)
             lines += ["allow_anonymous false", f"password_file {passwd}", f"acl_file {acl}"]
         conf = self.workdir / "mosquitto.conf"
         conf.write_text("\n".join(lines) + "\n")
