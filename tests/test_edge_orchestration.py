@@ -1,0 +1,43 @@
+"""The edge code location: the 02:00 site-local DLQ replay schedule and its job against a running service."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from dagster import build_schedule_context
+
+from edge_bridge.cli import AdminClient
+from edge_bridge.orchestration import EdgeAdminResource, defs, edge_dlq_replay_job, edge_dlq_replay_schedule
+from tests.conftest import publish, wait_until
+from tests.test_edge_faults import Collector, make_events
+
+
+def test_replay_schedule_fires_at_two_in_the_morning_site_time(monkeypatch):
+    monkeypatch.setenv("EDGE_SITE_TIMEZONE", "Europe/Berlin")
+    schedule = defs().get_schedule_def("edge_dlq_replay_0200")
+    assert (schedule.cron_schedule, schedule.execution_timezone) == ("0 2 * * *", "Europe/Berlin")
+    context = build_schedule_context(scheduled_execution_time=datetime(2024, 1, 15, 2, 0, tzinfo=ZoneInfo("Europe/Berlin")))
+    [request] = list(schedule.evaluate_tick(context).run_requests)
+    assert schedule.job_name == "edge_dlq_replay_job" and request.tags["dagster/schedule_name"] == "edge_dlq_replay_0200"
+    ticks = schedule.execution_time_iterator(datetime(2024, 1, 15, 12, 0, tzinfo=ZoneInfo("Europe/Berlin")).timestamp())
+    assert next(ticks) == datetime(2024, 1, 16, 2, 0, tzinfo=ZoneInfo("Europe/Berlin"))
+
+
+def test_replay_job_delivers_the_dlq_of_a_running_service(edge_factory, mosquitto, aws):
+    from pipeline.stack import aws_client
+
+    url = aws.provisioned.queues["events"]
+    sqs = aws_client("sqs")
+    sqs.set_queue_attributes(QueueUrl=url, Attributes={"MaximumMessageSize": "1024"})
+    edge = edge_factory(EDGE_RETRY_BACKOFF_S="0.1")
+    admin = AdminClient(edge.admin_url)
+    [poison] = make_events(1, tag="big", payload_bytes=2000)
+    publish(mosquitto.port, poison.topic, [poison.to_json()])
+    wait_until(lambda: admin.status()["dlq_size"] == 1, 30, message="the event in the DLQ")
+    sqs.set_queue_attributes(QueueUrl=url, Attributes={"MaximumMessageSize": "262144"})
+
+    result = edge_dlq_replay_job.execute_in_process(resources={"edge_admin": EdgeAdminResource(admin_url=edge.admin_url)})
+    assert result.success and result.output_for_node("replay_edge_dlq") == 1
+    collector = Collector(url)
+    wait_until(lambda: collector.has_all({poison.event_id}), 30, message="the replayed event in SQS")
