@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -19,12 +20,13 @@ import threading
 import time
 from pathlib import Path
 
-from devstack.processes import AwsEmulator, Mosquitto, Prometheus, Pushgateway, aws_env, free_port, stop_process, wait_for_port
+from devstack.processes import AwsEmulator, Mosquitto, MqttUser, Prometheus, Pushgateway, aws_env, free_port, stop_process, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE = Path(os.environ.get("DEMO_STATE_DIR", ROOT / ".demo"))
 PIDS = STATE / "pids.json"
 log = logging.getLogger("demo")
+DEMO_SITES = ["site-001", "site-002", "site-003"]
 
 
 def _port(name: str, default: int) -> int:
@@ -102,7 +104,15 @@ class Demo:
         if not link.exists():
             link.symlink_to(ROOT / "dagster.yaml")
 
-        self.mosquitto = Mosquitto(STATE / "mosquitto", port=self.mqtt_port).start()
+        # Per-site MQTT credentials, generated for this run (or taken from MQTT_PASSWORD_<USER>) and
+        # handed to the children by environment only; the ACL lets each site write only its own topics.
+        self.mqtt_passwords = {
+            user: os.environ.get("MQTT_PASSWORD_" + user.upper().replace("-", "_")) or secrets.token_urlsafe(18)
+            for user in ["edge", *DEMO_SITES]
+        }
+        users = [MqttUser(site, self.mqtt_passwords[site], write=[f"sites/{site}/#"]) for site in DEMO_SITES]
+        users.append(MqttUser("edge", self.mqtt_passwords["edge"], read=["sites/+/events/#"]))
+        self.mosquitto = Mosquitto(STATE / "mosquitto", port=self.mqtt_port, users=users).start()
         self._record()
         log.info("started %-14s %s", "mosquitto", self.mosquitto.url)
         self.aws = AwsEmulator(port=self.aws_port).start()
@@ -131,8 +141,14 @@ class Demo:
         log.info("started %-14s %s", "prometheus", self.prometheus.url)
 
         env = self.env
-        self._spawn("edge", [sys.executable, "-m", "edge_bridge"], {**env, "EDGE_CLIENT_ID": "edge-bridge-demo", "EDGE_STATE_DIR": str(STATE / "edge"), "EDGE_ADMIN_PORT": str(self.edge_admin_port)})
-        self._spawn("traffic", [sys.executable, "-m", "devstack.traffic", "--port", str(self.mqtt_port)], env)
+        edge_env = {"EDGE_CLIENT_ID": "edge-bridge-demo", "EDGE_STATE_DIR": str(STATE / "edge"), "EDGE_ADMIN_PORT": str(self.edge_admin_port)}
+        edge_env.update(EDGE_MQTT_USERNAME="edge", EDGE_MQTT_PASSWORD=self.mqtt_passwords["edge"], EDGE_SITE_ID=DEMO_SITES[0])
+        self._spawn("edge", [sys.executable, "-m", "edge_bridge"], {**env, **edge_env})
+        site_passwords = {"MQTT_PASSWORD_" + site.upper().replace("-", "_"): self.mqtt_passwords[site] for site in DEMO_SITES}
+        simulator = [sys.executable, "-m", "edge_bridge.simulator", "--port", str(self.mqtt_port), "--sites", str(len(DEMO_SITES))]
+        simulator += ["--rate", os.environ.get("DEMO_RATE", "3"), "--malformed", "0.02", "--state-dir", str(STATE / "simulator")]
+        self._spawn("traffic", simulator, {**env, **site_passwords})
+        env = {**env, "EDGE_ADMIN_URL": f"http://127.0.0.1:{self.edge_admin_port}"}
         self._spawn(
             "dagster",
             [sys.executable, "-m", "dagster", "dev", "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(self.dagster_port)],

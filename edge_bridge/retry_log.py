@@ -69,7 +69,7 @@ class RetryLog:
         max_events: int = 5_000_000,
         backoff_s: float = 5.0,
         max_attempts: int = MAX_ATTEMPTS,
-        memory_limit: str = "64MB",
+        memory_limit: str = "32MB",
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path

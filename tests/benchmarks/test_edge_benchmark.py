@@ -1,0 +1,251 @@
+"""Edge benchmark (`make bench`): the bridge against a naive baseline and the two ceilings, on one broker and endpoint.
+
+Prints: bridge events/s; naive baseline (one send_message per MQTT message, ack on receipt); ceiling 1,
+a bare paho subscriber draining the same broker; ceiling 2, a bare loop sending pre-built 10-message
+batches to the same SQS endpoint; events/s into the retry log during an outage (the service, and the
+retry log alone); replay events/s; peak RSS with 1,000,000 events buffered. Targets (bridge ≥ 10×
+naive and ≥ 0.7× the lower ceiling; ≥ 20,000/s into the retry log; RSS within +100 MB of idle) are
+printed next to the figures, not asserted: speed is measured here, never in the default run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from devstack.processes import AwsEmulator, Mosquitto, aws_env, free_port
+from devstack.tcp_proxy import TcpProxy
+from tests.conftest import PROJECT_ROOT, EdgeProcess, wait_until
+from tests.test_edge_faults import make_events
+
+pytestmark = pytest.mark.benchmark
+
+N = int(os.environ.get("EDGE_BENCH_EVENTS", "20000"))
+N_NAIVE = int(os.environ.get("EDGE_BENCH_NAIVE_EVENTS", "3000"))
+RSS_EVENTS = int(os.environ.get("EDGE_BENCH_RSS_EVENTS", "1000000"))
+TOPIC = "sites/site-123/events/ajax/door_access"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("edge-bench")
+    broker = Mosquitto(workdir / "mosquitto").start()
+    emulator = AwsEmulator().start()
+    saved = dict(os.environ)
+    os.environ.update(aws_env(emulator.endpoint_url))
+    from pipeline.provisioning import provision
+    from pipeline.stack import aws_client
+
+    provision()
+    sqs = aws_client("sqs")
+    lines = workdir / "events.jsonl"
+    lines.write_text("\n".join(e.to_json() for e in make_events(N, payload_bytes=200)) + "\n")
+    yield {"broker": broker, "aws": emulator, "sqs": sqs, "workdir": workdir, "lines": lines}
+    os.environ.clear()
+    os.environ.update(saved)
+    emulator.stop()
+    broker.stop()
+
+
+def fresh_queue(stack, name: str) -> str:
+    return stack["sqs"].create_queue(QueueName=name, Attributes={"MaximumMessageSize": "262144"})["QueueUrl"]
+
+
+def depth(stack, url: str) -> int:
+    attrs = stack["sqs"].get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+    return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+def register_session(port: int, client_id: str) -> None:
+    """Subscribe once with a persistent session, so the broker queues the backlog for `client_id`."""
+    done = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+    client.on_connect = lambda c, *a: c.subscribe("sites/+/events/#", qos=1)
+    client.on_subscribe = lambda *a: done.set()
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    assert done.wait(10)
+    client.disconnect()
+    client.loop_stop()
+
+
+def preload(stack, client_id: str, count: int | None = None) -> None:
+    register_session(stack["broker"].port, client_id)
+    path = stack["lines"]
+    if count is not None:
+        path = stack["workdir"] / f"events-{count}.jsonl"
+        path.write_text("".join(stack["lines"].read_text().splitlines(keepends=True)[:count]))
+    with open(path, "rb") as data:
+        subprocess.run(["mosquitto_pub", "-p", str(stack["broker"].port), "-t", TOPIC, "-q", "1", "-l"], stdin=data, check=True, timeout=300)
+
+
+def bare_subscriber_rate(stack) -> float:
+    preload(stack, "bench-bare")
+    got = 0
+    done = threading.Event()
+    started = time.perf_counter()
+
+    def on_message(client, userdata, message):
+        nonlocal got
+        got += 1
+        if got >= N:
+            done.set()
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-bare", clean_session=False)
+    client.max_inflight_messages_set(1000)
+    client.on_message = on_message
+    client.connect("127.0.0.1", stack["broker"].port)
+    client.loop_start()
+    assert done.wait(300)
+    elapsed = time.perf_counter() - started
+    client.disconnect()
+    client.loop_stop()
+    return N / elapsed
+
+
+def bare_batch_sender_rate(stack) -> float:
+    from edge_bridge.sqs_sender import sqs_client
+
+    url = fresh_queue(stack, "bench-ceiling")
+    sqs = sqs_client()
+    bodies = stack["lines"].read_text().splitlines()
+    batches = [[{"Id": str(i), "MessageBody": b} for i, b in enumerate(bodies[s : s + 10])] for s in range(0, N, 10)]
+    started = time.perf_counter()
+    for entries in batches:
+        sqs.send_message_batch(QueueUrl=url, Entries=entries)
+    return N / (time.perf_counter() - started)
+
+
+def naive_rate(stack) -> float:
+    from edge_bridge.sqs_sender import sqs_client
+
+    preload(stack, "bench-naive", N_NAIVE)
+    url = fresh_queue(stack, "bench-naive")
+    sqs = sqs_client()
+    inbox: queue.Queue[bytes] = queue.Queue()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-naive", clean_session=False)
+    client.on_message = lambda c, u, m: inbox.put(m.payload)  # acked on receipt by paho
+    started = time.perf_counter()
+    client.connect("127.0.0.1", stack["broker"].port)
+    client.loop_start()
+    for _ in range(N_NAIVE):
+        sqs.send_message(QueueUrl=url, MessageBody=inbox.get(timeout=60).decode())
+    elapsed = time.perf_counter() - started
+    client.disconnect()
+    client.loop_stop()
+    return N_NAIVE / elapsed
+
+
+def start_edge(stack, client_id: str, queue_url: str, endpoint: str, **extra) -> EdgeProcess:
+    env = {**os.environ, **aws_env(endpoint)}
+    env.update(
+        EDGE_MQTT_PORT=str(stack["broker"].port), EDGE_CLIENT_ID=client_id, EDGE_STATE_DIR=str(stack["workdir"] / client_id),
+        EDGE_EVENTS_QUEUE_URL=queue_url, EDGE_ADMIN_PORT=str(free_port()), PYTHONUNBUFFERED="1", **extra,
+    )
+    return EdgeProcess(stack["workdir"] / f"{client_id}-proc", env).start()
+
+
+def bridge_rate(stack) -> float:
+    url = fresh_queue(stack, "bench-bridge")
+    preload(stack, "bench-bridge")
+    edge = start_edge(stack, "bench-bridge", url, stack["aws"].endpoint_url)
+    try:
+        # The clock starts when the service subscribes (the backlog flows from then), not at process start.
+        wait_until(lambda: "subscribed to" in edge.log(), 120, interval=0.01, message="the bridge to subscribe")
+        started = time.perf_counter()
+        wait_until(lambda: depth(stack, url) >= N, 600, interval=0.05, message="the bridge to deliver the backlog")
+        return N / (time.perf_counter() - started)
+    finally:
+        edge.stop()
+
+
+def rss_kb(pid: int, field: str = "VmRSS") -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def outage_and_replay_rates(stack) -> tuple[float, float, int, int]:
+    from edge_bridge.cli import AdminClient
+
+    url = fresh_queue(stack, "bench-outage")
+    proxy = TcpProxy(stack["aws"].port)
+    edge = start_edge(stack, "bench-outage", url, proxy.url).wait_subscribed()
+    admin = AdminClient(edge.admin_url)
+    idle_rss = rss_kb(edge.proc.pid)
+    preload(stack, "bench-outage")  # the session exists now; the edge receives while SQS is cut
+    started = time.perf_counter()
+    wait_until(lambda: admin.status()["jobs_pending"] >= N, 600, interval=0.05, message="the backlog in the retry log")
+    into_log = N / (time.perf_counter() - started)
+    buffered_rss = rss_kb(edge.proc.pid, "VmHWM")
+    proxy.open()
+    started = time.perf_counter()
+    wait_until(lambda: admin.status()["jobs_pending"] == 0, 600, interval=0.05, message="the replay to drain the retry log")
+    replay = N / (time.perf_counter() - started)
+    assert depth(stack, url) >= N
+    edge.stop()
+    proxy.cut()
+    return into_log, replay, idle_rss, buffered_rss
+
+
+RSS_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time, pathlib, tempfile
+    import edge_bridge.service  # the service's libraries loaded, as in the real process
+    from edge_bridge.retry_log import RetryLog
+    def rss(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    n, body = int(sys.argv[1]), sys.argv[2]
+    log = RetryLog(pathlib.Path(tempfile.mkdtemp()) / "retry_log.duckdb")
+    idle = rss("VmRSS")
+    started = time.perf_counter()
+    for start in range(0, n, 1000):
+        log.add([(f"e-{i}", body, "SQS unreachable") for i in range(start, min(n, start + 1000))])
+    elapsed = time.perf_counter() - started
+    print(json.dumps({"idle_kb": idle, "peak_kb": rss("VmHWM"), "rate": n / elapsed, "pending": log.pending, "bytes": log.size_bytes()}))
+    """
+)
+
+
+def retry_log_alone(stack) -> dict:
+    body = stack["lines"].read_text().splitlines()[0]
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(RSS_EVENTS), body], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=1200, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_edge_throughput_and_memory_figures(stack):
+    subscriber = bare_subscriber_rate(stack)
+    batches = bare_batch_sender_rate(stack)
+    naive = naive_rate(stack)
+    bridge = bridge_rate(stack)
+    into_log, replay, idle_rss, buffered_rss = outage_and_replay_rates(stack)
+    alone = retry_log_alone(stack)
+    lower = min(subscriber, batches)
+    print(
+        f"""
+edge benchmark ({N} events of ~{len(stack['lines'].read_text().splitlines()[0])} bytes; naive on {N_NAIVE}; one broker, one endpoint)
+  ceiling: bare paho subscriber drain      {subscriber:10.0f} events/s
+  ceiling: bare 10-message batch sender    {batches:10.0f} events/s
+  naive baseline (send_message, ack first) {naive:10.0f} events/s
+  bridge (edge service, MQTT -> SQS)       {bridge:10.0f} events/s   = {bridge / naive:5.1f}x naive (target >= 10x), {bridge / lower:4.2f}x lower ceiling (target >= 0.7x)
+  into the retry log, SQS cut (service)    {into_log:10.0f} events/s
+  into the retry log alone (1000/commit)   {alone['rate']:10.0f} events/s   (target >= 20000)
+  replay from the retry log to SQS         {replay:10.0f} events/s
+  service RSS idle / with {N} buffered     {idle_rss / 1024:7.0f} MB / {buffered_rss / 1024:.0f} MB (peak)
+  retry log with {alone['pending']} buffered: RSS idle {alone['idle_kb'] / 1024:.0f} MB, peak {alone['peak_kb'] / 1024:.0f} MB (+{(alone['peak_kb'] - alone['idle_kb']) / 1024:.0f} MB, target <= +100 MB), file {alone['bytes'] / 1e6:.0f} MB
+"""
+    )
+    assert alone["pending"] == RSS_EVENTS
