@@ -269,7 +269,13 @@ class Pushgateway:
     def start(self, timeout: float = 15.0) -> "Pushgateway":
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [_binary("prometheus-pushgateway", "pushgateway"), f"--web.listen-address={self.target}", "--log.level=warn"],
+            [
+                _binary("prometheus-pushgateway", "pushgateway"),
+                f"--web.listen-address={self.target}",
+                # Debian's build persists to one shared file under /var/lib by default: keep ours private.
+                f"--persistence.file={self.workdir / 'pushgateway.data'}",
+                "--log.level=warn",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=open(self.workdir / "pushgateway.log", "ab"),
             start_new_session=True,

@@ -70,3 +70,19 @@ def test_the_generated_config_keeps_the_templates_jobs_and_fills_in_the_ports(tm
 def test_a_target_for_an_unknown_scrape_job_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no scrape job named \\['edges'\\]"):
         Prometheus(tmp_path, targets={"edges": ["127.0.0.1:1"]}).write_config()
+
+
+def test_each_pushgateway_starts_empty_so_tests_and_demos_do_not_share_pushed_metrics(tmp_path, monkeypatch):
+    import requests
+
+    first = Pushgateway(tmp_path / "first").start()
+    try:
+        monkeypatch.setenv("PIPELINE_PUSHGATEWAY_URL", first.url)
+        assert push_gauges("isolation_probe", {"sqs_queue_depth": ("depth", 7)})
+    finally:
+        first.stop()
+    second = Pushgateway(tmp_path / "second").start()
+    try:
+        assert 'job="isolation_probe"' not in requests.get(f"{second.url}/metrics", timeout=5).text
+    finally:
+        second.stop()
