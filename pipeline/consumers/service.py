@@ -1,10 +1,10 @@
 """The priority consumer service: high, medium and low SQS queues, high always served first.
 
-Three threads. The high poller long-polls the high queue without pause, so a high event is picked up
+Four threads. The high poller long-polls the high queue without pause, so a high event is picked up
 within milliseconds of arriving. The background poller fetches medium (then low) only when nothing
 waits to be written and keeps at most one such batch pending, so a backlog there never delays high.
 One writer thread owns the DuckDB connection (DuckDB allows one writer) and always takes the most
-urgent pending batch; a message is deleted from SQS only after its batch committed.
+urgent pending batch; a fourth deletes a batch's messages from SQS once it has committed.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ class ConsumerSettings:
     archive_bucket: str | None = None
     export_interval_s: float = 5.0
     high_wait_s: int = 1
+    background_batch: int = 100  # per transaction; a high batch waits for at most one of these
     depth_interval_s: float = 5.0
 
 
@@ -78,9 +79,10 @@ class PriorityConsumer:
         self._background_done = threading.Event()
         self._background_done.set()
         self.stopping = threading.Event()
-        self.threads: list[threading.Thread] = []
+        self.threads: dict[str, threading.Thread] = {}
         self.webhooks = ThreadPoolExecutor(max_workers=2)
         self.webhook_results: queue.Queue = queue.Queue()
+        self.deletes: queue.Queue = queue.Queue()
         self.http = None
         self.ready = threading.Event()
 
@@ -125,7 +127,7 @@ class PriorityConsumer:
                 self.stopping.wait(0.005)
                 continue
             try:
-                items = self._receive("medium", 0) or self._receive("low", 0)
+                items = self._receive_background("medium") or self._receive_background("low")
             except Exception as exc:
                 log.warning("medium/low receive failed: %s", exc)
                 self.stopping.wait(0.5)
@@ -135,6 +137,16 @@ class PriorityConsumer:
                 continue
             self._background_done.clear()
             self._enqueue(items[0].priority, items, self._background_done)
+
+    def _receive_background(self, priority: str) -> list[Item]:
+        """Up to `background_batch` messages of one queue: a backlog is written in few transactions."""
+        items: list[Item] = []
+        while len(items) < self.settings.background_batch and self.pending.empty():
+            got = self._receive(priority, 0)
+            items += got
+            if len(got) < 10:
+                break
+        return items
 
     def _update_depths(self) -> None:
         for priority, url in self.urls.items():
@@ -152,7 +164,7 @@ class PriorityConsumer:
             for incident in store.pending_webhooks():
                 self._call_automation(incident)
             last_export = time.monotonic()
-            while not (self.stopping.is_set() and self.pending.empty()):
+            while not (self._pollers_done() and self.pending.empty()):
                 try:
                     _, _, priority, items, done = self.pending.get(timeout=0.2)
                 except queue.Empty:
@@ -173,6 +185,9 @@ class PriorityConsumer:
         finally:
             store.close()
 
+    def _pollers_done(self) -> bool:
+        return self.stopping.is_set() and not any(self.threads[n].is_alive() for n in ("high", "background"))
+
     def _write(self, store: ConsumerStore, priority: str, items: list[Item]) -> None:
         try:
             result = store.handle_batch(items)
@@ -181,7 +196,7 @@ class PriorityConsumer:
             self.metrics.errors.labels(priority=priority).inc()
             self.metrics.count(len(items), len(items))
             return
-        self.sqs.delete_message_batch(QueueUrl=self.urls[priority], Entries=[{"Id": str(i), "ReceiptHandle": it.receipt_handle} for i, it in enumerate(items)])
+        self.deletes.put((priority, [it.receipt_handle for it in items]))
         for item, latency_ms in result.handled:
             self.metrics.latency.labels(priority=item.priority).observe(latency_ms / 1000)
         if result.handled:
@@ -194,6 +209,20 @@ class PriorityConsumer:
             log.warning("%d %s messages were not valid envelopes; kept in the rejected table", result.rejected, priority)
         for incident in result.new_incidents:
             self._call_automation(incident)
+
+    def _delete_loop(self) -> None:
+        """Deletes committed messages from SQS off the writer thread, so the writer is free for high."""
+        while not (self.deletes.empty() and self._pollers_done() and not self.threads["writer"].is_alive()):
+            try:
+                priority, handles = self.deletes.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            for start in range(0, len(handles), 10):
+                chunk = handles[start : start + 10]
+                try:
+                    self.sqs.delete_message_batch(QueueUrl=self.urls[priority], Entries=[{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(chunk)])
+                except Exception as exc:  # handled already: a redelivery is recognised by event_id
+                    log.warning("delete of %d %s messages failed; they will come back as duplicates: %s", len(chunk), priority, exc)
 
     def _call_automation(self, incident: dict) -> None:
         rule = self.routing.automation.rule_for(incident["event_type"])
@@ -241,17 +270,17 @@ class PriorityConsumer:
     def start(self) -> "PriorityConsumer":
         if self.settings.metrics_port is not None:
             self.http, _ = start_http_server(self.settings.metrics_port, addr="127.0.0.1", registry=self.metrics.registry)
-        for name, target in (("writer", self._writer_loop), ("high", self._high_loop), ("background", self._background_loop)):
+        for name, target in (("writer", self._writer_loop), ("deleter", self._delete_loop), ("high", self._high_loop), ("background", self._background_loop)):
             thread = threading.Thread(target=target, name=f"consumer-{name}", daemon=True)
+            self.threads[name] = thread
             thread.start()
-            self.threads.append(thread)
         self.ready.set()
         log.info("priority consumer ready: queues %s", {p: self.routing.priority.queue_for(p) for p in PRIORITIES})
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
         self.stopping.set()
-        for thread in self.threads:
-            thread.join(timeout)
+        for name in ("high", "background", "writer", "deleter"):
+            self.threads[name].join(timeout)
         if self.http:
             self.http.shutdown()
