@@ -145,3 +145,32 @@ def _drain_bodies(url):
     from tests.conftest import receive_all
 
     return [json.dumps(b) for b in receive_all(url, timeout=1.0)]
+
+
+def test_partner_sensor_requests_one_run_per_partner_with_waiting_events(partners, tmp_path):
+    from dagster import DagsterInstance, build_sensor_context
+
+    from pipeline.partner_jobs import PARTNER_TAG, partner_queues_sensor
+    from pipeline.resources import RoutingSettings, SQSResource
+
+    routing, _, _ = partners
+    route(routing, [sample_envelope()])
+    resources = {"sqs": SQSResource(events_queue="events"), "routing": RoutingSettings(config_path=str(tmp_path / "routing.yaml"))}
+    with DagsterInstance.ephemeral() as instance:
+        requests = partner_queues_sensor(build_sensor_context(instance=instance, resources=resources))
+    assert sorted(r.tags[PARTNER_TAG] for r in requests) == ["down", "healthy", "recovering"]
+    assert {r.run_config["ops"]["deliver_partner_queue"]["config"]["partner"] for r in requests} == {"down", "healthy", "recovering"}
+
+
+def test_partner_delivery_job_delivers_one_partner_and_reports_its_success_rate(partners, tmp_path):
+    from pipeline.partner_jobs import partner_delivery_job
+    from pipeline.resources import ArchiveStore, RoutingSettings, SQSResource
+
+    routing, receivers, queues = partners
+    route(routing, [sample_envelope(device_id=f"door-{i}") for i in range(3)])
+    result = partner_delivery_job.execute_in_process(
+        run_config={"ops": {"deliver_partner_queue": {"config": {"partner": "healthy"}}}},
+        resources={"sqs": SQSResource(events_queue="events"), "archive": ArchiveStore(bucket="events-archive"), "routing": RoutingSettings(config_path=str(tmp_path / "routing.yaml"), delivery_run_seconds=20)},
+    )
+    assert result.output_for_node("deliver_partner_queue") == {"delivered": 3, "failed": 0, "dead_lettered": 0}
+    assert len(receivers["healthy"].accepted) == 3 and not receivers["down"].requests, "other partners' queues untouched"
