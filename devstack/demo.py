@@ -75,6 +75,8 @@ class Demo:
             EDGE_MQTT_HOST="127.0.0.1",
             EDGE_MQTT_PORT=str(self.mqtt_port),
             PYTHONUNBUFFERED="1",
+            # The venv's tools (dbt, which `dagster dev` runs to parse the dbt project) as if activated.
+            PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
         )
         return env
 
