@@ -8,6 +8,7 @@ is recorded in .demo/pids.json, so Ctrl-C here or `make demo-stop` elsewhere lea
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import os
@@ -151,6 +152,10 @@ class Demo:
         simulator += ["--rate", os.environ.get("DEMO_RATE", "3"), "--malformed", "0.02", "--state-dir", str(STATE / "simulator")]
         self._spawn("traffic", simulator, {**env, **site_passwords})
         env = {**env, "EDGE_ADMIN_URL": f"http://127.0.0.1:{self.edge_admin_port}"}
+        # The partner's webhook secret, generated per run and shared by environment only.
+        env["PARTNER_SECURITY_MONITORING_SECRET"] = os.environ.get("PARTNER_SECURITY_MONITORING_SECRET") or "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+        self._spawn("partner", [sys.executable, "-m", "devstack.partner_receiver", "--port", "8099"], env)
+        self._spawn("consumer", [sys.executable, "-m", "pipeline.consumers"], {**env, "PIPELINE_CONSUMER_DB": str(STATE / "consumer.duckdb")})
         self._spawn(
             "dagster",
             [sys.executable, "-m", "dagster", "dev", "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(self.dagster_port)],
@@ -166,6 +171,8 @@ The demo is up.
   Prometheus        {self.prometheus.url}   (Alerts: /alerts; the nine series, e.g. /graph?g0.expr=jobs_pending_count)
   Pushgateway       {self.pushgateway.url}   (the last gauges each Dagster run pushed)
   Edge admin        http://127.0.0.1:{self.edge_admin_port}/status   (/metrics, /healthz, /dlq)
+  Partner receiver  http://127.0.0.1:8099/events   (verifies signatures; what it got: {STATE}/partner.log)
+  Priority consumer http://127.0.0.1:{self.consumer_metrics_port}/metrics   (queue-to-handled latency per priority)
   Logs              {STATE}/*.log
 
 What to watch: drain runs start within seconds as events arrive; archive_hour_job materializes
