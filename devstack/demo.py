@@ -154,7 +154,9 @@ class Demo:
         env = {**env, "EDGE_ADMIN_URL": f"http://127.0.0.1:{self.edge_admin_port}"}
         # The partner's webhook secret, generated per run and shared by environment only.
         env["PARTNER_SECURITY_MONITORING_SECRET"] = os.environ.get("PARTNER_SECURITY_MONITORING_SECRET") or "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
-        self._spawn("partner", [sys.executable, "-m", "devstack.partner_receiver", "--port", "8099"], env)
+        partner_port = _port_or_free("DEMO_PARTNER_PORT", 8099)
+        env["PARTNER_SECURITY_MONITORING_URL"] = f"http://127.0.0.1:{partner_port}/events"
+        self._spawn("partner", [sys.executable, "-m", "devstack.partner_receiver", "--port", str(partner_port)], env)
         self._spawn("consumer", [sys.executable, "-m", "pipeline.consumers"], {**env, "PIPELINE_CONSUMER_DB": str(STATE / "consumer.duckdb")})
         self._spawn(
             "dagster",
@@ -171,7 +173,7 @@ The demo is up.
   Prometheus        {self.prometheus.url}   (Alerts: /alerts; the nine series, e.g. /graph?g0.expr=jobs_pending_count)
   Pushgateway       {self.pushgateway.url}   (the last gauges each Dagster run pushed)
   Edge admin        http://127.0.0.1:{self.edge_admin_port}/status   (/metrics, /healthz, /dlq)
-  Partner receiver  http://127.0.0.1:8099/events   (verifies signatures; what it got: {STATE}/partner.log)
+  Partner receiver  {env["PARTNER_SECURITY_MONITORING_URL"]}   (verifies signatures; what it got: {STATE}/partner.log)
   Priority consumer http://127.0.0.1:{self.consumer_metrics_port}/metrics   (queue-to-handled latency per priority)
   Logs              {STATE}/*.log
 

@@ -1,7 +1,7 @@
 """`python -m pipeline.consumers`: run the priority consumer until SIGTERM/SIGINT.
 
 Environment: PIPELINE_CONSUMER_DB (DuckDB file, default .consumer/consumer.duckdb),
-PIPELINE_CONSUMER_METRICS_PORT (/metrics, default 9108; empty disables), PIPELINE_ARCHIVE_BUCKET
+PIPELINE_CONSUMER_METRICS_PORT (/metrics, default 9102; empty disables), PIPELINE_ARCHIVE_BUCKET
 (where the priority_handled log goes; unset: not exported), PIPELINE_ROUTING_CONFIG, and the standard
 AWS variables.
 """
@@ -20,7 +20,7 @@ from pipeline.stack import PROJECT_ROOT, aws_client, s3_filesystem
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    port = os.environ.get("PIPELINE_CONSUMER_METRICS_PORT", "9108")
+    port = os.environ.get("PIPELINE_CONSUMER_METRICS_PORT", "9102")
     bucket = os.environ.get("PIPELINE_ARCHIVE_BUCKET") or None
     settings = ConsumerSettings(
         db_path=os.environ.get("PIPELINE_CONSUMER_DB", str(PROJECT_ROOT / ".consumer" / "consumer.duckdb")),

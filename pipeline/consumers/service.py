@@ -170,11 +170,12 @@ class PriorityConsumer:
                 except queue.Empty:
                     items = None
                 if items:
+                    items, dones = self._coalesce(priority, items, done)
                     try:
                         self._write(store, priority, items)
                     finally:
-                        if done is not None:
-                            done.set()
+                        for event in dones:
+                            event.set()
                 self._store_webhook_results(store)
                 if time.monotonic() - last_export > self.settings.export_interval_s:
                     self._export(store)
@@ -184,6 +185,26 @@ class PriorityConsumer:
             self._export(store)
         finally:
             store.close()
+
+    def _coalesce(self, priority: str, items: list[Item], done: threading.Event | None) -> tuple[list[Item], list[threading.Event]]:
+        """Take every other pending batch of the same priority too: one commit costs about as much as
+        ten, so a burst is written in one transaction instead of queueing behind itself."""
+        dones = [done] if done is not None else []
+        held = []
+        while len(items) < 500:
+            try:
+                entry = self.pending.get_nowait()
+            except queue.Empty:
+                break
+            if entry[2] != priority:
+                held.append(entry)
+                break
+            items = items + entry[3]
+            if entry[4] is not None:
+                dones.append(entry[4])
+        for entry in held:
+            self.pending.put(entry)
+        return items, dones
 
     def _pollers_done(self) -> bool:
         return self.stopping.is_set() and not any(self.threads[n].is_alive() for n in ("high", "background"))
@@ -229,8 +250,7 @@ class PriorityConsumer:
         url = os.environ.get(rule.webhook_env) if rule and rule.webhook_env else None
         secret = os.environ.get(rule.secret_env) if rule and rule.secret_env else None
         if not url:
-            self.webhook_results.put((incident["incident_id"], "not_configured"))
-            return
+            return  # recorded as not_configured in the incident row itself
         if not secret:
             self.webhook_results.put((incident["incident_id"], f"failed: {rule.secret_env} is not set"))
             return
@@ -244,12 +264,14 @@ class PriorityConsumer:
         self.webhook_results.put((incident["incident_id"], "delivered" if result.ok else f"failed: {result.error}"))
 
     def _store_webhook_results(self, store: ConsumerStore) -> None:
+        statuses = []
         while True:
             try:
-                incident_id, status = self.webhook_results.get_nowait()
+                statuses.append(self.webhook_results.get_nowait())
             except queue.Empty:
-                return
-            store.set_webhook_status(incident_id, status)
+                break
+        if statuses:
+            store.set_webhook_statuses(statuses)
 
     def _export(self, store: ConsumerStore) -> None:
         """Copy newly handled rows to the archive bucket's priority_handled log (for dbt SLA models)."""

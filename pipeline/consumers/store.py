@@ -9,6 +9,7 @@ happen once.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -50,7 +51,7 @@ EVENT_COLUMNS = pa.schema(
 )
 STATUS_COLUMNS = pa.schema([("site_id", pa.string()), ("device_id", pa.string()), ("last_seen", _TS), ("last_event_type", pa.string()), ("state", pa.string())])
 INCIDENT_COLUMNS = pa.schema(
-    [("incident_id", pa.string()), ("event_id", pa.string()), ("event_type", pa.string()), ("site_id", pa.string()), ("device_id", pa.string()), ("opened_at", _TS)]
+    [("incident_id", pa.string()), ("event_id", pa.string()), ("event_type", pa.string()), ("site_id", pa.string()), ("device_id", pa.string()), ("opened_at", _TS), ("webhook_status", pa.string())]
 )
 
 
@@ -125,7 +126,8 @@ class ConsumerStore:
                     statuses[key] = (e.timestamp, e.event_type, device_state(e))
                 rule = self.automation.rule_for(e.event_type)
                 if rule and rule.incident:
-                    incident = {"incident_id": str(uuid.uuid4()), "event_id": e.event_id, "event_type": e.event_type, "site_id": e.site_id, "device_id": e.device_id, "opened_at": handled_at}
+                    status = None if rule.webhook_env and os.environ.get(rule.webhook_env) else "not_configured"
+                    incident = {"incident_id": str(uuid.uuid4()), "event_id": e.event_id, "event_type": e.event_type, "site_id": e.site_id, "device_id": e.device_id, "opened_at": handled_at, "webhook_status": status}
                     incidents.append(incident)
             if rows:
                 self._insert(
@@ -144,7 +146,7 @@ class ConsumerStore:
                 )
             if incidents:
                 self._insert(
-                    "INSERT INTO incidents SELECT *, NULL FROM batch",
+                    "INSERT INTO incidents SELECT * FROM batch",
                     INCIDENT_COLUMNS,
                     [tuple(i[c] for c in INCIDENT_COLUMNS.names) for i in incidents],
                 )
@@ -164,8 +166,10 @@ class ConsumerStore:
         finally:
             self.con.unregister("batch")
 
-    def set_webhook_status(self, incident_id: str, status: str) -> None:
-        self.con.execute("UPDATE incidents SET webhook_status = ? WHERE incident_id = ?", [status[:500], incident_id])
+    def set_webhook_statuses(self, statuses: list[tuple[str, str]]) -> None:
+        self.con.execute("BEGIN TRANSACTION")
+        self.con.executemany("UPDATE incidents SET webhook_status = ? WHERE incident_id = ?", [(status[:500], incident_id) for incident_id, status in statuses])
+        self.con.execute("COMMIT")
 
     def pending_webhooks(self) -> list[dict]:
         rows = self.con.execute("SELECT incident_id, event_id, event_type, site_id, device_id, opened_at FROM incidents WHERE webhook_status IS NULL").fetchall()

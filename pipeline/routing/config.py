@@ -66,6 +66,7 @@ class TransformConfig(_Strict):
 class PartnerConfig(_Strict):
     name: str = Field(pattern=_NAME)
     webhook: str = Field(pattern=r"^https?://")
+    webhook_env: str | None = Field(None, pattern=_ENV)  # when set in the environment, overrides `webhook`
     secret_env: str = Field(pattern=_ENV)
     subscriptions: tuple[str, ...] = Field(min_length=1)
     allowed_fields: tuple[str, ...] | None = None
@@ -97,6 +98,9 @@ class PartnerConfig(_Strict):
     @property
     def dlq_name(self) -> str:
         return f"partner-{self.name}-dlq"
+
+    def url(self) -> str:
+        return (os.environ.get(self.webhook_env) if self.webhook_env else None) or self.webhook
 
     def secret(self) -> str:
         value = os.environ.get(self.secret_env)

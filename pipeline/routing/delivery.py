@@ -103,7 +103,7 @@ class PartnerDelivery:
             self._dead_letter(message, f"malformed partner message: {exc}")
             return
         attempted_at = utc_now()
-        result = post_signed(self.session, self.partner.webhook, self.secret, event_id, body, self.partner.timeout_s)
+        result = post_signed(self.session, self.partner.url(), self.secret, event_id, body, self.partner.timeout_s)
         if result.ok:
             self.sqs.delete_message(QueueUrl=self.queues.url, ReceiptHandle=message["ReceiptHandle"])
             outcome = "delivered"
@@ -164,7 +164,7 @@ def redeliver_partner_dlq(partner: PartnerConfig, sqs, queues: PartnerQueues, at
     item = json.loads(message["Body"])
     session = requests.Session()
     attempted_at = utc_now()
-    result = post_signed(session, partner.webhook, partner.secret(), item["event_id"], item["body"], partner.timeout_s)
+    result = post_signed(session, partner.url(), partner.secret(), item["event_id"], item["body"], partner.timeout_s)
     if attempt_log:
         outcome = "delivered" if result.ok else "failed"
         attempt_log.record(event_id=item["event_id"], partner=partner.name, attempt=0, attempted_at=attempted_at, status_code=result.status_code, latency_ms=result.latency_ms, outcome=outcome, error=result.error)
