@@ -174,3 +174,15 @@ def test_partner_delivery_job_delivers_one_partner_and_reports_its_success_rate(
     )
     assert result.output_for_node("deliver_partner_queue") == {"delivered": 3, "failed": 0, "dead_lettered": 0}
     assert len(receivers["healthy"].accepted) == 3 and not receivers["down"].requests, "other partners' queues untouched"
+
+
+def test_malformed_partner_message_goes_to_the_dlq_with_its_reason_without_blocking_the_queue(partners):
+    routing, receivers, queues = partners
+    sqs = aws_client("sqs")
+    sqs.send_message(QueueUrl=queues["healthy"].url, MessageBody="{not a partner message")
+    route(routing, [sample_envelope()])
+    stats = run_delivery(routing, queues, "healthy")
+    assert stats.malformed == 1 and stats.delivered == 1 and len(receivers["healthy"].accepted) == 1
+    dead = sqs.receive_message(QueueUrl=queues["healthy"].dlq_url, MessageAttributeNames=["All"], WaitTimeSeconds=1)["Messages"]
+    assert dead[0]["Body"] == "{not a partner message"
+    assert dead[0]["MessageAttributes"]["failure_reason"]["StringValue"].startswith("malformed partner message")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ class PartnerDelivery:
         self.session = requests.Session()
         self.pool = ThreadPoolExecutor(max_workers=parallelism)
         self.stats = DeliveryStats()
+        self._lock = threading.Lock()
 
     @property
     def max_attempts(self) -> int:
@@ -99,7 +101,8 @@ class PartnerDelivery:
             event_id, body = item["event_id"], item["body"]
         except (ValueError, KeyError, TypeError) as exc:
             # Not something a drain run wrote: keep it in the DLQ for a person, never block the queue.
-            self.stats.malformed += 1
+            with self._lock:
+                self.stats.malformed += 1
             self._dead_letter(message, f"malformed partner message: {exc}")
             return
         attempted_at = utc_now()
@@ -107,18 +110,17 @@ class PartnerDelivery:
         if result.ok:
             self.sqs.delete_message(QueueUrl=self.queues.url, ReceiptHandle=message["ReceiptHandle"])
             outcome = "delivered"
-            self.stats.delivered += 1
         elif attempt < self.max_attempts:
             self.sqs.change_message_visibility(QueueUrl=self.queues.url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=self.delays[attempt - 1])
             outcome = "failed"
-            self.stats.failed += 1
         else:
             self._dead_letter(message, result.error or "failed")
             outcome = "dead_lettered"
-            self.stats.dead_lettered += 1
-        if result.error:
-            key = result.error.split(":")[0]
-            self.stats.errors[key] = self.stats.errors.get(key, 0) + 1
+        with self._lock:
+            setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
+            if result.error:
+                key = result.error.split(":")[0]
+                self.stats.errors[key] = self.stats.errors.get(key, 0) + 1
         self._record(event_id, attempt, attempted_at, result, outcome)
 
     def _dead_letter(self, message: dict, reason: str) -> None:
