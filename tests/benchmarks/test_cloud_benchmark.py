@@ -204,6 +204,7 @@ def test_end_to_end_latency_from_mqtt_publish_to_priority_consumer_through_the_d
         "EDGE_CLIENT_ID": "edge-bench-e2e",
         "EDGE_STATE_DIR": str(tmp_path / "edge_state"),
         "EDGE_EVENTS_QUEUE_URL": stack["queues"]["events"],
+        "EDGE_ADMIN_PORT": str(free_port()),
     }
     edge = EdgeProcess(tmp_path / "edge", edge_env).start().wait_subscribed(60)
     consumer, port, db = start_consumer(stack, "e2e")
@@ -214,7 +215,8 @@ def test_end_to_end_latency_from_mqtt_publish_to_priority_consumer_through_the_d
     published = 0
     try:
         # Warm-up: the first drain run also pays for the daemon's first sensor tick.
-        publish(broker.port, "sites/site-1/events/ajax/door_access", [sample_envelope(event_type="door_access", device_id="warmup").to_json()], client_id="bench-warm")
+        warmup = sample_envelope(event_type="door_access", device_id="warmup")
+        publish(broker.port, warmup.topic, [warmup.to_json()], client_id="bench-warm")
         wait_until(lambda: handled(port) >= 1, 300, interval=0.5, message="the first event through the whole pipeline")
         start = time.monotonic()
         while time.monotonic() - start < E2E_SECONDS:
