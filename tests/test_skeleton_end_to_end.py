@@ -8,12 +8,8 @@ from dagster import materialize
 from pipeline.archive import archive_dir, hour_key
 from pipeline.assets import events_archive
 from pipeline.jobs import drain_events_job
-from pipeline.resources import ArchiveStore, DrainSettings, SQSResource
 from tests.conftest import publish, queue_counts, sample_envelope, wait_until
-
-
-def pipeline_resources():
-    return {"sqs": SQSResource(events_queue="events"), "archive": ArchiveStore(bucket="events-archive"), "drain_settings": DrainSettings(window_seconds=5)}
+from tests.test_drain_and_archive import resources as pipeline_resources
 
 
 def test_device_event_reaches_the_parquet_archive_with_every_field_intact(edge_factory, mosquitto, aws, tmp_path):
