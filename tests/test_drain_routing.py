@@ -148,7 +148,7 @@ def test_drain_run_killed_mid_window_loses_nothing_and_duplicates_no_side_effect
     events_url = aws.provisioned.queues["events"]
     sqs = aws_client("sqs")
     sqs.set_queue_attributes(QueueUrl=events_url, Attributes={"VisibilityTimeout": "4"})
-    events = mixed_events(1000)
+    events = mixed_events(600)
     send_bodies(events_url, [e.to_json() for e in events])
     routed_urls = [urls["partner-acme"]] + [urls[routing.priority.queue_for(p)] for p in ("high", "medium", "low")]
 
@@ -160,7 +160,7 @@ def test_drain_run_killed_mid_window_loses_nothing_and_duplicates_no_side_effect
     assert child.returncode == -9, f"the drain run finished before it could be killed:\n{(tmp_path / 'drain.log').read_text()[-2000:]}"
     routed_before = sum(queue_counts(u)[0] for u in routed_urls)
     assert routed_before > 0, "killed after destinations had accepted part of the window"
-    assert sum(queue_counts(events_url)) == 1000, "nothing was deleted from SQS by the killed run"
+    assert sum(queue_counts(events_url)) == 600, "nothing was deleted from SQS by the killed run"
 
     # The window comes back after the visibility timeout; drains run until the queue is empty.
     def drained():
@@ -175,7 +175,7 @@ def test_drain_run_killed_mid_window_loses_nothing_and_duplicates_no_side_effect
     stats = PartnerDelivery(partner, aws_client("sqs"), queues, routing.retry_delays_s, None).run(max_seconds=60)
     handled = lambda: sum(consumer.metrics.handled.labels(priority=p)._value.get() for p in ("high", "medium", "low"))  # noqa: E731
     try:
-        wait_until(lambda: handled() >= 1000, 90, message="the priority consumer to handle every event")
+        wait_until(lambda: handled() >= 600, 90, message="the priority consumer to handle every event")
         wait_until(lambda: all(queue_counts(urls[routing.priority.queue_for(p)]) == (0, 0) for p in ("high", "medium", "low")), 30, message="priority queues to empty")
     finally:
         consumer.stop()
@@ -185,6 +185,6 @@ def test_drain_run_killed_mid_window_loses_nothing_and_duplicates_no_side_effect
     subscribed = {e.event_id for e in events if e.event_type in partner.subscriptions}
     assert set(receiver.accepted) == subscribed and stats.delivered >= len(subscribed)
     with duckdb.connect(str(tmp_path / "consumer.duckdb"), read_only=True) as con:
-        assert con.sql("SELECT count(*), count(DISTINCT event_id) FROM events").fetchall() == [(1000, 1000)]
-        assert con.sql("SELECT count(*) FROM incidents").fetchall() == [(250,)]
+        assert con.sql("SELECT count(*), count(DISTINCT event_id) FROM events").fetchall() == [(600, 600)]
+        assert con.sql("SELECT count(*) FROM incidents").fetchall() == [(150,)]
         assert sorted(r[0] for r in con.sql("SELECT event_id FROM events").fetchall()) == sorted(e.event_id for e in events)
