@@ -93,6 +93,13 @@ def test_prometheus_finds_all_nine_monitoring_points_by_name_from_the_running_se
         assert materialize([events_archive], partition_key=hour_key(events[0].timestamp), resources=resources()).success
 
         found = prometheus.wait_for_series([name for names in NINE.values() for name in names], timeout=90)
+        # consumer_lag comes from two places (the consumer's /metrics and the drain run's push); the
+        # consumer's may be scraped first, so wait for the pushed one too.
+        found["consumer_lag"] = wait_until(
+            lambda: (series := prometheus.series("consumer_lag")) and "pipeline_drain" in {s["job"] for s in series} and series,
+            60,
+            message="consumer_lag pushed by the drain run",
+        )
     finally:
         prometheus.stop()
 
