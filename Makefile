@@ -45,7 +45,7 @@ dbt-build: dbt-parse
 	AWS_SECRET_ACCESS_KEY=$${AWS_SECRET_ACCESS_KEY:-local} .venv/bin/dbt build --project-dir dbt --profiles-dir dbt
 
 test: setup dbt-parse
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --durations=10
 
 demo: setup dbt-parse
 	$(PY) -m devstack.demo
