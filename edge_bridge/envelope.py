@@ -110,8 +110,8 @@ def check_version(version: str) -> None:
         raise EnvelopeRejected("unsupported_major", f"schema_version {version} (known majors: {sorted(SUPPORTED_MAJORS)})")
 
 
-def parse_envelope(raw: bytes | str) -> Envelope:
-    """Validate bytes from the wire; every failure is an `EnvelopeRejected` with a short reason."""
+def decode_json_object(raw: bytes | str) -> dict[str, Any]:
+    """UTF-8 JSON that must be an object; refusals carry the same reasons at the edge and in the cloud."""
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")
@@ -123,6 +123,12 @@ def parse_envelope(raw: bytes | str) -> Envelope:
         raise EnvelopeRejected("bad_json", str(exc)) from None
     if not isinstance(data, dict):
         raise EnvelopeRejected("not_an_object", type(data).__name__)
+    return data
+
+
+def parse_envelope(raw: bytes | str) -> Envelope:
+    """Validate bytes from the wire; every failure is an `EnvelopeRejected` with a short reason."""
+    data = decode_json_object(raw)
     # The version gate runs first so an unknown major is reported as such, not as a field error.
     version = data.get("schema_version")
     if not isinstance(version, str):

@@ -9,38 +9,28 @@ messages that carry no time of their own, the same receive time) always yields t
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from typing import Any
 
 from pydantic import ValidationError
 
-from edge_bridge.envelope import Envelope, make_idempotency_key
+from edge_bridge import envelope as envelope_module
+from edge_bridge.envelope import Envelope, EnvelopeRejected, make_idempotency_key
 
 MAX_DEVICE_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
-class AdapterRejected(ValueError):
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
+class AdapterRejected(EnvelopeRejected):
+    """A native device message that cannot become an envelope; `reason` is stable and countable."""
 
 
 def decode_json_object(raw: bytes, max_bytes: int = MAX_DEVICE_MESSAGE_BYTES) -> dict[str, Any]:
     if len(raw) > max_bytes:
         raise AdapterRejected("too_large", f"{len(raw)} bytes (limit {max_bytes})")
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise AdapterRejected("not_utf8", str(exc)) from None
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise AdapterRejected("bad_json", str(exc)) from None
-    if not isinstance(data, dict):
-        raise AdapterRejected("not_an_object", type(data).__name__)
-    return data
+        return envelope_module.decode_json_object(raw)
+    except EnvelopeRejected as exc:
+        raise AdapterRejected(exc.reason, exc.detail) from None
 
 
 def require(data: dict[str, Any], *names: str) -> list[Any]:
