@@ -160,8 +160,9 @@ def bridge_rate(stack) -> float:
     preload(stack, "bench-bridge")
     edge = start_edge(stack, "bench-bridge", url, stack["aws"].endpoint_url)
     try:
-        # The clock starts when the service subscribes (the backlog flows from then), not at process start.
-        wait_until(lambda: "subscribed to" in edge.log(), 120, interval=0.01, message="the bridge to subscribe")
+        # The clock starts when the service connects: a persistent session's backlog flows from the
+        # CONNACK on, before the SUBACK, so waiting for "subscribed" would miss the first window.
+        wait_until(lambda: "connected to MQTT" in edge.log(), 120, interval=0.005, message="the bridge to connect")
         started = time.perf_counter()
         wait_until(lambda: depth(stack, url) >= N, 600, interval=0.05, message="the bridge to deliver the backlog")
         return N / (time.perf_counter() - started)
