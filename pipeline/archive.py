@@ -97,6 +97,12 @@ def write_landing(filesystem: fs.FileSystem, bucket: str, landing_prefix: str, e
     return written
 
 
+def landing_has_files(s3_client, bucket: str, landing_prefix: str, hour: str) -> bool:
+    """One cheap listing call: has anything landed for `hour`? (Sensors may afford this, not a scan.)"""
+    prefix = landing_dir(bucket, landing_prefix, hour).split("/", 1)[1] + "/"
+    return s3_client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1).get("KeyCount", 0) > 0
+
+
 def _list_parquet(filesystem: fs.FileSystem, directory: str) -> list[str]:
     selector = fs.FileSelector(directory, allow_not_found=True, recursive=False)
     return sorted(info.path for info in filesystem.get_file_info(selector) if info.path.endswith(".parquet"))

@@ -1,5 +1,6 @@
 """Sensors: cheap looks at the world that decide which runs to launch; the heavy work is in runs."""
 
+import json
 
 from dagster import (
     DagsterRunStatus,
@@ -16,10 +17,11 @@ from dagster import (
 )
 
 from pipeline import drain
+from pipeline.archive import landing_has_files
 from pipeline.assets import events_archive
 from pipeline.jobs import DRAIN_TAG, LANDING_ASSET, drain_events_job
 from pipeline.partitions import archive_hourly_partitions
-from pipeline.resources import DrainSettings, SQSResource
+from pipeline.resources import ArchiveStore, DrainSettings, SQSResource
 
 IN_PROGRESS = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
 ARCHIVE_HOUR_TAG = "pipeline/archive_hour"
@@ -46,16 +48,22 @@ def events_queue_sensor(context: SensorEvaluationContext, sqs: SQSResource, drai
     return [RunRequest(tags={DRAIN_TAG: "events", "pipeline/queue_depth": str(visible)}) for _ in range(wanted)]
 
 
+def _latest_hour() -> str | None:
+    """The newest archive partition (the hour in progress); a function so tests can move the clock."""
+    return archive_hourly_partitions.get_last_partition_key()
+
+
 @sensor(job=archive_job, minimum_interval_seconds=30, default_status=DefaultSensorStatus.RUNNING)
-def archive_hours_sensor(context: SensorEvaluationContext):
+def archive_hours_sensor(context: SensorEvaluationContext, archive: ArchiveStore):
     """Re-compact every hour that received landing files since the last tick (late events included).
 
     The run key names the hour and the newest landing materialization seen for it, so a tick that
     is retried does not launch the same compaction twice, while new data always triggers a new one.
+    Events stamped ahead of the clock land before their hour is a partition (no materialization can
+    name it yet); when that hour opens, the sensor looks for its landing files once and compacts them.
     """
-    result = context.instance.fetch_materializations(LANDING_ASSET, limit=1000, cursor=context.cursor, ascending=True)
-    if not result.records:
-        return SkipReason("no new landing files")
+    state = json.loads(context.cursor) if context.cursor else {}
+    result = context.instance.fetch_materializations(LANDING_ASSET, limit=1000, cursor=state.get("events"), ascending=True)
     newest: dict[str, int] = {}
     for record in result.records:
         key = record.partition_key
@@ -65,7 +73,14 @@ def archive_hours_sensor(context: SensorEvaluationContext):
         RunRequest(run_key=f"archive-{hour}-{storage_id}", partition_key=hour, tags={ARCHIVE_HOUR_TAG: hour})
         for hour, storage_id in sorted(newest.items())
     ]
-    return SensorResult(run_requests=requests, cursor=result.cursor)
-
+    latest = _latest_hour()
+    if latest and latest != state.get("latest_hour") and latest not in newest:
+        if landing_has_files(archive.get_client(), archive.bucket, archive.landing_prefix, latest):
+            context.log.info(f"hour {latest} opened with events already landed for it")
+            requests.append(RunRequest(run_key=f"archive-{latest}-opened", partition_key=latest, tags={ARCHIVE_HOUR_TAG: latest}))
+    cursor = json.dumps({"events": result.cursor, "latest_hour": latest})
+    if not requests:
+        return SensorResult(skip_reason="no new landing files", cursor=cursor)
+    return SensorResult(run_requests=requests, cursor=cursor)
 
 defs = Definitions(jobs=[drain_events_job, archive_job], sensors=[events_queue_sensor, archive_hours_sensor])

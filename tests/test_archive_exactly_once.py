@@ -75,13 +75,13 @@ def test_a_late_event_reopens_its_hour_and_the_archive_stays_exactly_once(aws):
     with DagsterInstance.ephemeral() as instance:
         send(url, on_time)
         drain(instance)
-        first = archive_hours_sensor(build_sensor_context(instance=instance))
+        first = archive_hours_sensor(build_sensor_context(instance=instance, resources=resources()))
         assert [r.partition_key for r in first.run_requests] == [HOUR]
         compact(instance)
 
         send(url, [late, on_time[0], on_time[1]])  # the late event arrives with two redeliveries
         drain(instance)
-        second = archive_hours_sensor(build_sensor_context(instance=instance, cursor=first.cursor))
+        second = archive_hours_sensor(build_sensor_context(instance=instance, cursor=first.cursor, resources=resources()))
         assert [r.partition_key for r in second.run_requests] == [HOUR], "the late event re-opens its hour"
         assert second.run_requests[0].run_key != first.run_requests[0].run_key
         result = compact(instance)
