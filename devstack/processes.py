@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -24,7 +25,31 @@ DEVSTACK_DIR = Path(__file__).resolve().parent
 FAUXQS_DIR = DEVSTACK_DIR / "fauxqs"
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
+    """A free port outside the kernel's ephemeral range.
+
+    Ports handed out by binding port 0 come from the ephemeral range, where any outgoing connection
+    may take them in the seconds before the service given the port binds it (or re-binds it after a
+    restart); below that range only a deliberate listener can.
+    """
+    low, _ = _ephemeral_range()
+    floor = 15000 if low > 20000 else 1024
+    for _ in range(500):
+        port = random.randint(floor, low - 1)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
