@@ -108,6 +108,18 @@ def kill9(proc: subprocess.Popen) -> None:
     proc.wait(10)
 
 
+class ManagedProcess:
+    """A local stand-in in its own process group: `stop()` is SIGTERM then SIGKILL, `kill()` is kill -9."""
+
+    proc: subprocess.Popen | None
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+    def kill(self) -> None:
+        kill9(self.proc)
+
+
 @dataclass
 class MqttUser:
     username: str
@@ -118,7 +130,7 @@ class MqttUser:
 
 
 @dataclass
-class Mosquitto:
+class Mosquitto(ManagedProcess):
     """A private Mosquitto with persistence, sized so an offline bridge's backlog is kept, not dropped."""
 
     workdir: Path
@@ -201,19 +213,13 @@ class Mosquitto:
         wait_for_port(self.port)
         return self
 
-    def stop(self) -> None:
-        stop_process(self.proc)
-
-    def kill(self) -> None:
-        kill9(self.proc)
-
     def restart(self) -> None:
         self.stop()
         self.start()
 
 
 @dataclass
-class AwsEmulator:
+class AwsEmulator(ManagedProcess):
     """The local SQS + S3 endpoint (fauxqs under Node.js), reached with boto3's endpoint_url.
 
     It keeps no state across a restart, so callers provision after every start.
@@ -246,12 +252,6 @@ class AwsEmulator:
         wait_for_port(self.port, timeout)
         return self
 
-    def stop(self) -> None:
-        stop_process(self.proc)
-
-    def kill(self) -> None:
-        kill9(self.proc)
-
 
 def aws_env(endpoint_url: str, region: str = "us-east-1") -> dict[str, str]:
     """Environment for a process that should talk to the local endpoint (dummy keys: it checks none)."""
@@ -276,7 +276,7 @@ def _binary(*names: str) -> str:
 
 
 @dataclass
-class Pushgateway:
+class Pushgateway(ManagedProcess):
     """A private Prometheus Pushgateway (Debian package): where short-lived Dagster runs push gauges."""
 
     workdir: Path
@@ -308,15 +308,9 @@ class Pushgateway:
         wait_for_port(self.port, timeout)
         return self
 
-    def stop(self) -> None:
-        stop_process(self.proc)
-
-    def kill(self) -> None:
-        kill9(self.proc)
-
 
 @dataclass
-class Prometheus:
+class Prometheus(ManagedProcess):
     """A private Prometheus (Debian package) scraping the given targets, with the project's alert rules.
 
     The scrape jobs, rule files and `honor_labels` come from config/prometheus/prometheus.yml; only the
@@ -435,8 +429,3 @@ class Prometheus:
         self.write_config()
         requests.post(f"{self.url}/-/reload", timeout=10).raise_for_status()
 
-    def stop(self) -> None:
-        stop_process(self.proc)
-
-    def kill(self) -> None:
-        kill9(self.proc)

@@ -73,7 +73,7 @@ def test_demo_materializes_the_archive_and_stops_cleanly(tmp_path):
             materialized = asset and asset.get("assetMaterializations")
             return runs["runsOrError"]["results"] and materialized
 
-        # The promise: within two minutes of the UI answering, successful drain runs and a
+        # The demo's promise: within two minutes of the UI answering, successful drain runs and a
         # materialized archive partition (a generous deadline here; the time taken is printed).
         up = time.monotonic()
         materialized = wait_until(drained_and_archived, 240, interval=2, message="a successful drain run and a materialized archive partition")
