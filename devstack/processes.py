@@ -239,6 +239,7 @@ class AwsEmulator(ManagedProcess):
         self.proc = subprocess.Popen(
             ["node", str(FAUXQS_DIR / "server.mjs"), str(port)],
             cwd=FAUXQS_DIR,
+            stdin=subprocess.PIPE,  # closes when this process dies, and the emulator then exits
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             start_new_session=True,

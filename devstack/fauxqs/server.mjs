@@ -1,5 +1,6 @@
 // Local SQS + S3 endpoint for dev and tests. Started by devstack/processes.py.
-// Request logging is off (it costs about a third of the throughput); prints "READY <port>" once listening.
+// Request logging is off (it costs about a third of the throughput); prints "READY <port>" once listening
+// and exits when stdin closes (its parent has gone).
 import { startFauxqs } from "fauxqs";
 
 const port = Number(process.argv[2] ?? 0);
@@ -12,3 +13,7 @@ const stop = async () => {
 };
 process.on("SIGTERM", stop);
 process.on("SIGINT", stop);
+// The parent holds our stdin open: when it dies, even by kill -9, the emulator goes with it.
+process.stdin.on("end", stop);
+process.stdin.on("close", stop);
+process.stdin.resume();
