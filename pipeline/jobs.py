@@ -109,33 +109,30 @@ class _DestinationStep:
         return False
 
 
-def _queue_urls(sqs: SQSResource):
-    client, cache = sqs.get_client(), {}
+def _hand_over(context: OpExecutionContext, window: drain.Window, parsed: drain.ParsedWindow, sqs: SQSResource, archive: ArchiveStore, routing: RoutingSettings, route, what: str) -> None:
+    """One SQS destination's share of the window; a failure is recorded for the events-dlq replay."""
+    with _DestinationStep(context, window, archive):
+        client, urls = sqs.get_client(), {}
 
-    def url(name: str) -> str:
-        if name not in cache:
-            cache[name] = client.get_queue_url(QueueName=name)["QueueUrl"]
-        return cache[name]
+        def url(name: str) -> str:
+            if name not in urls:
+                urls[name] = client.get_queue_url(QueueName=name)["QueueUrl"]
+            return urls[name]
 
-    return client, url
+        counts = route(client, routing.load(), parsed.events, url)
+    context.log.info(f"{what} accepted {counts}")
 
 
 @op(out=Out(Nothing))
 def route_to_partner_queues(context: OpExecutionContext, window: drain.Window, parsed: drain.ParsedWindow, sqs: SQSResource, archive: ArchiveStore, routing: RoutingSettings) -> None:
     """Subscribed events only, already transformed to each partner's schema, into each partner's queue."""
-    with _DestinationStep(context, window, archive):
-        client, url = _queue_urls(sqs)
-        counts = destinations.route_to_partner_queues(client, routing.load(), parsed.events, url)
-    context.log.info(f"partner queues accepted {counts}")
+    _hand_over(context, window, parsed, sqs, archive, routing, destinations.route_to_partner_queues, "partner queues")
 
 
 @op(out=Out(Nothing))
 def route_to_priority_queues(context: OpExecutionContext, window: drain.Window, parsed: drain.ParsedWindow, sqs: SQSResource, archive: ArchiveStore, routing: RoutingSettings) -> None:
     """Every event into the high, medium or low queue its event type maps to."""
-    with _DestinationStep(context, window, archive):
-        client, url = _queue_urls(sqs)
-        counts = destinations.route_to_priority_queues(client, routing.load(), parsed.events, url)
-    context.log.info(f"priority queues accepted {counts}")
+    _hand_over(context, window, parsed, sqs, archive, routing, destinations.route_to_priority_queues, "priority queues")
 
 
 @op(out=Out(Nothing))
