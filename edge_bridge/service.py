@@ -320,7 +320,13 @@ class EdgeService:
                 full_logged = False
             if not group:
                 continue
-            self.retry_log.add([(r.event_id, r.body, error) for r, error, _ in group])
+            try:
+                self.retry_log.add([(r.event_id, r.body, error) for r, error, _ in group])
+            except Exception:  # noqa: BLE001 - e.g. a full disk: keep the group unacked and try again
+                log.exception("retry log write failed; %d events stay unacked and are retried", len(group))
+                held = group + held
+                self._stop.wait(1)
+                continue
             for r, _, cause in group:
                 r.received.ack()
                 self.metrics.spilled.labels(cause).inc()
