@@ -25,6 +25,9 @@ class EdgeConfig:
     queue_url_override: str | None = None
     fifo: bool = False
     state_dir: Path = Path(".edge_state")
+    # SQS senders: processes (default: one per core) so boto3's work runs beside, not inside, the
+    # MQTT process; 0 runs `sender_threads` threads in the service's own process instead.
+    sender_processes: int = 0
     sender_threads: int = 4
     max_inflight: int = 1000
     linger_s: float = 0.005
@@ -53,6 +56,7 @@ class EdgeConfig:
             queue_url_override=_env("EDGE_EVENTS_QUEUE_URL"),
             fifo=_env("EDGE_EVENTS_QUEUE", "events").endswith(".fifo"),
             state_dir=Path(_env("EDGE_STATE_DIR", ".edge_state")),
+            sender_processes=int(_env("EDGE_SENDER_PROCESSES", str(os.cpu_count() or 1))),
             sender_threads=int(_env("EDGE_SENDER_THREADS", "4")),
             max_inflight=int(_env("EDGE_MAX_INFLIGHT", "1000")),
             admin_host=_env("EDGE_ADMIN_HOST", "127.0.0.1"),

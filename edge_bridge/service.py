@@ -18,20 +18,21 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_bridge.claim_check import ClaimChecker, s3_client
 from edge_bridge.config import EdgeConfig
-from edge_bridge.envelope import Envelope, EnvelopeRejected, make_idempotency_key, parse_envelope, utc_now
+from edge_bridge.envelope import Envelope, make_idempotency_key, utc_now
 from edge_bridge.metrics import EdgeMetrics
 from edge_bridge.quarantine import Quarantine
 from edge_bridge.retry_log import Job, RetryLog
-from edge_bridge.sqs_sender import SQS_BATCH_MAX, Outgoing, SqsBatchSender, sqs_client
+from edge_bridge.send_workers import CHUNK_MAX, ChunkResult, SenderPool, WorkerSettings, prepare_and_send, send_jobs
+from edge_bridge.sqs_sender import sqs_client
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,6 @@ class Received:
 class Ready:
     received: Received
     event_id: str
-    site_id: str
     body: str  # the envelope as received; the retry log keeps this, never a claim-check pointer
 
 
@@ -84,12 +84,11 @@ class CircuitBreaker:
 
 
 class EdgeService:
-    def __init__(self, config: EdgeConfig, sender: SqsBatchSender | None = None) -> None:
+    def __init__(self, config: EdgeConfig) -> None:
         self.config = config
         self.metrics = EdgeMetrics()
         self.sqs = sqs_client()
-        self.sender = sender or SqsBatchSender(self.sqs, self._lookup_queue_url(), fifo=config.fifo)
-        self.claim_checker = ClaimChecker(s3_client(), config.claim_check_bucket, config.max_message_bytes)
+        self.queue_url = self._lookup_queue_url()
         self.quarantine = Quarantine(config.state_dir / "quarantine.jsonl")
         self.retry_log = RetryLog(
             config.state_dir / "retry_log.duckdb",
@@ -102,13 +101,16 @@ class EdgeService:
         self.breaker = CircuitBreaker()
         self.metrics.circuit_open.set_function(lambda: int(self.breaker.is_open))
         self.inbox: queue.Queue[Received] = queue.Queue()
-        self._spill_q: queue.Queue[tuple[list[Ready], str, str]] = queue.Queue()
+        self._completed: queue.Queue[tuple[list[Received], str | None, Future]] = queue.Queue()
+        self._spill_q: queue.Queue[list[tuple[Ready, str, str]]] = queue.Queue()
         self._held = 0
         self._full = False
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._pool = ThreadPoolExecutor(max_workers=max(1, config.sender_threads), thread_name_prefix="retry-send")
+        self.senders: SenderPool | None = None
+        self._slots: threading.Semaphore | None = None
         self.connected = threading.Event()
+        self._session = 0  # counts MQTT connections; an ack belongs to the connection its message came on
         self.admin = None
         self.client = self._make_client()
 
@@ -141,6 +143,7 @@ class EdgeService:
         if reason_code.is_failure:
             log.error("MQTT connect refused: %s", reason_code)
             return
+        self._session += 1
         client.subscribe(EVENTS_TOPIC, qos=1)
         log.info("connected to MQTT %s:%s (session present: %s)", self.config.mqtt_host, self.config.mqtt_port, flags.session_present)
 
@@ -158,8 +161,14 @@ class EdgeService:
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         self.metrics.received.inc()
         self.metrics.rate.add()
-        mid = message.mid
-        self.inbox.put(Received(message.topic, message.payload, lambda: client.ack(mid, 1)))
+        mid, session = message.mid, self._session
+        self.inbox.put(Received(message.topic, message.payload, lambda: self._ack(mid, session)))
+
+    def _ack(self, mid: int, session: int) -> None:
+        # A message of an earlier connection is redelivered on this one, with a mid the broker may
+        # since have given to another message: acking the old mid could ack the wrong event.
+        if session == self._session:
+            self.client.ack(mid, 1)
 
     # --- internal events ------------------------------------------------------------------------
     def emit(self, event_type: str, payload: dict[str, Any], device_id: str = "edge-service", timeout: float = 30.0) -> Envelope:
@@ -181,7 +190,7 @@ class EdgeService:
         self.metrics.internal.inc()
         return envelope
 
-    # --- realtime path --------------------------------------------------------------------------
+    # --- realtime path: MQTT -> sender pool -> acks / quarantine / retry log ---------------------
     def _next_batch(self) -> list[Received]:
         try:
             first = self.inbox.get(timeout=0.2)
@@ -189,7 +198,7 @@ class EdgeService:
             return []
         batch = [first]
         deadline = time.monotonic() + self.config.linger_s
-        while len(batch) < SQS_BATCH_MAX:
+        while len(batch) < CHUNK_MAX:
             remaining = deadline - time.monotonic()
             try:
                 batch.append(self.inbox.get(timeout=remaining) if remaining > 0 else self.inbox.get_nowait())
@@ -197,97 +206,73 @@ class EdgeService:
                 break
         return batch
 
-    def _reject(self, item: Received, reason: str, detail: str) -> None:
-        self.quarantine.put(item.topic, item.payload, reason, detail)
-        self.metrics.quarantined.labels(reason).inc()
-        item.ack()  # quarantined durably: acking loses nothing and unblocks the stream
-
-    def _prepare(self, batch: list[Received]) -> list[Ready]:
-        ready = []
-        for item in batch:
-            try:
-                envelope = parse_envelope(item.payload)
-            except EnvelopeRejected as exc:
-                self._reject(item, exc.reason, exc.detail)
-                continue
-            parts = item.topic.split("/")
-            if len(parts) < 2 or parts[0] != "sites" or parts[1] != envelope.site_id:
-                self._reject(item, "site_mismatch", f"topic {item.topic!r} carries an event of site {envelope.site_id!r}")
-                continue
-            ready.append(Ready(item, envelope.event_id, envelope.site_id, item.payload.decode("utf-8")))
-        return ready
-
-    def _sqs_body(self, ready: Ready) -> str:
-        if self.claim_checker.needs_claim_check(ready.body):
-            body = self.claim_checker.check_in(ready.event_id, ready.site_id or self._site_of(ready.body), ready.body)
-            self.metrics.claim_checks.inc()
-            return body
-        return ready.body
-
-    def _send(self, items: list[Ready]) -> tuple[list[Ready], list[tuple[Ready, str]], str | None]:
-        """One SendMessageBatch (claim-checking oversized events first): (sent, failed with error, call error)."""
-        if self.sender.queue_url is None:
-            error = "SQS queue URL not known yet"
-            return [], [(r, error) for r in items], error
-        outgoing, failed = [], []
-        for r in items:
-            try:
-                outgoing.append(Outgoing(key=r, event_id=r.event_id, site_id=r.site_id, body=self._sqs_body(r)))
-            except Exception as exc:  # noqa: BLE001 - S3 down: the event waits in the retry log
-                failed.append((r, f"claim check failed: {type(exc).__name__}: {exc}"))
-        call_error = failed[0][1] if failed and not outgoing else None
-        if not outgoing:
-            return [], failed, call_error
-        start = time.perf_counter()
-        outcome = self.sender.send(outgoing)
-        self.metrics.send_latency.observe(time.perf_counter() - start)
-        failed += [(event.key, error) for event, error in outcome.failed]
-        return [event.key for event in outcome.sent], failed, outcome.call_error
-
-    def _chunks(self, items: list[Ready]) -> list[list[Ready]]:
-        """Batches of at most ten whose bodies fit SQS's per-request size limit together."""
-        chunks, current, size = [], [], 0
-        limit = self.claim_checker.max_body_bytes
-        for r in items:
-            n = min(len(r.body), limit)
-            if current and (len(current) == SQS_BATCH_MAX or size + n > limit):
-                chunks.append(current)
-                current, size = [], 0
-            current.append(r)
-            size += n
-        if current:
-            chunks.append(current)
-        return chunks
-
-    def _handle(self, batch: list[Received]) -> None:
-        ready = self._prepare(batch)
-        if not ready:
-            return
-        if self.breaker.is_open:
-            self._spill_q.put((ready, f"SQS unreachable: {self.breaker.last_error}", "circuit_open"))
-            return
-        for chunk in self._chunks(ready):
-            sent, failed, call_error = self._send(chunk)
-            for r in sent:
-                r.received.ack()
-            if sent:
-                self.metrics.delivered.labels("realtime").inc(len(sent))
-            if failed:
-                if call_error:
-                    self.breaker.trip(call_error)
-                log.warning("SQS refused %d events (%s); committing them to the retry log", len(failed), failed[0][1])
-                cause = "call_failed" if call_error else "entry_failed"
-                for r, error in failed:
-                    self._spill_q.put(([r], error, cause))
-
-    def _worker(self) -> None:
+    def _dispatcher(self) -> None:
         while not self._stop.is_set():
             batch = self._next_batch()
             if batch:
-                try:
-                    self._handle(batch)
-                except Exception:  # noqa: BLE001 - never let one bad batch kill a sender; the broker redelivers unacked
-                    log.exception("sender failed on a batch of %d; its messages stay unacked", len(batch))
+                while not self._slots.acquire(timeout=0.2):
+                    if self._stop.is_set():
+                        return  # unacked: the broker redelivers after the restart
+                self._dispatch(batch)
+
+    def _dispatch(self, batch: list[Received]) -> None:
+        """Hand a chunk to a sender; with SQS down it is only parsed, and goes to the retry log."""
+        messages = [(token, r.topic, r.payload) for token, r in enumerate(batch)]
+        if self.breaker.is_open:
+            queue_url, reason, cause = None, f"SQS unreachable: {self.breaker.last_error}", "circuit_open"
+        elif self.queue_url is None:
+            queue_url, reason, cause = None, "SQS queue URL not known yet", "call_failed"
+        else:
+            queue_url, reason, cause = self.queue_url, "", None
+        future = self.senders.submit(prepare_and_send, messages, queue_url, reason)
+        future.add_done_callback(lambda f: self._completed.put((batch, cause, f)))
+
+    def _completer(self) -> None:
+        while not (self._stop.is_set() and self._completed.empty()):
+            try:
+                batch, cause, future = self._completed.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                result = future.result()
+            except Exception as exc:  # noqa: BLE001 - the chunk's messages are unacked: send them again
+                if isinstance(exc, BrokenProcessPool):
+                    self.senders.rebuild(future.executor)
+                else:
+                    log.exception("sender failed on a chunk of %d; it is resubmitted", len(batch))
+                    self._stop.wait(1)
+                if not self._stop.is_set():
+                    self._dispatch(batch)
+                continue
+            self._slots.release()
+            try:
+                self._settle(batch, cause, result)
+            except Exception:  # noqa: BLE001 - never let one chunk stop the completer; unacked ones come back
+                log.exception("settling a chunk of %d failed", len(batch))
+
+    def _settle(self, batch: list[Received], cause: str | None, result: ChunkResult) -> None:
+        for seconds in result.send_seconds:
+            self.metrics.send_latency.observe(seconds)
+        if result.claim_checks:
+            self.metrics.claim_checks.inc(result.claim_checks)
+        for token in result.sent:
+            batch[token].ack()
+        if result.sent:
+            self.metrics.delivered.labels("realtime").inc(len(result.sent))
+        for token, reason, detail in result.rejected:
+            self.quarantine.put(batch[token].topic, batch[token].payload, reason, detail)
+            self.metrics.quarantined.labels(reason).inc()
+            batch[token].ack()  # quarantined durably: acking loses nothing and unblocks the stream
+        if not result.failed:
+            return
+        if result.call_error:
+            self.breaker.trip(result.call_error)
+        if cause is None:
+            cause = "call_failed" if result.call_error else "entry_failed"
+            log.warning("SQS refused %d events (%s); committing them to the retry log", len(result.failed), result.failed[0][3])
+        elif cause == "call_failed":
+            self.breaker.trip(result.failed[0][3])
+        self._spill_q.put([(Ready(batch[token], event_id, body), error, cause) for token, event_id, body, error in result.failed])
 
     # --- retry log writer (group commit, then ack) ----------------------------------------------
     def _spill_writer(self) -> None:
@@ -296,17 +281,15 @@ class EdgeService:
         while not self._stop.is_set():
             try:
                 timeout = 0.2 if not held else 0.05
-                ready, error, cause = self._spill_q.get(timeout=timeout)
-                held += [(r, error, cause) for r in ready]
+                held += self._spill_q.get(timeout=timeout)
             except queue.Empty:
                 if not held:
                     continue
             while len(held) < SPILL_GROUP_MAX:
                 try:
-                    ready, error, cause = self._spill_q.get_nowait()
+                    held += self._spill_q.get_nowait()
                 except queue.Empty:
                     break
-                held += [(r, error, cause) for r in ready]
             room = self.retry_log.max_events - self.retry_log.pending - self.retry_log.dlq_size
             group, held = held[: max(0, min(room, SPILL_GROUP_MAX))], held[max(0, min(room, SPILL_GROUP_MAX)) :]
             self._held = len(held)
@@ -334,25 +317,32 @@ class EdgeService:
     # --- poller: retries, probe -----------------------------------------------------------------
     def _probe(self) -> None:
         try:
-            if self.sender.queue_url is None:
-                self.sender.queue_url = self.config.queue_url()
+            if self.queue_url is None:
+                self.queue_url = self.config.queue_url()
             else:
-                self.sqs.get_queue_attributes(QueueUrl=self.sender.queue_url, AttributeNames=["QueueArn"])
+                self.sqs.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=["QueueArn"])
         except Exception as exc:  # noqa: BLE001 - still down
             self.breaker.trip(f"{type(exc).__name__}: {exc}")
             return
         self.breaker.reset()
 
     def _retry(self, jobs: list[Job]) -> None:
-        ready_by_job = {job.job_id: Ready(Received("", b"", lambda: None), job.event_id, self._site_of(job.body) if self.sender.fifo else "", job.body) for job in jobs}
-        job_of = {id(r): job_id for job_id, r in ready_by_job.items()}
-        results = list(self._pool.map(self._send, self._chunks(list(ready_by_job.values()))))
+        chunks = [jobs[i : i + CHUNK_MAX] for i in range(0, len(jobs), CHUNK_MAX)]
+        futures = [self.senders.submit(send_jobs, [(j.job_id, j.event_id, j.body) for j in chunk], self.queue_url) for chunk in chunks]
         done, failed = [], []
-        for sent, failures, call_error in results:
-            done += [job_of[id(r)] for r in sent]
-            failed += [(job_of[id(r)], error) for r, error in failures]
-            if call_error:
-                self.breaker.trip(call_error)
+        for future in futures:
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                self.senders.rebuild(future.executor)
+                continue  # those jobs stay due, their attempt not counted
+            done += result.sent
+            failed += [(job_id, error) for job_id, _, _, error in result.failed]
+            if result.call_error:
+                self.breaker.trip(result.call_error)
+            for seconds in result.send_seconds:
+                self.metrics.send_latency.observe(seconds)
+            self.metrics.claim_checks.inc(result.claim_checks)
         moved = self.retry_log.record(done, failed)
         self.metrics.delivered.labels("retry").inc(len(done))
         self.metrics.retry_failures.inc(len(failed))
@@ -360,18 +350,9 @@ class EdgeService:
         if failed:
             log.warning("retry of %d jobs failed (%s); %d moved to the DLQ", len(failed), failed[0][1], moved)
 
-    @staticmethod
-    def _site_of(body: str) -> str:
-        """A retried job's site, parsed only where something reads it (a FIFO MessageGroupId, a claim
-        check's key) rather than for every body on the replay path."""
-        try:
-            return parse_envelope(body).site_id
-        except EnvelopeRejected:
-            return "unknown"
-
     def _poller(self) -> None:
         while not self._stop.is_set():
-            if self.breaker.is_open or self.sender.queue_url is None:
+            if self.breaker.is_open or self.queue_url is None:
                 if self._stop.wait(self.config.probe_interval_s):
                     return
                 self._probe()
@@ -396,7 +377,7 @@ class EdgeService:
         return {
             "site_id": self.config.site_id,
             "mqtt_connected": self.connected.is_set(),
-            "sqs_reachable": not self.breaker.is_open and self.sender.queue_url is not None,
+            "sqs_reachable": not self.breaker.is_open and self.queue_url is not None,
             "sqs_last_error": self.breaker.last_error if self.breaker.is_open else "",
             "jobs_pending": self.retry_log.pending,
             "dlq_size": self.retry_log.dlq_size,
@@ -405,11 +386,15 @@ class EdgeService:
             "held_unacked": self._held,
             "retry_log_bytes": self.retry_log.size_bytes(),
             "mqtt_message_rate": round(self.metrics.rate.rate(), 2),
+            "sender_pids": self.senders.pids if self.senders else [],
         }
 
     # --- lifecycle ------------------------------------------------------------------------------
     def start(self) -> "EdgeService":
-        targets = [(f"sqs-sender-{i}", self._worker) for i in range(self.config.sender_threads)]
+        settings = WorkerSettings(self.config.fifo, self.config.claim_check_bucket, self.config.max_message_bytes)
+        self.senders = SenderPool(settings, self.config.sender_processes, self.config.sender_threads)
+        self._slots = threading.Semaphore(2 * self.senders.size)  # chunks in flight: every sender busy, one more queued each
+        targets = [("dispatcher", self._dispatcher), ("completer", self._completer)]
         targets += [("retry-log-writer", self._spill_writer), ("retry-poller", self._poller)]
         for name, target in targets:
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -428,7 +413,8 @@ class EdgeService:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=15)
-        self._pool.shutdown(wait=True)
+        if self.senders:
+            self.senders.shutdown()
         if self.admin:
             self.admin.stop()
         self.client.disconnect()

@@ -7,6 +7,8 @@ event_id); each test prints how many there were.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -71,6 +73,14 @@ class Collector:
         print(f"\n{name}: published {len(ids)}, distinct in SQS {len(set(self.seen) & ids)}, duplicates {duplicates}")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def run_publisher(port: int, events: list, **kwargs) -> threading.Thread:
     errors: list[BaseException] = []
 
@@ -101,7 +111,9 @@ def test_every_event_reaches_sqs_although_the_edge_service_is_killed_repeatedly(
     for threshold in (300, 900, 1500):
         wait_until(lambda: sum(queue_counts(url)) >= threshold, 60, message=f"{threshold} events in SQS")
         assert publisher.is_alive(), "the kill must land while events flow"
+        senders = AdminClient(edge.admin_url).status()["sender_pids"]
         edge.kill9()
+        wait_until(lambda: not any(_alive(pid) for pid in senders), 10, message="the killed service's sender processes to exit")
         edge = edge_factory()
     finish(publisher)
     collector = Collector(url)
@@ -171,3 +183,26 @@ def test_event_failing_three_attempts_lands_in_the_dlq_and_a_replay_delivers_it(
     assert admin.dlq_replay() == 1
     wait_until(lambda: collector.has_all({poison.event_id}), 30, message="the replayed event in SQS")
     assert admin.status()["dlq_size"] == 0
+
+
+def test_every_event_reaches_sqs_although_a_sender_process_is_killed(edge_factory, mosquitto, aws):
+    """The SQS senders are processes of their own: killing one mid-flow loses nothing; the pool is rebuilt."""
+    events = make_events(3000)
+    ids = {e.event_id for e in events}
+    url = aws.provisioned.queues["events"]
+    edge = edge_factory(EDGE_SENDER_PROCESSES="2")
+    admin = AdminClient(edge.admin_url)
+    before = admin.status()["sender_pids"]
+    assert len(before) == 2
+    publisher = run_publisher(mosquitto.port, events, pace_s=0.3)
+    wait_until(lambda: sum(queue_counts(url)) >= 500, 60, message="500 events in SQS")
+    assert publisher.is_alive(), "the kill must land while events flow"
+    os.kill(before[0], signal.SIGKILL)
+    after = wait_until(lambda: (pids := admin.status()["sender_pids"]) != before and pids, 60, message="a new sender pool")
+    assert len(after) == 2 and not set(after) & set(before)
+    finish(publisher)
+    collector = Collector(url)
+    wait_until(lambda: collector.has_all(ids), 60, interval=0.5, message="every id in SQS")
+    collector.report("sender process kill -9", ids)
+    assert "a sender process died" in edge.log()
+    assert ids <= set(collector.seen)

@@ -3,14 +3,16 @@ stops the writer, and nothing is acked before it is committed."""
 
 from edge_bridge.config import EdgeConfig
 from edge_bridge.service import EdgeService
-from edge_bridge.sqs_sender import SqsBatchSender, sqs_client
 from tests.conftest import publish, sample_envelope, wait_until
 
 
 def test_retry_log_write_failure_keeps_events_unacked_and_is_retried(tmp_path, mosquitto, aws, monkeypatch):
-    # SQS URL unknown: every event goes to the retry log.
-    config = EdgeConfig(mqtt_port=mosquitto.port, client_id="edge-spill", state_dir=tmp_path / "edge", admin_port=-1, probe_interval_s=60)
-    service = EdgeService(config, sender=SqsBatchSender(sqs_client(), None))
+    # The queue does not exist, so its URL stays unknown: every event goes to the retry log.
+    config = EdgeConfig(
+        mqtt_port=mosquitto.port, client_id="edge-spill", state_dir=tmp_path / "edge", admin_port=-1, probe_interval_s=60, queue_name="not-provisioned"
+    )
+    service = EdgeService(config)
+    assert service.queue_url is None
     real_add, calls, acked = service.retry_log.add, [], []
 
     def flaky_add(events, now=None):

@@ -1,0 +1,242 @@
+"""Sender processes: parsing, claim checks and SendMessageBatch calls, outside the MQTT process.
+
+boto3 spends most of a SendMessageBatch call in Python (serialising, signing, parsing), and so does
+pydantic validating an envelope. In the MQTT process that work competes for one interpreter lock
+with paho's network loop; in a pool of processes it runs on every core. The service hands a pool
+worker a chunk of raw MQTT messages (or retry jobs) and gets back, per message, what happened:
+sent, rejected as bad input (with the reason), or failed (with the error). The worker never
+acknowledges, quarantines or persists anything: the service does, in its own process, so the
+persist-before-ack order and the single DuckDB writer stay where they were.
+
+With `processes=0` the same functions run on threads of the service's own process (tests, tiny
+sites). A worker that dies (OOM, `kill -9`) breaks the pool; the service rebuilds it and resubmits
+the chunk, whose messages were never acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+
+from edge_bridge.claim_check import ClaimChecker, s3_client
+from edge_bridge.envelope import EnvelopeRejected, parse_envelope
+from edge_bridge.sqs_sender import SQS_BATCH_MAX, Outgoing, SqsBatchSender, sqs_client
+
+log = logging.getLogger(__name__)
+
+# A chunk is the unit handed to a worker: large enough to pay for the hand-over, small enough that
+# the acks of a chunk follow its first message by milliseconds.
+CHUNK_MAX = 100
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    fifo: bool
+    claim_check_bucket: str
+    max_message_bytes: int
+
+
+@dataclass
+class ChunkResult:
+    """What became of each message of a chunk, by the caller's token."""
+
+    sent: list[int] = field(default_factory=list)
+    rejected: list[tuple[int, str, str]] = field(default_factory=list)  # (token, reason, detail)
+    failed: list[tuple[int, str, str, str]] = field(default_factory=list)  # (token, event_id, body, error)
+    call_error: str | None = None  # a call failed outright (network, throttling): SQS may be down
+    claim_checks: int = 0
+    send_seconds: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Item:
+    token: int
+    event_id: str
+    site_id: str
+    body: str
+
+
+class _Worker:
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.sqs = sqs_client()
+        self.claim_checker = ClaimChecker(s3_client(), settings.claim_check_bucket, settings.max_message_bytes)
+
+    def prepare_and_send(self, messages: list[tuple[int, str, bytes]], queue_url: str | None, not_sent_reason: str) -> ChunkResult:
+        """Validate raw MQTT messages, then send them (or, with no `queue_url`, return them as failed)."""
+        result, items = ChunkResult(), []
+        for token, topic, payload in messages:
+            try:
+                envelope = parse_envelope(payload)
+            except EnvelopeRejected as exc:
+                result.rejected.append((token, exc.reason, exc.detail))
+                continue
+            parts = topic.split("/")
+            if len(parts) < 2 or parts[0] != "sites" or parts[1] != envelope.site_id:
+                result.rejected.append((token, "site_mismatch", f"topic {topic!r} carries an event of site {envelope.site_id!r}"))
+                continue
+            items.append(_Item(token, envelope.event_id, envelope.site_id, payload.decode("utf-8")))
+        if queue_url is None:
+            result.failed = [(i.token, i.event_id, i.body, not_sent_reason) for i in items]
+            return result
+        self._send_all(items, queue_url, result)
+        return result
+
+    def send_jobs(self, jobs: list[tuple[int, str, str]], queue_url: str) -> ChunkResult:
+        """Send retry-log jobs (token, event_id, body): bodies were validated when they came in."""
+        result = ChunkResult()
+        self._send_all([_Item(token, event_id, "", body) for token, event_id, body in jobs], queue_url, result)
+        return result
+
+    def _send_all(self, items: list[_Item], queue_url: str, result: ChunkResult) -> None:
+        sender = SqsBatchSender(self.sqs, queue_url, fifo=self.settings.fifo)
+        for batch in self._batches(items):
+            outgoing = []
+            for item in batch:
+                try:
+                    outgoing.append(Outgoing(key=item, event_id=item.event_id, site_id=self._site(item), body=self._sqs_body(item, result)))
+                except Exception as exc:  # noqa: BLE001 - S3 down: the event waits in the retry log
+                    result.failed.append((item.token, item.event_id, item.body, f"claim check failed: {type(exc).__name__}: {exc}"))
+            if not outgoing:
+                continue
+            if result.call_error:
+                # One call already failed outright: fail the rest of the chunk fast, not one timeout per batch.
+                result.failed += [(event.key.token, event.event_id, event.key.body, result.call_error) for event in outgoing]
+                continue
+            started = time.perf_counter()
+            outcome = sender.send(outgoing)
+            result.send_seconds.append(time.perf_counter() - started)
+            result.sent += [event.key.token for event in outcome.sent]
+            result.failed += [(event.key.token, event.event_id, event.key.body, error) for event, error in outcome.failed]
+            if outcome.call_error:
+                result.call_error = outcome.call_error
+
+    def _site(self, item: _Item) -> str:
+        """A job's site, parsed only where something reads it (a FIFO MessageGroupId, a claim check's key)."""
+        if item.site_id or not self.settings.fifo:
+            return item.site_id
+        return _site_of(item.body)
+
+    def _sqs_body(self, item: _Item, result: ChunkResult) -> str:
+        if not self.claim_checker.needs_claim_check(item.body):
+            return item.body
+        result.claim_checks += 1
+        return self.claim_checker.check_in(item.event_id, item.site_id or _site_of(item.body), item.body)
+
+    def _batches(self, items: list[_Item]) -> list[list[_Item]]:
+        """Batches of at most ten whose bodies fit SQS's per-request size limit together."""
+        batches, current, size = [], [], 0
+        limit = self.claim_checker.max_body_bytes
+        for item in items:
+            n = min(len(item.body), limit)
+            if current and (len(current) == SQS_BATCH_MAX or size + n > limit):
+                batches.append(current)
+                current, size = [], 0
+            current.append(item)
+            size += n
+        if current:
+            batches.append(current)
+        return batches
+
+
+def _site_of(body: str) -> str:
+    try:
+        return parse_envelope(body).site_id
+    except EnvelopeRejected:
+        return "unknown"
+
+
+# --- the pool's entry points (module-level, so a spawned process can import them) -------------------
+_worker: _Worker | None = None
+_worker_lock = threading.Lock()
+
+
+def _init(settings: WorkerSettings, parent_pid: int | None = None, started=None) -> None:
+    global _worker
+    with _worker_lock:
+        if _worker is None or _worker.settings != settings:
+            _worker = _Worker(settings)
+    if parent_pid is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
+    if started is not None:
+        started.put(os.getpid())
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """A `kill -9`ed service cannot shut its pool down: its workers notice and leave on their own."""
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(0)
+
+
+def _ping() -> int:
+    return os.getpid()
+
+
+def prepare_and_send(messages: list[tuple[int, str, bytes]], queue_url: str | None, not_sent_reason: str) -> ChunkResult:
+    return _worker.prepare_and_send(messages, queue_url, not_sent_reason)
+
+
+def send_jobs(jobs: list[tuple[int, str, str]], queue_url: str) -> ChunkResult:
+    return _worker.send_jobs(jobs, queue_url)
+
+
+class SenderPool:
+    """The service's handle on its workers; rebuilds the pool when a worker process dies."""
+
+    def __init__(self, settings: WorkerSettings, processes: int, threads: int = 4) -> None:
+        self.settings = settings
+        self.processes = processes
+        self.threads = threads
+        self._lock = threading.Lock()
+        self.pids: list[int] = []  # the worker processes, for the status page (none in thread mode)
+        self._executor: Executor = self._new_executor()
+
+    @property
+    def size(self) -> int:
+        return self.processes or self.threads
+
+    def _new_executor(self) -> Executor:
+        if self.processes <= 0:
+            return ThreadPoolExecutor(self.threads, thread_name_prefix="sqs-sender", initializer=_init, initargs=(self.settings, None))
+        # spawn, not fork: the service has threads (paho, DuckDB) that a forked child must not inherit.
+        context = multiprocessing.get_context("spawn")
+        started = context.Queue()
+        executor = ProcessPoolExecutor(self.processes, mp_context=context, initializer=_init, initargs=(self.settings, os.getpid(), started))
+        # The pool starts a process per task while none is idle; a process takes a second to start,
+        # so these tasks start them all now, and the service fails at start, not on its first event.
+        for future in [executor.submit(_ping) for _ in range(self.processes)]:
+            future.result(timeout=120)
+        self.pids = sorted(started.get(timeout=30) for _ in range(self.processes))
+        log.info("%d sender processes ready (pids %s)", len(self.pids), ", ".join(map(str, self.pids)))
+        return executor
+
+    def submit(self, fn: Callable[..., ChunkResult], *args) -> Future:
+        while True:
+            executor = self._executor
+            try:
+                future = executor.submit(fn, *args)
+            except BrokenProcessPool:
+                self.rebuild(executor)
+                continue
+            future.executor = executor  # so whoever sees it fail can rebuild exactly that pool
+            return future
+
+    def rebuild(self, broken: Executor) -> None:
+        """Replace a broken pool (once, however many callers noticed)."""
+        with self._lock:
+            if self._executor is not broken:
+                return
+            log.error("a sender process died: starting a new pool; its chunks stay unacked and are resubmitted")
+            broken.shutdown(wait=False, cancel_futures=True)
+            self._executor = self._new_executor()
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
