@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 EVENTS_TOPIC = "sites/+/events/#"
 INTERNAL_SOURCE = "edge"
 SPILL_GROUP_MAX = 5000
+SPILL_GROUP_MIN = 1000
+SPILL_LINGER_S = 0.02
 POLL_BATCH = 1000
 
 
@@ -159,8 +161,6 @@ class EdgeService:
             log.warning("MQTT disconnected (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
-        self.metrics.received.inc()
-        self.metrics.rate.add()
         mid, session = message.mid, self._session
         self.inbox.put(Received(message.topic, message.payload, lambda: self._ack(mid, session)))
 
@@ -210,6 +210,8 @@ class EdgeService:
         while not self._stop.is_set():
             batch = self._next_batch()
             if batch:
+                self.metrics.received.inc(len(batch))  # counted per chunk: per message it costs the MQTT loop a lock
+                self.metrics.rate.add(len(batch))
                 while not self._slots.acquire(timeout=0.2):
                     if self._stop.is_set():
                         return  # unacked: the broker redelivers after the restart
@@ -285,9 +287,13 @@ class EdgeService:
             except queue.Empty:
                 if not held:
                     continue
+            # Group commit: a DuckDB transaction costs ~3 ms of CPU whatever its size, so during an
+            # outage the writer lingers a little to commit hundreds of events at a time.
+            linger_until = time.monotonic() + SPILL_LINGER_S
             while len(held) < SPILL_GROUP_MAX:
+                remaining = linger_until - time.monotonic()
                 try:
-                    held += self._spill_q.get_nowait()
+                    held += self._spill_q.get(timeout=remaining) if remaining > 0 and len(held) < SPILL_GROUP_MIN else self._spill_q.get_nowait()
                 except queue.Empty:
                     break
             room = self.retry_log.max_events - self.retry_log.pending - self.retry_log.dlq_size

@@ -79,8 +79,9 @@ def register_session(port: int, client_id: str) -> None:
     client.loop_stop()
 
 
-def preload(stack, client_id: str, count: int | None = None) -> None:
-    register_session(stack["broker"].port, client_id)
+def preload(stack, client_id: str, count: int | None = None, register: bool = True) -> None:
+    if register:  # (never while the service is connected: the same client id would take its session over)
+        register_session(stack["broker"].port, client_id)
     path = stack["lines"]
     if count is not None:
         path = stack["workdir"] / f"events-{count}.jsonl"
@@ -185,7 +186,7 @@ def outage_and_replay_rates(stack) -> tuple[float, float, int, int]:
     edge = start_edge(stack, "bench-outage", url, proxy.url).wait_subscribed()
     admin = AdminClient(edge.admin_url)
     idle_rss = rss_kb(edge.proc.pid)
-    preload(stack, "bench-outage")  # the session exists now; the edge receives while SQS is cut
+    preload(stack, "bench-outage", register=False)  # the edge is subscribed and receives while SQS is cut
     started = time.perf_counter()
     wait_until(lambda: admin.status()["jobs_pending"] >= N, 600, interval=0.05, message="the backlog in the retry log")
     into_log = N / (time.perf_counter() - started)
