@@ -13,6 +13,7 @@ At the retry log's size bound the service stops acknowledging: the broker keeps 
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -279,46 +280,55 @@ class EdgeService:
     # --- retry log writer (group commit, then ack) ----------------------------------------------
     def _spill_writer(self) -> None:
         held: list[tuple[Ready, str, str]] = []
-        full_logged = False
         while not self._stop.is_set():
-            try:
-                timeout = 0.2 if not held else 0.05
-                held += self._spill_q.get(timeout=timeout)
-            except queue.Empty:
-                if not held:
-                    continue
-            # Group commit: a DuckDB transaction costs ~3 ms of CPU whatever its size, so during an
-            # outage the writer lingers a little to commit hundreds of events at a time.
-            linger_until = time.monotonic() + SPILL_LINGER_S
-            while len(held) < SPILL_GROUP_MAX:
-                remaining = linger_until - time.monotonic()
-                try:
-                    held += self._spill_q.get(timeout=remaining) if remaining > 0 and len(held) < SPILL_GROUP_MIN else self._spill_q.get_nowait()
-                except queue.Empty:
-                    break
+            held = self._collect(held)
+            if not held:
+                continue
             room = self.retry_log.max_events - self.retry_log.pending - self.retry_log.dlq_size
-            group, held = held[: max(0, min(room, SPILL_GROUP_MAX))], held[max(0, min(room, SPILL_GROUP_MAX)) :]
-            self._held = len(held)
-            self.metrics.held.set(len(held))
-            self._full = bool(held)
-            self.metrics.retry_log_full.set(int(self._full))
-            if held and not full_logged:
-                log.warning("retry log at its bound (%d events): holding %d MQTT messages unacked", self.retry_log.max_events, len(held))
-                full_logged = True
-            elif not held:
-                full_logged = False
-            if not group:
+            size = max(0, min(room, SPILL_GROUP_MAX))
+            if size and not self._commit(held[:size]):
+                self._stop.wait(1)  # e.g. a full disk: everything stays held and unacked; try again
                 continue
+            held = held[size:]
+            self._report_held(held)  # after the commit, so the status never shows a group in neither place
+
+    def _collect(self, held: list[tuple[Ready, str, str]]) -> list[tuple[Ready, str, str]]:
+        try:
+            held += self._spill_q.get(timeout=0.05 if held else 0.2)
+        except queue.Empty:
+            if not held:
+                return held
+        # Group commit: a DuckDB transaction costs ~3 ms of CPU whatever its size, so during an
+        # outage the writer lingers a little to commit hundreds of events at a time.
+        linger_until = time.monotonic() + SPILL_LINGER_S
+        while len(held) < SPILL_GROUP_MAX:
+            remaining = linger_until - time.monotonic()
             try:
-                self.retry_log.add([(r.event_id, r.body, error) for r, error, _ in group])
-            except Exception:  # noqa: BLE001 - e.g. a full disk: keep the group unacked and try again
-                log.exception("retry log write failed; %d events stay unacked and are retried", len(group))
-                held = group + held
-                self._stop.wait(1)
-                continue
-            for r, _, cause in group:
-                r.received.ack()
-                self.metrics.spilled.labels(cause).inc()
+                held += self._spill_q.get(timeout=remaining) if remaining > 0 and len(held) < SPILL_GROUP_MIN else self._spill_q.get_nowait()
+            except queue.Empty:
+                break
+        return held
+
+    def _commit(self, group: list[tuple[Ready, str, str]]) -> bool:
+        """One transaction for the group, then its acks: persist before acknowledging."""
+        try:
+            self.retry_log.add([(r.event_id, r.body, error) for r, error, _ in group])
+        except Exception:  # noqa: BLE001 - the group stays unacked and is retried
+            log.exception("retry log write failed; %d events stay unacked and are retried", len(group))
+            return False
+        for r, _, _ in group:
+            r.received.ack()
+        for cause, count in collections.Counter(cause for _, _, cause in group).items():
+            self.metrics.spilled.labels(cause).inc(count)
+        return True
+
+    def _report_held(self, held: list[tuple[Ready, str, str]]) -> None:
+        was_full, self._full = self._full, bool(held)
+        self._held = len(held)
+        self.metrics.held.set(len(held))
+        self.metrics.retry_log_full.set(int(self._full))
+        if self._full and not was_full:
+            log.warning("retry log at its bound (%d events): holding %d MQTT messages unacked", self.retry_log.max_events, len(held))
 
     # --- poller: retries, probe -----------------------------------------------------------------
     def _probe(self) -> None:
