@@ -77,8 +77,12 @@ class RetryLog:
         self.backoff_s = backoff_s
         self.max_attempts = max_attempts
         self._lock = threading.Lock()
-        # A small buffer pool keeps a million buffered events on disk rather than in RSS.
+        # A small buffer pool keeps a million buffered events on disk rather than in RSS. String
+        # compression (dictionary, FSST) is off: at each checkpoint it took memory DuckDB never gave
+        # back (+160 MB of RSS after 300,000 real envelopes, growing), while without it RSS stays flat
+        # (+69 MB with 1,000,000) and the file holds the bodies at about their size.
         self._con = duckdb.connect(str(path), config={"memory_limit": memory_limit, "threads": 1})
+        self._con.execute("SET disabled_compression_methods = 'fsst,dictionary'")  # (not taken as a connect option)
         self._con.execute(
             """
             CREATE TABLE IF NOT EXISTS jobs (

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 EVENTS_TOPIC = "sites/+/events/#"
 INTERNAL_SOURCE = "edge"
-SPILL_GROUP_MAX = 5000
+SPILL_GROUP_MAX = 2000
 SPILL_GROUP_MIN = 1000
 SPILL_LINGER_S = 0.02
 POLL_BATCH = 1000
@@ -294,12 +294,14 @@ class EdgeService:
             if not held:
                 continue
             room = self.retry_log.max_events - self.retry_log.pending - self.retry_log.dlq_size
-            size = max(0, min(room, SPILL_GROUP_MAX))
+            size = max(0, min(room, SPILL_GROUP_MAX, len(held)))
             if size and not self._commit(held[:size]):
                 self._stop.wait(1)  # e.g. a full disk: everything stays held and unacked; try again
                 continue
             held = held[size:]
-            self._report_held(held)  # after the commit, so the status never shows a group in neither place
+            # Reported after the commit, so the status never shows a group in neither place; what is
+            # left over only means "full" when the bound, not the group size, kept it out.
+            self._report_held(len(held) if size == room else 0)
 
     def _collect(self, held: list[tuple[Ready, str, str]]) -> list[tuple[Ready, str, str]]:
         try:
@@ -331,13 +333,14 @@ class EdgeService:
             self.metrics.spilled.labels(cause).inc(count)
         return True
 
-    def _report_held(self, held: list[tuple[Ready, str, str]]) -> None:
-        was_full, self._full = self._full, bool(held)
-        self._held = len(held)
-        self.metrics.held.set(len(held))
+    def _report_held(self, held: int) -> None:
+        """`held`: events kept unacked because the retry log is at its bound."""
+        was_full, self._full = self._full, held > 0
+        self._held = held
+        self.metrics.held.set(held)
         self.metrics.retry_log_full.set(int(self._full))
         if self._full and not was_full:
-            log.warning("retry log at its bound (%d events): holding %d MQTT messages unacked", self.retry_log.max_events, len(held))
+            log.warning("retry log at its bound (%d events): holding %d MQTT messages unacked", self.retry_log.max_events, held)
 
     # --- poller: retries, probe -----------------------------------------------------------------
     def _probe(self) -> None:
