@@ -49,7 +49,7 @@ class ChunkResult:
 
     sent: list[int] = field(default_factory=list)
     rejected: list[tuple[int, str, str]] = field(default_factory=list)  # (token, reason, detail)
-    failed: list[tuple[int, str, str, str]] = field(default_factory=list)  # (token, event_id, body, error)
+    failed: list[tuple[int, str, str]] = field(default_factory=list)  # (token, event_id, error): the caller has the body
     call_error: str | None = None  # a call failed outright (network, throttling): SQS may be down
     claim_checks: int = 0
     send_seconds: list[float] = field(default_factory=list)
@@ -84,7 +84,7 @@ class _Worker:
                 continue
             items.append(_Item(token, envelope.event_id, envelope.site_id, payload.decode("utf-8")))
         if queue_url is None:
-            result.failed = [(i.token, i.event_id, i.body, not_sent_reason) for i in items]
+            result.failed = [(i.token, i.event_id, not_sent_reason) for i in items]
             return result
         self._send_all(items, queue_url, result)
         return result
@@ -103,18 +103,18 @@ class _Worker:
                 try:
                     outgoing.append(Outgoing(key=item, event_id=item.event_id, site_id=self._site(item), body=self._sqs_body(item, result)))
                 except Exception as exc:  # noqa: BLE001 - S3 down: the event waits in the retry log
-                    result.failed.append((item.token, item.event_id, item.body, f"claim check failed: {type(exc).__name__}: {exc}"))
+                    result.failed.append((item.token, item.event_id, f"claim check failed: {type(exc).__name__}: {exc}"))
             if not outgoing:
                 continue
             if result.call_error:
                 # One call already failed outright: fail the rest of the chunk fast, not one timeout per batch.
-                result.failed += [(event.key.token, event.event_id, event.key.body, result.call_error) for event in outgoing]
+                result.failed += [(event.key.token, event.event_id, result.call_error) for event in outgoing]
                 continue
             started = time.perf_counter()
             outcome = sender.send(outgoing)
             result.send_seconds.append(time.perf_counter() - started)
             result.sent += [event.key.token for event in outcome.sent]
-            result.failed += [(event.key.token, event.event_id, event.key.body, error) for event, error in outcome.failed]
+            result.failed += [(event.key.token, event.event_id, error) for event, error in outcome.failed]
             if outcome.call_error:
                 result.call_error = outcome.call_error
 

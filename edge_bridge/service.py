@@ -58,7 +58,11 @@ class Received:
 class Ready:
     received: Received
     event_id: str
-    body: str  # the envelope as received; the retry log keeps this, never a claim-check pointer
+
+    @property
+    def body(self) -> str:
+        """The envelope as received (validated UTF-8); the retry log keeps this, never a claim-check pointer."""
+        return self.received.payload.decode("utf-8")
 
 
 class Inbox:
@@ -281,10 +285,10 @@ class EdgeService:
             self.breaker.trip(result.call_error)
         if cause is None:
             cause = "call_failed" if result.call_error else "entry_failed"
-            log.warning("SQS refused %d events (%s); committing them to the retry log", len(result.failed), result.failed[0][3])
+            log.warning("SQS refused %d events (%s); committing them to the retry log", len(result.failed), result.failed[0][2])
         elif cause == "call_failed":
-            self.breaker.trip(result.failed[0][3])
-        self._spill_q.put([(Ready(batch[token], event_id, body), error, cause) for token, event_id, body, error in result.failed])
+            self.breaker.trip(result.failed[0][2])
+        self._spill_q.put([(Ready(batch[token], event_id), error, cause) for token, event_id, error in result.failed])
 
     # --- retry log writer (group commit, then ack) ----------------------------------------------
     def _spill_writer(self) -> None:
@@ -365,7 +369,7 @@ class EdgeService:
                 self.senders.rebuild(future.executor)
                 continue  # those jobs stay due, their attempt not counted
             done += result.sent
-            failed += [(job_id, error) for job_id, _, _, error in result.failed]
+            failed += [(job_id, error) for job_id, _, error in result.failed]
             if result.call_error:
                 self.breaker.trip(result.call_error)
             for seconds in result.send_seconds:
