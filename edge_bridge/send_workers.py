@@ -69,23 +69,9 @@ class _Worker:
         self.sqs = sqs_client()
         self.claim_checker = ClaimChecker(s3_client(), settings.claim_check_bucket, settings.max_message_bytes)
 
-    def prepare_and_send(self, messages: list[tuple[int, str, bytes]], queue_url: str | None, not_sent_reason: str) -> ChunkResult:
-        """Validate raw MQTT messages, then send them (or, with no `queue_url`, return them as failed)."""
-        result, items = ChunkResult(), []
-        for token, topic, payload in messages:
-            try:
-                envelope = parse_envelope(payload)
-            except EnvelopeRejected as exc:
-                result.rejected.append((token, exc.reason, exc.detail))
-                continue
-            parts = topic.split("/")
-            if len(parts) < 2 or parts[0] != "sites" or parts[1] != envelope.site_id:
-                result.rejected.append((token, "site_mismatch", f"topic {topic!r} carries an event of site {envelope.site_id!r}"))
-                continue
-            items.append(_Item(token, envelope.event_id, envelope.site_id, payload.decode("utf-8")))
-        if queue_url is None:
-            result.failed = [(i.token, i.event_id, not_sent_reason) for i in items]
-            return result
+    def prepare_and_send(self, messages: list[tuple[int, str, bytes]], queue_url: str) -> ChunkResult:
+        """Validate raw MQTT messages, then send them."""
+        items, result = validate(messages)
         self._send_all(items, queue_url, result)
         return result
 
@@ -146,6 +132,30 @@ class _Worker:
         return batches
 
 
+def validate(messages: list[tuple[int, str, bytes]]) -> tuple[list[_Item], ChunkResult]:
+    """Envelopes that parse and match their topic's site; the others as `rejected`, with the reason."""
+    result, items = ChunkResult(), []
+    for token, topic, payload in messages:
+        try:
+            envelope = parse_envelope(payload)
+        except EnvelopeRejected as exc:
+            result.rejected.append((token, exc.reason, exc.detail))
+            continue
+        parts = topic.split("/")
+        if len(parts) < 2 or parts[0] != "sites" or parts[1] != envelope.site_id:
+            result.rejected.append((token, "site_mismatch", f"topic {topic!r} carries an event of site {envelope.site_id!r}"))
+            continue
+        items.append(_Item(token, envelope.event_id, envelope.site_id, payload.decode("utf-8")))
+    return items, result
+
+
+def not_sent(messages: list[tuple[int, str, bytes]], reason: str) -> ChunkResult:
+    """With SQS down: validated messages, all failed with `reason`, for the retry log."""
+    items, result = validate(messages)
+    result.failed = [(i.token, i.event_id, reason) for i in items]
+    return result
+
+
 def _site_of(body: str) -> str:
     try:
         return parse_envelope(body).site_id
@@ -180,8 +190,8 @@ def _ping() -> int:
     return os.getpid()
 
 
-def prepare_and_send(messages: list[tuple[int, str, bytes]], queue_url: str | None, not_sent_reason: str) -> ChunkResult:
-    return _worker.prepare_and_send(messages, queue_url, not_sent_reason)
+def prepare_and_send(messages: list[tuple[int, str, bytes]], queue_url: str) -> ChunkResult:
+    return _worker.prepare_and_send(messages, queue_url)
 
 
 def send_jobs(jobs: list[tuple[int, str, str]], queue_url: str) -> ChunkResult:

@@ -32,7 +32,7 @@ from edge_bridge.envelope import Envelope, make_idempotency_key, utc_now
 from edge_bridge.metrics import EdgeMetrics
 from edge_bridge.quarantine import Quarantine
 from edge_bridge.retry_log import Job, RetryLog
-from edge_bridge.send_workers import CHUNK_MAX, ChunkResult, SenderPool, WorkerSettings, prepare_and_send, send_jobs
+from edge_bridge.send_workers import CHUNK_MAX, ChunkResult, SenderPool, WorkerSettings, not_sent, prepare_and_send, send_jobs
 from edge_bridge.sqs_sender import sqs_client
 
 log = logging.getLogger(__name__)
@@ -232,16 +232,22 @@ class EdgeService:
                 self._dispatch(batch)
 
     def _dispatch(self, batch: list[Received]) -> None:
-        """Hand a chunk to a sender; with SQS down it is only parsed, and goes to the retry log."""
+        """Hand a chunk to a sender; with SQS down it is only validated, here, and goes to the retry log."""
         messages = [(token, r.topic, r.payload) for token, r in enumerate(batch)]
-        if self.breaker.is_open:
-            queue_url, reason, cause = None, f"SQS unreachable: {self.breaker.last_error}", "circuit_open"
-        elif self.queue_url is None:
-            queue_url, reason, cause = None, "SQS queue URL not known yet", "call_failed"
-        else:
-            queue_url, reason, cause = self.queue_url, "", None
-        future = self.senders.submit(prepare_and_send, messages, queue_url, reason)
-        future.add_done_callback(lambda f: self._completed.put((batch, cause, f)))
+        if self.breaker.is_open or self.queue_url is None:
+            # Nothing to send: validating here costs less than the round trip to a sender process.
+            if self.breaker.is_open:
+                reason, cause = f"SQS unreachable: {self.breaker.last_error}", "circuit_open"
+            else:
+                reason, cause = "SQS queue URL not known yet", "call_failed"
+            self._slots.release()
+            try:
+                self._settle(batch, cause, not_sent(messages, reason))
+            except Exception:  # noqa: BLE001 - the chunk stays unacked; the broker redelivers it after a restart
+                log.exception("settling a chunk of %d failed", len(batch))
+            return
+        future = self.senders.submit(prepare_and_send, messages, self.queue_url)
+        future.add_done_callback(lambda f: self._completed.put((batch, None, f)))
 
     def _completer(self) -> None:
         while not (self._stop.is_set() and self._completed.empty()):
