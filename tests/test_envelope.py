@@ -2,6 +2,8 @@ import json
 from datetime import datetime, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_bridge.envelope import Envelope, EnvelopeRejected, make_idempotency_key, parse_envelope
 from tests.conftest import sample_envelope
@@ -68,3 +70,27 @@ def test_idempotency_key_is_deterministic_and_event_ids_are_fresh_and_time_order
     ids = [sample_envelope().event_id for _ in range(50)]
     assert len(set(ids)) == 50
     assert ids == sorted(ids)
+
+
+def test_a_complete_envelope_without_schema_version_is_still_refused():
+    """The default schema_version must never stand in for a missing one on the wire."""
+    data = json.loads(sample_envelope().to_json())
+    del data["schema_version"]
+    with pytest.raises(EnvelopeRejected) as err:
+        parse_envelope(json.dumps(data).encode())
+    assert err.value.reason == "missing_schema_version"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(payload=st.dictionaries(st.text(max_size=10), json_values, max_size=6), device_id=st.text(min_size=1, max_size=40))
+def test_parsing_agrees_with_validating_the_decoded_json(payload, device_id):
+    """The fast path (pydantic's JSON parser) yields exactly what json.loads + validation yields."""
+    raw = sample_envelope(device_id=device_id, payload=payload).to_json().encode()
+    assert parse_envelope(raw) == Envelope.model_validate(json.loads(raw))
