@@ -31,9 +31,10 @@ from edge_bridge.sqs_sender import SQS_BATCH_MAX, Outgoing, SqsBatchSender, sqs_
 
 log = logging.getLogger(__name__)
 
-# A chunk is the unit handed to a worker: large enough to pay for the hand-over, small enough that
-# the acks of a chunk follow its first message by milliseconds.
-CHUNK_MAX = 100
+# A chunk is the unit handed to a worker: large enough to pay for the hand-over (250 gave ~8% more
+# than 100 on the edge benchmark), small enough that the acks of a chunk follow its first message by
+# milliseconds, and that the chunks in flight (two per sender) fit in the broker's 1,000-message window.
+CHUNK_MAX = 250
 
 
 @dataclass(frozen=True)
