@@ -246,7 +246,14 @@ class EdgeService:
             except Exception:  # noqa: BLE001 - the chunk stays unacked; the broker redelivers it after a restart
                 log.exception("settling a chunk of %d failed", len(batch))
             return
-        future = self.senders.submit(prepare_and_send, messages, self.queue_url)
+        while True:
+            try:
+                future = self.senders.submit(prepare_and_send, messages, self.queue_url)
+                break
+            except Exception:  # noqa: BLE001 - e.g. no new sender process could start: keep the chunk, try again
+                log.exception("cannot hand a chunk of %d to the senders; trying again in 1 s", len(batch))
+                if self._stop.wait(1):
+                    return  # unacked: the broker redelivers after the restart
         future.add_done_callback(lambda f: self._completed.put((batch, None, f)))
 
     def _completer(self) -> None:
