@@ -15,6 +15,14 @@ from devstack.processes import AwsEmulator, Mosquitto, aws_env, free_port, stop_
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.1, message: str = "condition"):
     """Poll `predicate` until it returns something truthy; fail with `message` at the deadline."""
     deadline = time.monotonic() + timeout
@@ -90,9 +98,15 @@ class EdgeProcess:
         stop_process(self.proc)
 
     def kill9(self) -> None:
+        """`kill -9` the service and everything in its process group."""
         from devstack.processes import kill9
 
         kill9(self.proc)
+
+    def kill9_service_only(self) -> None:
+        """`kill -9` the service process alone, as the OOM killer would: its children are left to notice."""
+        self.proc.kill()
+        self.proc.wait(10)
 
 
 @pytest.fixture

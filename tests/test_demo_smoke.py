@@ -10,7 +10,7 @@ from pathlib import Path
 import requests
 
 from devstack.processes import free_port
-from tests.conftest import PROJECT_ROOT, wait_until
+from tests.conftest import PROJECT_ROOT, alive, wait_until
 
 
 def descendants(pid: int) -> set[int]:
@@ -28,13 +28,6 @@ def descendants(pid: int) -> set[int]:
                 found.add(child)
                 todo.append(child)
     return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def graphql(port: int, query: str) -> dict:

@@ -18,7 +18,7 @@ import pytest
 
 from devstack.tcp_proxy import TcpProxy
 from edge_bridge.cli import AdminClient
-from tests.conftest import publish, queue_counts, receive_all, sample_envelope, wait_until
+from tests.conftest import alive, publish, queue_counts, receive_all, sample_envelope, wait_until
 
 T0 = datetime(2024, 1, 15, 10, 30, tzinfo=timezone.utc)
 
@@ -73,14 +73,6 @@ class Collector:
         print(f"\n{name}: published {len(ids)}, distinct in SQS {len(set(self.seen) & ids)}, duplicates {duplicates}")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def run_publisher(port: int, events: list, **kwargs) -> threading.Thread:
     errors: list[BaseException] = []
 
@@ -112,8 +104,8 @@ def test_every_event_reaches_sqs_although_the_edge_service_is_killed_repeatedly(
         wait_until(lambda: sum(queue_counts(url)) >= threshold, 60, message=f"{threshold} events in SQS")
         assert publisher.is_alive(), "the kill must land while events flow"
         senders = AdminClient(edge.admin_url).status()["sender_pids"]
-        edge.kill9()
-        wait_until(lambda: not any(_alive(pid) for pid in senders), 10, message="the killed service's sender processes to exit")
+        edge.kill9_service_only()  # its sender processes are not killed with it: they must leave on their own
+        wait_until(lambda: not any(alive(pid) for pid in senders), 10, message="the killed service's sender processes to exit")
         edge = edge_factory()
     finish(publisher)
     collector = Collector(url)
