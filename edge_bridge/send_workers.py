@@ -85,17 +85,18 @@ class _Worker:
     def _send_all(self, items: list[_Item], queue_url: str, result: ChunkResult) -> None:
         sender = SqsBatchSender(self.sqs, queue_url, fifo=self.settings.fifo)
         for batch in self._batches(items):
+            if result.call_error:
+                # A call already failed outright: fail the rest of the chunk at once, with no claim
+                # check put to S3 for it and no timeout per batch.
+                result.failed += [(item.token, item.event_id, result.call_error) for item in batch]
+                continue
             outgoing = []
             for item in batch:
                 try:
-                    outgoing.append(Outgoing(key=item, event_id=item.event_id, site_id=self._site(item), body=self._sqs_body(item, result)))
+                    outgoing.append(self._outgoing(item, result))
                 except Exception as exc:  # noqa: BLE001 - S3 down: the event waits in the retry log
                     result.failed.append((item.token, item.event_id, f"claim check failed: {type(exc).__name__}: {exc}"))
             if not outgoing:
-                continue
-            if result.call_error:
-                # One call already failed outright: fail the rest of the chunk fast, not one timeout per batch.
-                result.failed += [(event.key.token, event.event_id, result.call_error) for event in outgoing]
                 continue
             started = time.perf_counter()
             outcome = sender.send(outgoing)
@@ -105,17 +106,19 @@ class _Worker:
             if outcome.call_error:
                 result.call_error = outcome.call_error
 
-    def _site(self, item: _Item) -> str:
-        """A job's site, parsed only where something reads it (a FIFO MessageGroupId, a claim check's key)."""
-        if item.site_id or not self.settings.fifo:
-            return item.site_id
-        return _site_of(item.body)
+    def _outgoing(self, item: _Item, result: ChunkResult) -> Outgoing:
+        """The SQS message for an item: an oversized body goes to S3 and SQS carries the pointer.
 
-    def _sqs_body(self, item: _Item, result: ChunkResult) -> str:
-        if not self.claim_checker.needs_claim_check(item.body):
-            return item.body
-        result.claim_checks += 1
-        return self.claim_checker.check_in(item.event_id, item.site_id or _site_of(item.body), item.body)
+        A retry job's site is parsed from its body only where something reads it (a FIFO
+        MessageGroupId, a claim check's key), and then once.
+        """
+        body = item.body
+        oversized = self.claim_checker.needs_claim_check(body)
+        site = item.site_id or (_site_of(body) if self.settings.fifo or oversized else "")
+        if oversized:
+            body = self.claim_checker.check_in(item.event_id, site, body)
+            result.claim_checks += 1
+        return Outgoing(key=item, event_id=item.event_id, site_id=site, body=body)
 
     def _batches(self, items: list[_Item]) -> list[list[_Item]]:
         """Batches of at most ten whose bodies fit SQS's per-request size limit together."""
