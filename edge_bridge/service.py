@@ -132,7 +132,7 @@ class EdgeService:
         self.breaker = CircuitBreaker()
         self.metrics.circuit_open.set_function(lambda: int(self.breaker.is_open))
         self.inbox = Inbox()
-        self._completed: queue.Queue[tuple[list[Received], str | None, Future]] = queue.Queue()
+        self._completed: queue.Queue[tuple[list[Received], Future]] = queue.Queue()
         self._spill_q: queue.Queue[list[tuple[Ready, str, str]]] = queue.Queue()
         self._held = 0
         self._full = False
@@ -242,7 +242,7 @@ class EdgeService:
                 reason, cause = "SQS queue URL not known yet", "call_failed"
             self._slots.release()
             try:
-                self._settle(batch, cause, not_sent(messages, reason))
+                self._settle(batch, not_sent(messages, reason), cause)
             except Exception:  # noqa: BLE001 - the chunk stays unacked; the broker redelivers it after a restart
                 log.exception("settling a chunk of %d failed", len(batch))
             return
@@ -254,12 +254,12 @@ class EdgeService:
                 log.exception("cannot hand a chunk of %d to the senders; trying again in 1 s", len(batch))
                 if self._stop.wait(1):
                     return  # unacked: the broker redelivers after the restart
-        future.add_done_callback(lambda f: self._completed.put((batch, None, f)))
+        future.add_done_callback(lambda f: self._completed.put((batch, f)))
 
     def _completer(self) -> None:
         while not (self._stop.is_set() and self._completed.empty()):
             try:
-                batch, cause, future = self._completed.get(timeout=0.2)
+                batch, future = self._completed.get(timeout=0.2)
             except queue.Empty:
                 continue
             try:
@@ -275,11 +275,15 @@ class EdgeService:
                 continue
             self._slots.release()
             try:
-                self._settle(batch, cause, result)
+                self._settle(batch, result)
             except Exception:  # noqa: BLE001 - never let one chunk stop the completer; unacked ones come back
                 log.exception("settling a chunk of %d failed", len(batch))
 
-    def _settle(self, batch: list[Received], cause: str | None, result: ChunkResult) -> None:
+    def _settle(self, batch: list[Received], result: ChunkResult, cause: str | None = None) -> None:
+        """Ack what SQS took, quarantine what was rejected, hand what failed to the retry log writer.
+
+        `cause` is set when nothing was sent (SQS known to be down); otherwise it follows from the result.
+        """
         for seconds in result.send_seconds:
             self.metrics.send_latency.observe(seconds)
         if result.claim_checks:
