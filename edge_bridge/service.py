@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterable
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -30,6 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_bridge.config import EdgeConfig
 from edge_bridge.envelope import Envelope, make_idempotency_key, utc_now
 from edge_bridge.metrics import EdgeMetrics
+from edge_bridge.mqtt_client import Client
 from edge_bridge.quarantine import Quarantine
 from edge_bridge.retry_log import Job, RetryLog
 from edge_bridge.send_workers import CHUNK_MAX, ChunkResult, SenderPool, WorkerSettings, not_sent, prepare_and_send, send_jobs
@@ -47,11 +48,17 @@ POLL_BATCH = 1000
 
 @dataclass(slots=True)
 class Received:
-    """One message on its way; `ack` is called exactly when the event is safe (SQS, retry log, quarantine)."""
+    """One message on its way, acknowledged exactly when the event is safe (SQS, retry log, quarantine).
+
+    An MQTT message is acknowledged by its `mid` on the connection (`session`) it came on; an internal
+    event, which has no MQTT message, by setting `persisted`.
+    """
 
     topic: str
     payload: bytes
-    ack: Callable[[], None]
+    mid: int = 0
+    session: int = 0
+    persisted: threading.Event | None = None
 
 
 @dataclass(slots=True)
@@ -153,8 +160,8 @@ class EdgeService:
             return None
 
     # --- MQTT -----------------------------------------------------------------------------------
-    def _make_client(self) -> mqtt.Client:
-        client = mqtt.Client(
+    def _make_client(self) -> Client:
+        client = Client(
             CallbackAPIVersion.VERSION2,
             client_id=self.config.client_id,
             clean_session=False,  # persistent session: the broker queues for us while we are away
@@ -190,14 +197,19 @@ class EdgeService:
             log.warning("MQTT disconnected (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
-        mid, session = message.mid, self._session
-        self.inbox.put(Received(message.topic, message.payload, lambda: self._ack(mid, session)))
+        self.inbox.put(Received(message.topic, message.payload, message.mid, self._session))
 
-    def _ack(self, mid: int, session: int) -> None:
-        # A message of an earlier connection is redelivered on this one, with a mid the broker may
-        # since have given to another message: acking the old mid could ack the wrong event.
-        if session == self._session:
-            self.client.ack(mid, 1)
+    def _acknowledge(self, items: Iterable[Received]) -> None:
+        """Acknowledge events that are safe, the MQTT ones in one write."""
+        session, mids = self._session, []
+        for item in items:
+            if item.persisted is not None:
+                item.persisted.set()
+            elif item.session == session:
+                mids.append(item.mid)
+            # else: it came on an earlier connection and is redelivered on this one, with a mid the
+            # broker may since have given to another message: acking the old mid could ack the wrong event.
+        self.client.ack_many(mids)
 
     # --- internal events ------------------------------------------------------------------------
     def emit(self, event_type: str, payload: dict[str, Any], device_id: str = "edge-service", timeout: float = 30.0) -> Envelope:
@@ -213,7 +225,7 @@ class EdgeService:
             payload=payload,
         )
         persisted = threading.Event()
-        self.inbox.put(Received(envelope.topic, envelope.to_json().encode("utf-8"), persisted.set))
+        self.inbox.put(Received(envelope.topic, envelope.to_json().encode("utf-8"), persisted=persisted))
         if not persisted.wait(timeout):
             raise TimeoutError(f"internal event {envelope.event_id} not persisted within {timeout:.0f}s")
         self.metrics.internal.inc()
@@ -288,14 +300,13 @@ class EdgeService:
             self.metrics.send_latency.observe(seconds)
         if result.claim_checks:
             self.metrics.claim_checks.inc(result.claim_checks)
-        for token in result.sent:
-            batch[token].ack()
-        if result.sent:
-            self.metrics.delivered.labels("realtime").inc(len(result.sent))
         for token, reason, detail in result.rejected:
             self.quarantine.put(batch[token].topic, batch[token].payload, reason, detail)
             self.metrics.quarantined.labels(reason).inc()
-            batch[token].ack()  # quarantined durably: acking loses nothing and unblocks the stream
+        # Quarantined durably: acking those too loses nothing and unblocks the stream.
+        self._acknowledge([batch[token] for token in result.sent] + [batch[token] for token, _, _ in result.rejected])
+        if result.sent:
+            self.metrics.delivered.labels("realtime").inc(len(result.sent))
         if not result.failed:
             return
         if result.call_error:
@@ -348,8 +359,7 @@ class EdgeService:
         except Exception:  # noqa: BLE001 - the group stays unacked and is retried
             log.exception("retry log write failed; %d events stay unacked and are retried", len(group))
             return False
-        for r, _, _ in group:
-            r.received.ack()
+        self._acknowledge([r.received for r, _, _ in group])
         for cause, count in collections.Counter(cause for _, _, cause in group).items():
             self.metrics.spilled.labels(cause).inc(count)
         return True

@@ -23,8 +23,8 @@ def test_retry_log_write_failure_keeps_events_unacked_and_is_retried(tmp_path, m
         real_add(events, now)
 
     monkeypatch.setattr(service.retry_log, "add", flaky_add)
-    real_ack = service.client.ack
-    monkeypatch.setattr(service.client, "ack", lambda mid, qos: (acked.append(mid), real_ack(mid, qos))[1])
+    real_ack_many = service.client.ack_many
+    monkeypatch.setattr(service.client, "ack_many", lambda mids: (acked.extend(mids), real_ack_many(mids))[1])
     service.start()
     try:
         wait_until(service.connected.is_set, 20, message="the service to subscribe")
