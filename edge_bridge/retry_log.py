@@ -218,9 +218,16 @@ class RetryLog:
         return count
 
     def size_bytes(self) -> int:
-        wal = self.path.with_name(self.path.name + ".wal")
-        return sum(p.stat().st_size for p in (self.path, wal) if p.exists())
+        """The file and its write-ahead log, which a checkpoint deletes at any moment."""
+        return sum(_size(p) for p in (self.path, self.path.with_name(self.path.name + ".wal")))
 
     def close(self) -> None:
         with self._lock:
             self._con.close()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0

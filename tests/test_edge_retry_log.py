@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from edge_bridge.retry_log import RetryLog
 
 
@@ -61,3 +63,32 @@ def test_has_room_turns_false_at_the_configured_bound(tmp_path):
     assert log.has_room()
     log.add(jobs(1, prefix="last"))
     assert not log.has_room()
+
+
+def test_size_is_readable_while_checkpoints_delete_the_wal(tmp_path):
+    # The status page reads the size from another thread while commits create the WAL and
+    # checkpoints delete it: a file gone between two looks must not fail the status page.
+    log = RetryLog(tmp_path / "retry_log.duckdb")
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def read_sizes() -> None:
+        while not done.is_set():
+            try:
+                assert log.size_bytes() > 0
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertion below
+                errors.append(exc)
+                return
+
+    reader = threading.Thread(target=read_sizes)
+    reader.start()
+    try:
+        for i in range(300):
+            log.add([(f"e-{i}", "{}", "SQS unreachable")])
+            with log._lock:
+                log._con.execute("CHECKPOINT")  # what DuckDB does by itself as the WAL grows
+    finally:
+        done.set()
+        reader.join()
+    assert not errors, errors[0]
+    log.close()

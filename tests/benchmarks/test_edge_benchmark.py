@@ -232,19 +232,21 @@ def outage_and_replay_rates(stack) -> tuple[float, float]:
     preload(stack, "bench-outage")
     edge = start_edge(stack, "bench-outage", url, proxy.url)
     admin = AdminClient(edge.admin_url)
-    # As for the bridge, the clock starts at the CONNACK: the backlog flows into the retry log from there.
-    wait_until(lambda: "connected to MQTT" in edge.log(), 120, interval=0.005, message="the service to connect")
-    started = time.perf_counter()
-    wait_until(lambda: admin.status()["jobs_pending"] >= N, 600, interval=0.05, message="the backlog in the retry log")
-    into_log = N / (time.perf_counter() - started)
-    proxy.open()
-    started = time.perf_counter()
-    wait_until(lambda: admin.status()["jobs_pending"] == 0, 600, interval=0.05, message="the replay to drain the retry log")
-    replay = N / (time.perf_counter() - started)
-    assert depth(stack, url) >= N
-    edge.stop()
-    proxy.cut()
-    drop_session(stack["broker"].port, "bench-outage")
+    try:
+        # As for the bridge, the clock starts at the CONNACK: the backlog flows into the retry log from there.
+        wait_until(lambda: "connected to MQTT" in edge.log(), 120, interval=0.005, message="the service to connect")
+        started = time.perf_counter()
+        wait_until(lambda: admin.status()["jobs_pending"] >= N, 600, interval=0.05, message="the backlog in the retry log")
+        into_log = N / (time.perf_counter() - started)
+        proxy.open()
+        started = time.perf_counter()
+        wait_until(lambda: admin.status()["jobs_pending"] == 0, 600, interval=0.05, message="the replay to drain the retry log")
+        replay = N / (time.perf_counter() - started)
+        assert depth(stack, url) >= N
+    finally:
+        edge.stop()
+        proxy.cut()
+        drop_session(stack["broker"].port, "bench-outage")
     return into_log, replay
 
 
