@@ -165,3 +165,67 @@ def test_metrics_endpoint_and_handled_log_carry_queue_to_handled_latency_per_pri
     log = read_log(s3_filesystem(), "events-archive", "priority_handled")
     assert sorted(log.column("priority").to_pylist()) == ["high", "low", "medium"]
     assert set(log.schema.names) >= {"event_id", "event_type", "site_id", "priority", "enqueued_at", "handled_at", "latency_ms"}
+
+
+def test_failed_automation_webhook_is_retried_with_backoff_until_delivered(priority, tmp_path, monkeypatch):
+    routing, urls = priority  # retry_delays_s (1, 1, 2)
+    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    automation = PartnerReceiver(secret, fail_first=2).start()
+    monkeypatch.setenv("TEST_AUTOMATION_URL", automation.url)
+    monkeypatch.setenv("TEST_AUTOMATION_SECRET", secret)
+    send(urls["high"], [sample_envelope(event_type="intrusion_alert", payload={"zone": "3"}).to_json()])
+    consumer = consumer_in_process(routing, tmp_path)
+    try:
+        wait_until(lambda: len(automation.accepted) == 1, 30, message="the automation webhook after two failures")
+    finally:
+        consumer.stop()
+        automation.stop()
+    assert query(tmp_path, "SELECT webhook_status FROM incidents") == [("delivered",)]
+    [webhook_id] = automation.accepted
+    attempts = automation.attempts_for(webhook_id)
+    assert [a.status for a in attempts] == [500, 500, 200] and all(a.verified for a in attempts)
+    gaps = [later.at - earlier.at for earlier, later in zip(attempts, attempts[1:])]
+    assert all(gap >= 0.9 for gap in gaps), gaps  # each retry waited out its delay
+
+
+def test_automation_webhook_that_keeps_failing_is_given_up_with_the_count_and_error(priority, tmp_path, monkeypatch):
+    routing, urls = priority
+    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    automation = PartnerReceiver(secret, always_fail=True).start()
+    monkeypatch.setenv("TEST_AUTOMATION_URL", automation.url)
+    monkeypatch.setenv("TEST_AUTOMATION_SECRET", secret)
+    send(urls["high"], [sample_envelope(event_type="intrusion_alert", payload={"zone": "4"}).to_json()])
+    consumer = consumer_in_process(routing, tmp_path)
+    try:
+        wait_until(lambda: len(automation.requests) == 4, 30, message="the first attempt and one per delay")
+    finally:
+        consumer.stop()
+        automation.stop()
+    [(status,)] = query(tmp_path, "SELECT webhook_status FROM incidents")
+    assert status.startswith("failed after 4 attempts: ") and "500" in status, status
+
+
+def test_a_restarted_consumer_resumes_an_automation_webhook_it_was_retrying(priority, tmp_path, monkeypatch):
+    routing, urls = priority
+    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    automation = PartnerReceiver(secret, always_fail=True).start()
+    monkeypatch.setenv("TEST_AUTOMATION_URL", automation.url)
+    monkeypatch.setenv("TEST_AUTOMATION_SECRET", secret)
+    send(urls["high"], [sample_envelope(event_type="intrusion_alert", payload={"zone": "5"}).to_json()])
+    try:
+        consumer = consumer_in_process(routing, tmp_path)
+        try:
+            wait_until(lambda: len(automation.requests) == 2, 30, message="two failed attempts")
+        finally:
+            consumer.stop()
+        [(status,)] = query(tmp_path, "SELECT webhook_status FROM incidents")
+        assert status.startswith("retrying (attempt "), status
+        automation.always_fail = False  # the automation endpoint is back while the consumer was down
+        consumer = consumer_in_process(routing, tmp_path)
+        try:
+            wait_until(lambda: len(automation.accepted) == 1, 30, message="the resumed webhook")
+        finally:
+            consumer.stop()
+    finally:
+        automation.stop()
+    assert query(tmp_path, "SELECT webhook_status FROM incidents") == [("delivered",)]

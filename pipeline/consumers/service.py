@@ -9,6 +9,7 @@ urgent pending batch; a fourth deletes a batch's messages from SQS once it has c
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import queue
@@ -24,7 +25,7 @@ import requests
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from edge_bridge.envelope import EnvelopeRejected, format_ts, parse_envelope
-from pipeline.consumers.store import ConsumerStore, Item
+from pipeline.consumers.store import RETRYING, ConsumerStore, Item
 from pipeline.routing.config import PRIORITIES, RoutingConfig
 from pipeline.routing.logs import PRIORITY_HANDLED_SCHEMA, write_log
 from pipeline.routing.webhooks import post_signed
@@ -82,6 +83,8 @@ class PriorityConsumer:
         self.threads: dict[str, threading.Thread] = {}
         self.webhooks = ThreadPoolExecutor(max_workers=2)
         self.webhook_results: queue.Queue = queue.Queue()
+        self._webhook_retries: list[tuple[float, int, int, dict]] = []  # heap of (due, seq, attempt, incident)
+        self._webhook_retries_lock = threading.Lock()
         self.deletes: queue.Queue = queue.Queue()
         self.http = None
         self.ready = threading.Event()
@@ -176,6 +179,7 @@ class PriorityConsumer:
                     finally:
                         for event in dones:
                             event.set()
+                self._retry_due_webhooks()
                 self._store_webhook_results(store)
                 if time.monotonic() - last_export > self.settings.export_interval_s:
                     self._export(store)
@@ -245,7 +249,7 @@ class PriorityConsumer:
                 except Exception as exc:  # handled already: a redelivery is recognised by event_id
                     log.warning("delete of %d %s messages failed; they will come back as duplicates: %s", len(chunk), priority, exc)
 
-    def _call_automation(self, incident: dict) -> None:
+    def _call_automation(self, incident: dict, attempt: int = 1) -> None:
         rule = self.routing.automation.rule_for(incident["event_type"])
         url = os.environ.get(rule.webhook_env) if rule and rule.webhook_env else None
         secret = os.environ.get(rule.secret_env) if rule and rule.secret_env else None
@@ -254,14 +258,37 @@ class PriorityConsumer:
         if not secret:
             self.webhook_results.put((incident["incident_id"], f"failed: {rule.secret_env} is not set"))
             return
-        self.webhooks.submit(self._post_automation, url, secret, incident)
+        self.webhooks.submit(self._post_automation, url, secret, incident, attempt)
 
-    def _post_automation(self, url: str, secret: str, incident: dict) -> None:
+    def _post_automation(self, url: str, secret: str, incident: dict, attempt: int) -> None:
+        """One signed attempt; a failed one is tried again after the routing config's `retry_delays_s`.
+
+        The webhook-id is the incident id on every attempt, so the receiver can de-duplicate. Between
+        attempts the incident reads `retrying (attempt n): <error>`, which a restarted consumer resumes.
+        """
         import json
 
         body = json.dumps({**incident, "opened_at": format_ts(incident["opened_at"])}, sort_keys=True)
         result = post_signed(requests.Session(), url, secret, incident["incident_id"], body, 10)
-        self.webhook_results.put((incident["incident_id"], "delivered" if result.ok else f"failed: {result.error}"))
+        if result.ok:
+            status = "delivered"
+        elif attempt <= len(self.routing.retry_delays_s):
+            status = f"{RETRYING} (attempt {attempt}): {result.error}"
+            with self._webhook_retries_lock:
+                due = time.monotonic() + self.routing.retry_delays_s[attempt - 1]
+                heapq.heappush(self._webhook_retries, (due, next(self._seq), attempt + 1, incident))
+        else:
+            status = f"failed after {attempt} attempts: {result.error}"
+            log.warning("automation webhook for incident %s failed %d times; giving up: %s", incident["incident_id"], attempt, result.error)
+        self.webhook_results.put((incident["incident_id"], status))
+
+    def _retry_due_webhooks(self) -> None:
+        now, due = time.monotonic(), []
+        with self._webhook_retries_lock:
+            while self._webhook_retries and self._webhook_retries[0][0] <= now:
+                due.append(heapq.heappop(self._webhook_retries))
+        for _, _, attempt, incident in due:
+            self._call_automation(incident, attempt)
 
     def _store_webhook_results(self, store: ConsumerStore) -> None:
         statuses = []

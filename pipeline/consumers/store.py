@@ -21,6 +21,8 @@ import pyarrow as pa
 from edge_bridge.envelope import Envelope
 from pipeline.routing.config import AutomationConfig
 
+RETRYING = "retrying"  # the start of an incident's webhook_status between two attempts of its webhook
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     event_id VARCHAR PRIMARY KEY,
@@ -32,7 +34,7 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS incidents (
     incident_id VARCHAR PRIMARY KEY, event_id VARCHAR UNIQUE, event_type VARCHAR,
     site_id VARCHAR, device_id VARCHAR, opened_at TIMESTAMPTZ,
-    webhook_status VARCHAR  -- null: no webhook yet; 'delivered' | 'failed: …' | 'not_configured'
+    webhook_status VARCHAR  -- null: no webhook yet; 'retrying (attempt n): …' | 'delivered' | 'failed …' | 'not_configured'
 );
 CREATE TABLE IF NOT EXISTS device_status (
     site_id VARCHAR, device_id VARCHAR, last_seen TIMESTAMPTZ, last_event_type VARCHAR, state VARCHAR,
@@ -172,7 +174,11 @@ class ConsumerStore:
         self.con.execute("COMMIT")
 
     def pending_webhooks(self) -> list[dict]:
-        rows = self.con.execute("SELECT incident_id, event_id, event_type, site_id, device_id, opened_at FROM incidents WHERE webhook_status IS NULL").fetchall()
+        """Incidents whose automation webhook is not settled: never tried, or between two attempts."""
+        rows = self.con.execute(
+            "SELECT incident_id, event_id, event_type, site_id, device_id, opened_at FROM incidents WHERE webhook_status IS NULL OR starts_with(webhook_status, ?)",
+            [RETRYING],
+        ).fetchall()
         return [dict(zip(("incident_id", "event_id", "event_type", "site_id", "device_id", "opened_at"), r)) for r in rows]
 
     def unexported(self, limit: int = 50_000) -> list[dict]:
