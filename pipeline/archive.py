@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from pyarrow import fs
 
 from edge_bridge.envelope import SUPPORTED_MAJORS, Envelope, utc_now
+from pipeline.partitions import ARCHIVE_START
 
 TS = pa.timestamp("us", tz="UTC")
 ARCHIVE_SCHEMA = pa.schema(
@@ -47,6 +48,18 @@ COMPRESSION = "zstd"
 def hour_key(ts: datetime) -> str:
     """The hourly partition key, in Dagster's HourlyPartitionsDefinition format."""
     return ts.astimezone(timezone.utc).strftime("%Y-%m-%d-%H:00")
+
+
+def archive_hour(timestamp: datetime, received_at: datetime) -> str:
+    """The hour an event is archived under: the hour of its event time.
+
+    A device clock can put an event before the archive's first hour (a reset clock reads 1970), where
+    no partition exists: such an event is filed under the hour the edge received it (the gateway's clock,
+    kept by NTP) so that it is archived, not left in landing. Its row keeps both times as they were.
+    """
+    if timestamp >= ARCHIVE_START:
+        return hour_key(timestamp)
+    return hour_key(max(received_at, ARCHIVE_START))
 
 
 def parse_hour_key(key: str) -> datetime:
@@ -86,7 +99,7 @@ def write_landing(filesystem: fs.FileSystem, bucket: str, landing_prefix: str, e
     """
     by_hour: dict[str, list[Envelope]] = {}
     for env in envelopes:
-        by_hour.setdefault(hour_key(env.timestamp), []).append(env)
+        by_hour.setdefault(archive_hour(env.timestamp, env.received_at), []).append(env)
     written = {}
     for hour, group in sorted(by_hour.items()):
         table = envelopes_to_table(group, ingested_at)

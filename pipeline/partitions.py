@@ -4,6 +4,10 @@
 minutes; its compaction simply re-runs as more of the hour lands (it is idempotent).
 """
 
+from datetime import datetime, timezone
+
 from dagster import HourlyPartitionsDefinition
 
-archive_hourly_partitions = HourlyPartitionsDefinition(start_date="2024-01-01-00:00", timezone="UTC", end_offset=1)
+ARCHIVE_START = datetime(2024, 1, 1, tzinfo=timezone.utc)  # the first hour; earlier event times: see archive_hour
+
+archive_hourly_partitions = HourlyPartitionsDefinition(start_date=f"{ARCHIVE_START:%Y-%m-%d-%H:%M}", timezone="UTC", end_offset=1)

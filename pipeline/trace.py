@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 from pyarrow import fs
 
-from pipeline.archive import archive_dir, hour_key
+from pipeline.archive import archive_dir, archive_hour, hour_key
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ def trace_archive(filesystem: fs.FileSystem, bucket: str, event_id: str, around:
         searched = "every hour"
     stage = Stage("archive", bool(rows))
     for path, row in rows:
-        partition = hour_key(row["timestamp"])
+        partition = archive_hour(row["timestamp"], row["received_at"])
         stage.records.append({"partition": partition, "file": f"s3://{path}", "event_type": row["event_type"], "site_id": row["site_id"], "timestamp": row["timestamp"]})
         stage.lines.append(f"partition {partition}: s3://{path} ({row['event_type']} at {row['site_id']}, event time {row['timestamp']:%Y-%m-%d %H:%M:%S}Z)")
     if len(rows) > 1:

@@ -1,13 +1,16 @@
-"""Events stamped ahead of the clock are archived once their hour exists, not left behind in landing."""
+"""Events whose device clock is off are archived, never left behind in landing: stamped ahead of the
+clock, once their hour exists; stamped before the archive's first hour, under the hour they were received."""
 
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
-from dagster import DagsterInstance, build_sensor_context
+from dagster import DagsterInstance, build_sensor_context, materialize
 
 import pipeline.sensors as sensors
-from pipeline.archive import hour_key, parse_hour_key
+from pipeline.archive import hour_key, parse_hour_key, read_archive_hour
+from pipeline.assets import events_archive
 from pipeline.jobs import drain_events_job
 from pipeline.partitions import archive_hourly_partitions
+from pipeline.stack import s3_filesystem
 from tests.conftest import sample_envelope
 from tests.test_archive_exactly_once import resources, send
 
@@ -32,3 +35,21 @@ def test_an_event_from_a_future_hour_is_compacted_when_that_hour_opens(aws, monk
 
         again = sensors.archive_hours_sensor(build_sensor_context(instance=instance, cursor=opened.cursor, resources=resources()))
         assert not again.run_requests, "an opened hour is requested once"
+
+
+def test_an_event_stamped_before_the_archive_began_is_archived_under_the_hour_it_was_received(aws):
+    received = datetime(2024, 3, 5, 14, 20, tzinfo=timezone.utc)
+    reset_clock = sample_envelope(device_id="reset-rtc", timestamp=datetime(1970, 1, 1, 0, 0, 12, tzinfo=timezone.utc), received_at=received)
+    assert not archive_hourly_partitions.has_partition_key(hour_key(reset_clock.timestamp)), "1970 is before the first partition"
+
+    with DagsterInstance.ephemeral() as instance:
+        send(aws.provisioned.queues["events"], [reset_clock])
+        drained = drain_events_job.execute_in_process(resources=resources(), instance=instance)
+        assert drained.success
+        landed = [m.partition for m in (e.event_specific_data.materialization for e in drained.get_asset_materialization_events())]
+        assert landed == [hour_key(received)], "landed under the hour the edge received it"
+        assert materialize([events_archive], partition_key=hour_key(received), resources=resources(), instance=instance).success
+
+    archived = read_archive_hour(s3_filesystem(), "events-archive", hour_key(received))
+    assert archived.column("event_id").to_pylist() == [reset_clock.event_id]
+    assert archived.column("timestamp")[0].as_py() == reset_clock.timestamp, "the device's own time is kept"
