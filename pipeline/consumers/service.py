@@ -271,16 +271,16 @@ class PriorityConsumer:
         body = json.dumps({**incident, "opened_at": format_ts(incident["opened_at"])}, sort_keys=True)
         result = post_signed(requests.Session(), url, secret, incident["incident_id"], body, 10)
         if result.ok:
-            status = "delivered"
+            self.webhook_results.put((incident["incident_id"], "delivered"))
         elif attempt <= len(self.routing.retry_delays_s):
-            status = f"{RETRYING} (attempt {attempt}): {result.error}"
+            # The status goes first: the next attempt's, however soon it is due, is stored after it.
+            self.webhook_results.put((incident["incident_id"], f"{RETRYING} (attempt {attempt}): {result.error}"))
             with self._webhook_retries_lock:
                 due = time.monotonic() + self.routing.retry_delays_s[attempt - 1]
                 heapq.heappush(self._webhook_retries, (due, next(self._seq), attempt + 1, incident))
         else:
-            status = f"failed after {attempt} attempts: {result.error}"
+            self.webhook_results.put((incident["incident_id"], f"failed after {attempt} attempts: {result.error}"))
             log.warning("automation webhook for incident %s failed %d times; giving up: %s", incident["incident_id"], attempt, result.error)
-        self.webhook_results.put((incident["incident_id"], status))
 
     def _retry_due_webhooks(self) -> None:
         now, due = time.monotonic(), []
