@@ -44,6 +44,15 @@ def consumer_in_process(routing, tmp_path, **settings):
     return PriorityConsumer(routing, aws_client("sqs"), ConsumerSettings(db_path=str(tmp_path / "consumer.duckdb"), **settings), s3_filesystem()).start()
 
 
+def automation_endpoint(monkeypatch, **behaviour) -> PartnerReceiver:
+    """A signed-webhook receiver that the AUTOMATION rule's environment variables point at."""
+    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    receiver = PartnerReceiver(secret, **behaviour).start()
+    monkeypatch.setenv("TEST_AUTOMATION_URL", receiver.url)
+    monkeypatch.setenv("TEST_AUTOMATION_SECRET", secret)
+    return receiver
+
+
 def handled_total(consumer):
     return sum(consumer.metrics.handled.labels(priority=p)._value.get() for p in ("high", "medium", "low"))
 
@@ -91,10 +100,7 @@ def scrape_handled(port, priority_name):
 
 def test_redelivered_event_is_handled_once_with_one_incident_and_one_signed_automation_call(priority, tmp_path, monkeypatch):
     routing, urls = priority
-    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
-    automation = PartnerReceiver(secret).start()
-    monkeypatch.setenv("TEST_AUTOMATION_URL", automation.url)
-    monkeypatch.setenv("TEST_AUTOMATION_SECRET", secret)
+    automation = automation_endpoint(monkeypatch)
     alert = sample_envelope(event_type="intrusion_alert", payload={"zone": "3"}).to_json()
     send(urls["high"], [alert])
     consumer = consumer_in_process(routing, tmp_path)
@@ -169,10 +175,7 @@ def test_metrics_endpoint_and_handled_log_carry_queue_to_handled_latency_per_pri
 
 def test_failed_automation_webhook_is_retried_with_backoff_until_delivered(priority, tmp_path, monkeypatch):
     routing, urls = priority  # retry_delays_s (1, 1, 2)
-    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
-    automation = PartnerReceiver(secret, fail_first=2).start()
-    monkeypatch.setenv("TEST_AUTOMATION_URL", automation.url)
-    monkeypatch.setenv("TEST_AUTOMATION_SECRET", secret)
+    automation = automation_endpoint(monkeypatch, fail_first=2)
     send(urls["high"], [sample_envelope(event_type="intrusion_alert", payload={"zone": "3"}).to_json()])
     consumer = consumer_in_process(routing, tmp_path)
     try:
@@ -190,10 +193,7 @@ def test_failed_automation_webhook_is_retried_with_backoff_until_delivered(prior
 
 def test_automation_webhook_that_keeps_failing_is_given_up_with_the_count_and_error(priority, tmp_path, monkeypatch):
     routing, urls = priority
-    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
-    automation = PartnerReceiver(secret, always_fail=True).start()
-    monkeypatch.setenv("TEST_AUTOMATION_URL", automation.url)
-    monkeypatch.setenv("TEST_AUTOMATION_SECRET", secret)
+    automation = automation_endpoint(monkeypatch, always_fail=True)
     send(urls["high"], [sample_envelope(event_type="intrusion_alert", payload={"zone": "4"}).to_json()])
     consumer = consumer_in_process(routing, tmp_path)
     try:
@@ -207,10 +207,7 @@ def test_automation_webhook_that_keeps_failing_is_given_up_with_the_count_and_er
 
 def test_a_restarted_consumer_resumes_an_automation_webhook_it_was_retrying(priority, tmp_path, monkeypatch):
     routing, urls = priority
-    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
-    automation = PartnerReceiver(secret, always_fail=True).start()
-    monkeypatch.setenv("TEST_AUTOMATION_URL", automation.url)
-    monkeypatch.setenv("TEST_AUTOMATION_SECRET", secret)
+    automation = automation_endpoint(monkeypatch, always_fail=True)
     send(urls["high"], [sample_envelope(event_type="intrusion_alert", payload={"zone": "5"}).to_json()])
     try:
         consumer = consumer_in_process(routing, tmp_path)
