@@ -53,6 +53,19 @@ def automation_endpoint(monkeypatch, **behaviour) -> PartnerReceiver:
     return receiver
 
 
+def send_alert(urls, zone: str) -> None:
+    send(urls["high"], [sample_envelope(event_type="intrusion_alert", payload={"zone": zone}).to_json()])
+
+
+def consume_until(routing, tmp_path, condition, message: str) -> None:
+    """Run a consumer until `condition` holds, then stop it."""
+    consumer = consumer_in_process(routing, tmp_path)
+    try:
+        wait_until(condition, 30, message=message)
+    finally:
+        consumer.stop()
+
+
 def handled_total(consumer):
     return sum(consumer.metrics.handled.labels(priority=p)._value.get() for p in ("high", "medium", "low"))
 
@@ -176,12 +189,10 @@ def test_metrics_endpoint_and_handled_log_carry_queue_to_handled_latency_per_pri
 def test_failed_automation_webhook_is_retried_with_backoff_until_delivered(priority, tmp_path, monkeypatch):
     routing, urls = priority  # retry_delays_s (1, 1, 2)
     automation = automation_endpoint(monkeypatch, fail_first=2)
-    send(urls["high"], [sample_envelope(event_type="intrusion_alert", payload={"zone": "3"}).to_json()])
-    consumer = consumer_in_process(routing, tmp_path)
     try:
-        wait_until(lambda: len(automation.accepted) == 1, 30, message="the automation webhook after two failures")
+        send_alert(urls, zone="3")
+        consume_until(routing, tmp_path, lambda: len(automation.accepted) == 1, "the automation webhook after two failures")
     finally:
-        consumer.stop()
         automation.stop()
     assert query(tmp_path, "SELECT webhook_status FROM incidents") == [("delivered",)]
     [webhook_id] = automation.accepted
@@ -194,12 +205,10 @@ def test_failed_automation_webhook_is_retried_with_backoff_until_delivered(prior
 def test_automation_webhook_that_keeps_failing_is_given_up_with_the_count_and_error(priority, tmp_path, monkeypatch):
     routing, urls = priority
     automation = automation_endpoint(monkeypatch, always_fail=True)
-    send(urls["high"], [sample_envelope(event_type="intrusion_alert", payload={"zone": "4"}).to_json()])
-    consumer = consumer_in_process(routing, tmp_path)
     try:
-        wait_until(lambda: len(automation.requests) == 4, 30, message="the first attempt and one per delay")
+        send_alert(urls, zone="4")
+        consume_until(routing, tmp_path, lambda: len(automation.requests) == 4, "the first attempt and one per delay")
     finally:
-        consumer.stop()
         automation.stop()
     [(status,)] = query(tmp_path, "SELECT webhook_status FROM incidents")
     assert status.startswith("failed after 4 attempts: ") and "500" in status, status
@@ -208,21 +217,13 @@ def test_automation_webhook_that_keeps_failing_is_given_up_with_the_count_and_er
 def test_a_restarted_consumer_resumes_an_automation_webhook_it_was_retrying(priority, tmp_path, monkeypatch):
     routing, urls = priority
     automation = automation_endpoint(monkeypatch, always_fail=True)
-    send(urls["high"], [sample_envelope(event_type="intrusion_alert", payload={"zone": "5"}).to_json()])
     try:
-        consumer = consumer_in_process(routing, tmp_path)
-        try:
-            wait_until(lambda: len(automation.requests) == 2, 30, message="two failed attempts")
-        finally:
-            consumer.stop()
+        send_alert(urls, zone="5")
+        consume_until(routing, tmp_path, lambda: len(automation.requests) == 2, "two failed attempts")
         [(status,)] = query(tmp_path, "SELECT webhook_status FROM incidents")
         assert status.startswith("retrying (attempt "), status
         automation.always_fail = False  # the automation endpoint is back while the consumer was down
-        consumer = consumer_in_process(routing, tmp_path)
-        try:
-            wait_until(lambda: len(automation.accepted) == 1, 30, message="the resumed webhook")
-        finally:
-            consumer.stop()
+        consume_until(routing, tmp_path, lambda: len(automation.accepted) == 1, "the resumed webhook")
     finally:
         automation.stop()
     assert query(tmp_path, "SELECT webhook_status FROM incidents") == [("delivered",)]
