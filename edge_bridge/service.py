@@ -300,9 +300,10 @@ class EdgeService:
             self.metrics.send_latency.observe(seconds)
         if result.claim_checks:
             self.metrics.claim_checks.inc(result.claim_checks)
-        for token, reason, detail in result.rejected:
-            self.quarantine.put(batch[token].topic, batch[token].payload, reason, detail)
-            self.metrics.quarantined.labels(reason).inc()
+        if result.rejected:
+            self.quarantine.put_many([(batch[token].topic, batch[token].payload, reason, detail) for token, reason, detail in result.rejected])
+            for reason, count in collections.Counter(reason for _, reason, _ in result.rejected).items():
+                self.metrics.quarantined.labels(reason).inc(count)
         # Quarantined durably: acking those too loses nothing and unblocks the stream.
         self._acknowledge([batch[token] for token in result.sent] + [batch[token] for token, _, _ in result.rejected])
         if result.sent:
