@@ -41,6 +41,11 @@ class EdgeConfig:
     probe_interval_s: float = 1.0
     max_message_bytes: int = 262144
     claim_check_bucket: str = "events-claim-check"
+    # Mutating admin endpoints (POST /events, /dlq/replay) need this bearer token; unset: they refuse.
+    admin_token: str | None = None
+    # Edge quarantine: rotated at this size, keeping this many rotated files; what rotation drops is counted.
+    quarantine_max_bytes: int = 64 * 1024 * 1024
+    quarantine_keep_files: int = 4
 
     @classmethod
     def from_env(cls) -> "EdgeConfig":
@@ -67,6 +72,9 @@ class EdgeConfig:
             probe_interval_s=float(_env("EDGE_PROBE_INTERVAL_S", "1")),
             max_message_bytes=int(_env("EDGE_MAX_MESSAGE_BYTES", "262144")),
             claim_check_bucket=_env("EDGE_CLAIM_CHECK_BUCKET", "events-claim-check"),
+            admin_token=_env("EDGE_ADMIN_TOKEN"),
+            quarantine_max_bytes=int(_env("EDGE_QUARANTINE_MAX_BYTES", str(64 * 1024 * 1024))),
+            quarantine_keep_files=int(_env("EDGE_QUARANTINE_KEEP_FILES", "4")),
         )
 
     def queue_url(self) -> str:
