@@ -92,7 +92,7 @@ def provision(config: StackConfig | None = None) -> Provisioned:
     out.buckets.append(config.claim_check.bucket)
     from pipeline.routing.provisioning import provision_routing
 
-    out.queues.update(provision_routing(sqs))
+    out.queues.update(provision_routing(sqs, stack=config))
     log.info("provisioned queues=%s buckets=%s", sorted(out.queues), out.buckets)
     return out
 

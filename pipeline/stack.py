@@ -45,6 +45,27 @@ class EventsQueueConfig(_Strict):
         return f"{self.dead_letter.name}.fifo" if self.fifo else self.dead_letter.name
 
 
+class PriorityDeadLetterConfig(_Strict):
+    max_receive_count: int = Field(5, ge=1, le=1000)
+
+
+class PriorityQueuesConfig(_Strict):
+    """The priority queues (named in `config/routing.yaml`) that the priority consumer reads.
+
+    Each redrives to `dead_letter_queue_name(queue)` after `max_receive_count` receives, so a message
+    the consumer never manages to commit stops coming back ahead of the queue.
+    """
+
+    dead_letter: PriorityDeadLetterConfig = PriorityDeadLetterConfig()
+
+
+def dead_letter_queue_name(queue_name: str) -> str:
+    """`events-high` -> `events-high-dlq`; a FIFO queue's DLQ must be FIFO too: `x.fifo` -> `x-dlq.fifo`."""
+    if queue_name.endswith(".fifo"):
+        return f"{queue_name[: -len('.fifo')]}-dlq.fifo"
+    return f"{queue_name}-dlq"
+
+
 class ArchiveConfig(_Strict):
     bucket: str = "events-archive"
     landing_prefix: str = "landing"
@@ -57,6 +78,7 @@ class ClaimCheckConfig(_Strict):
 class StackConfig(_Strict):
     region: str = "us-east-1"
     events_queue: EventsQueueConfig = EventsQueueConfig()
+    priority_queues: PriorityQueuesConfig = PriorityQueuesConfig()
     archive: ArchiveConfig = ArchiveConfig()
     claim_check: ClaimCheckConfig = ClaimCheckConfig()
 

@@ -1,11 +1,16 @@
-"""Queues the routing config implies: high/medium/low priority queues and a queue + DLQ per partner."""
+"""Queues the routing config implies: high/medium/low priority queues and a queue + DLQ per partner.
+
+Every one of them feeds a consumer, so every one has a redrive policy: a message that its consumer
+cannot get past is set aside in a DLQ after a bounded number of receives instead of coming back for ever.
+"""
 
 from __future__ import annotations
 
 import logging
 
-from pipeline.provisioning import ensure_queue, ensure_queue_with_dlq
+from pipeline.provisioning import ensure_queue_with_dlq
 from pipeline.routing.config import PRIORITIES, RoutingConfig, load_routing_config
+from pipeline.stack import StackConfig, dead_letter_queue_name, load_stack_config
 
 log = logging.getLogger(__name__)
 
@@ -13,13 +18,16 @@ PRIORITY_QUEUE_ATTRIBUTES = {"VisibilityTimeout": 30, "MessageRetentionPeriod": 
 PARTNER_QUEUE_ATTRIBUTES = {"VisibilityTimeout": 60, "MessageRetentionPeriod": 1209600}
 
 
-def provision_routing(sqs, routing: RoutingConfig | None = None) -> dict[str, str]:
-    """Create or update every routing queue; idempotent. Returns name -> URL."""
+def provision_routing(sqs, routing: RoutingConfig | None = None, stack: StackConfig | None = None) -> dict[str, str]:
+    """Create or update every routing queue and its DLQ; idempotent. Returns name -> URL."""
     routing = routing or load_routing_config()
+    stack = stack or load_stack_config()
     queues: dict[str, str] = {}
     for priority in PRIORITIES:
         name = routing.priority.queue_for(priority)
-        queues[name] = ensure_queue(sqs, name, PRIORITY_QUEUE_ATTRIBUTES)
+        dlq_name = dead_letter_queue_name(name)
+        url, dlq = ensure_queue_with_dlq(sqs, name, dlq_name, stack.priority_queues.dead_letter.max_receive_count, PRIORITY_QUEUE_ATTRIBUTES)
+        queues[name], queues[dlq_name] = url, dlq
     for partner in routing.partners:
         # Retries are counted by the delivery run; the redrive is only a backstop for a message
         # that crashes every run that receives it.
