@@ -73,7 +73,7 @@ def receive_window(sqs, queue_url: str, max_messages: int, wait_time_s: int = 1,
     return window
 
 
-def parse_window(window: Window, s3_client=None) -> ParsedWindow:
+def parse_window(window: Window, s3_client=None, claim_check_bucket: str | None = None) -> ParsedWindow:
     """Validate every message and keep one event per event_id; the rest are duplicates or quarantined.
 
     A claim-check pointer (an event the edge stored in S3 because it exceeded the SQS size limit) is
@@ -87,14 +87,20 @@ def parse_window(window: Window, s3_client=None) -> ParsedWindow:
             body = msg.body
             pointer = claim_check_pointer(body)
             if pointer is not None:
-                from edge_bridge.claim_check import resolve
+                from edge_bridge.claim_check import verify_and_fetch
 
                 if s3_client is None:
                     from pipeline.stack import aws_client
 
                     s3_client = aws_client("s3")
+                if claim_check_bucket is None:
+                    from pipeline.stack import load_stack_config
+
+                    claim_check_bucket = load_stack_config().claim_check.bucket
                 try:
-                    body = resolve(s3_client, pointer)
+                    body = verify_and_fetch(s3_client, body, bucket=claim_check_bucket)
+                except EnvelopeRejected:
+                    raise
                 except Exception as exc:  # noqa: BLE001 - S3 unavailable: leave the message for redelivery
                     log.warning("claim check s3://%s/%s unresolved (%s); leaving the message in SQS", pointer.bucket, pointer.key, exc)
                     continue

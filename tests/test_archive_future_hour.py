@@ -6,6 +6,7 @@ from datetime import datetime, timedelta, timezone
 from dagster import DagsterInstance, build_sensor_context, materialize
 
 import pipeline.sensors as sensors
+from edge_bridge.envelope import MAX_CLOCK_SKEW
 from pipeline.archive import hour_key, parse_hour_key, read_archive_hour
 from pipeline.assets import events_archive
 from pipeline.jobs import drain_events_job
@@ -17,8 +18,11 @@ from tests.test_archive_exactly_once import resources, send
 
 def test_an_event_from_a_future_hour_is_compacted_when_that_hour_opens(aws, monkeypatch):
     now_hour = archive_hourly_partitions.get_last_partition_key()
-    future = parse_hour_key(now_hour) + timedelta(hours=3)
-    ahead = sample_envelope(device_id="fast-clock", timestamp=future + timedelta(minutes=5))
+    # As far ahead as the contract lets a clock be: received (by the forwarder) within the skew of now,
+    # stamped within the skew of that, so always in an hour after the current one.
+    received = datetime.now(timezone.utc) + MAX_CLOCK_SKEW - timedelta(minutes=5)
+    ahead = sample_envelope(device_id="fast-clock", timestamp=received + MAX_CLOCK_SKEW - timedelta(minutes=5), received_at=received)
+    future = parse_hour_key(hour_key(ahead.timestamp))
     assert not archive_hourly_partitions.has_partition_key(hour_key(ahead.timestamp)), "the event's hour is not a partition yet"
 
     with DagsterInstance.ephemeral() as instance:
@@ -29,7 +33,7 @@ def test_an_event_from_a_future_hour_is_compacted_when_that_hour_opens(aws, monk
         before = sensors.archive_hours_sensor(build_sensor_context(instance=instance, resources=resources()))
         assert not before.run_requests, "nothing to compact while the hour does not exist"
 
-        monkeypatch.setattr(sensors, "_latest_hour", lambda: hour_key(future))  # three hours later
+        monkeypatch.setattr(sensors, "_latest_hour", lambda: hour_key(future))  # once the event's hour has opened
         opened = sensors.archive_hours_sensor(build_sensor_context(instance=instance, cursor=before.cursor, resources=resources()))
         assert [r.partition_key for r in opened.run_requests] == [hour_key(future)]
 
