@@ -3,21 +3,33 @@
 GET  /metrics      Prometheus text format
 GET  /healthz      200 when the service can take events; 503 when MQTT is down or the retry log is full
 GET  /status       counts as JSON (the CLI's `status`)
-GET  /dlq?limit=N  dead letters (event id, attempts, last error)
+GET  /dlq?limit=N  dead letters (event id, attempts, last error); N from 1 to MAX_DLQ_LIMIT, default 100
 POST /dlq/replay   move the DLQ back for delivery (the 02:00 schedule and the CLI call this)
 POST /events       an internal event {"event_type", "payload", "device_id"}; 202 once persisted
 
-It listens on loopback by default: it is for the site's own tools, not the network.
+It listens on loopback by default: it is for the site's own tools, not the network. Loopback is still
+reachable from any browser on the machine, so:
+
+- the POST endpoints need `Authorization: Bearer $EDGE_ADMIN_TOKEN` (403 while no token is configured,
+  401 for a missing or wrong one); the GET endpoints stay open, for Prometheus and health checks;
+- a request a browser made for another site's page is refused (403): it carries `Origin`, or
+  `Sec-Fetch-Site` other than `same-origin`/`none`. None of the site's tools sends either;
+- a POST body must say `Content-Type: application/json` (a cross-site form cannot) and declare its
+  `Content-Length`, at most MAX_REQUEST_BYTES; a larger one is refused (413) before any of it is read.
+
+Every refusal is a JSON object with an `error` that says what was wrong.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
@@ -28,24 +40,68 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 1 << 20
+MAX_DLQ_LIMIT = 100_000
+# A client that declares a body and then does not send it must not hold a handler thread for ever.
+REQUEST_TIMEOUT_S = 30.0
+_BROWSER_FETCH_SITES_ALLOWED = {"same-origin", "none"}
+_DIGITS = re.compile(r"[0-9]{1,12}")
+
+
+class Refused(Exception):
+    """A request the API answers with `status` and a JSON error instead of doing what it asked."""
+
+    def __init__(self, status: int, error: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.headers = headers or {}
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 class _Handler(BaseHTTPRequestHandler):
     service: "EdgeService"
+    admin_token: str | None
+    timeout = REQUEST_TIMEOUT_S
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the stdlib's signature
         log.debug("admin %s", format % args)
 
-    def _reply(self, status: int, body: bytes | dict | list, content_type: str = "application/json") -> None:
+    def _reply(self, status: int, body: bytes | dict | list, content_type: str = "application/json", headers: dict[str, str] | None = None) -> None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
+    def _answer(self, route) -> None:
+        """Run `route`, turning a refusal into its JSON error and anything unforeseen into a 500 that names it."""
+        try:
+            try:
+                self._refuse_cross_origin()
+                route(urlsplit(self.path))
+            except Refused as refused:
+                self._reply(refused.status, {"error": refused.error}, headers=refused.headers)
+            except ConnectionError:
+                raise
+            except Exception as exc:
+                log.exception("admin %s %s failed", self.command, self.path)
+                self._reply(500, {"error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+        except ConnectionError:
+            log.debug("admin client of %s %s went away", self.command, self.path)
+
     def do_GET(self) -> None:  # noqa: N802
-        url = urlparse(self.path)
+        self._answer(self._get)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._answer(self._post)
+
+    def _get(self, url) -> None:
         if url.path == "/metrics":
             self._reply(200, generate_latest(self.service.metrics.registry), CONTENT_TYPE_LATEST)
         elif url.path == "/healthz":
@@ -55,46 +111,121 @@ class _Handler(BaseHTTPRequestHandler):
         elif url.path == "/status":
             self._reply(200, self.service.status())
         elif url.path == "/dlq":
-            limit = int(parse_qs(url.query).get("limit", ["100"])[0])
+            limit = _dlq_limit(url.query)
             letters = self.service.retry_log.dead_letters(limit)
             self._reply(200, [letter.__dict__ for letter in letters])
         else:
-            self._reply(404, {"error": f"no such endpoint {url.path}"})
+            raise Refused(404, f"no such endpoint {url.path}")
 
-    def do_POST(self) -> None:  # noqa: N802
-        url = urlparse(self.path)
+    def _post(self, url) -> None:
+        if url.path not in ("/dlq/replay", "/events"):
+            raise Refused(404, f"no such endpoint {url.path}")
+        self._authorize()
+        body = self._read_json_body(required=url.path == "/events")
         if url.path == "/dlq/replay":
             self._reply(200, {"replayed": self.service.replay_dlq()})
-        elif url.path == "/events":
-            self._post_event()
         else:
-            self._reply(404, {"error": f"no such endpoint {url.path}"})
+            self._post_event(body)
 
-    def _post_event(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
+    def _refuse_cross_origin(self) -> None:
+        """A browser tags what a page makes it send; the site's own tools are not browsers, so refuse those."""
+        if self.headers.get("Origin") is not None:
+            raise Refused(403, "cross-origin requests are refused: the admin API is for the site's own tools, not browsers")
+        fetch_site = self.headers.get("Sec-Fetch-Site")
+        if fetch_site is not None and fetch_site.strip().lower() not in _BROWSER_FETCH_SITES_ALLOWED:
+            raise Refused(403, f"cross-origin requests are refused (Sec-Fetch-Site: {fetch_site[:40]})")
+
+    def _authorize(self) -> None:
+        if not self.admin_token:
+            raise Refused(403, "mutating endpoints are disabled until EDGE_ADMIN_TOKEN is set for the edge service")
+        scheme, _, presented = (self.headers.get("Authorization") or "").strip().partition(" ")
+        # Compared as bytes: compare_digest refuses non-ASCII str, and headers arrive decoded as latin-1.
+        presented_bytes = presented.strip().encode("latin-1", "replace")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented_bytes, self.admin_token.encode("utf-8")):
+            raise Refused(401, "missing or wrong admin token: send Authorization: Bearer $EDGE_ADMIN_TOKEN", {"WWW-Authenticate": "Bearer"})
+
+    def _read_json_body(self, required: bool) -> object:
+        """The request's JSON body, bounded by a declared Content-Length; None when there is none."""
+        if self.headers.get("Transfer-Encoding") is not None:
+            raise Refused(411, "send the body with a Content-Length, not a Transfer-Encoding")
+        if len(self.headers.get_all("Content-Length") or []) > 1:
+            raise Refused(400, "Content-Length given more than once")
+        declared = self.headers.get("Content-Length")
+        if declared is None:
+            if required:
+                raise Refused(411, "a Content-Length is required")
+            return None
+        if not _DIGITS.fullmatch(declared.strip()):
+            raise Refused(400, f"malformed Content-Length: {declared[:40]!r}")
+        length = int(declared)
         if length > MAX_REQUEST_BYTES:
-            self._reply(413, {"error": f"request over {MAX_REQUEST_BYTES} bytes"})
-            return
+            self.close_connection = True  # the body stays unread, so the connection cannot carry another request
+            raise Refused(413, f"request body of {length} bytes is over the limit of {MAX_REQUEST_BYTES} bytes")
+        if length == 0:
+            if required:
+                raise Refused(400, "a JSON body is required")
+            return None
+        media_type = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+        if media_type != "application/json":
+            self.close_connection = True
+            raise Refused(415, f"Content-Type must be application/json, not {media_type[:60] or 'missing'!r}")
         try:
-            data = json.loads(self.rfile.read(length) or b"{}")
-            if not isinstance(data, dict) or not isinstance(data.get("event_type"), str):
-                raise ValueError("expected an object with a string event_type")
-            payload = data.get("payload", {})
-            if not isinstance(payload, dict):
-                raise ValueError("payload must be an object")
-            envelope = self.service.emit(data["event_type"], payload, device_id=str(data.get("device_id") or "edge-service"))
+            raw = self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            raise Refused(408, f"request body not received within {REQUEST_TIMEOUT_S:.0f}s") from None
+        if len(raw) < length:
+            self.close_connection = True
+            raise Refused(400, f"request body ended after {len(raw)} of {length} declared bytes")
+        try:
+            return json.loads(raw, parse_constant=_reject_constant)
+        except RecursionError:
+            raise Refused(400, "invalid JSON: nested too deeply") from None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN/Infinity
+            raise Refused(400, f"invalid JSON: {str(exc)[:200]}") from None
+
+    def _post_event(self, data: object) -> None:
+        if not isinstance(data, dict) or not isinstance(data.get("event_type"), str):
+            raise Refused(400, "expected a JSON object with a string event_type")
+        payload = data.get("payload", {})
+        if not isinstance(payload, dict):
+            raise Refused(400, "payload must be a JSON object")
+        device_id = data.get("device_id")
+        if device_id is not None and not isinstance(device_id, str):
+            raise Refused(400, "device_id must be a string")
+        try:
+            envelope = self.service.emit(data["event_type"], payload, device_id=device_id or "edge-service")
         except (ValueError, ValidationError) as exc:
-            self._reply(400, {"error": str(exc)[:500]})
-            return
+            raise Refused(400, str(exc)[:500]) from None
+        except RecursionError:
+            raise Refused(400, "payload nested too deeply") from None
         except TimeoutError as exc:
-            self._reply(503, {"error": str(exc)})
-            return
+            raise Refused(503, str(exc)) from None
         self._reply(202, {"event_id": envelope.event_id, "idempotency_key": envelope.idempotency_key})
 
 
+def _dlq_limit(query: str) -> int:
+    """`limit` of GET /dlq: a whole number from 1 to MAX_DLQ_LIMIT; anything else is the caller's mistake (400)."""
+    try:
+        params = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query), max_num_fields=10)
+    except ValueError as exc:
+        raise Refused(400, f"malformed query string: {str(exc)[:100]}") from None
+    unknown = sorted(set(params) - {"limit"})
+    if unknown:
+        raise Refused(400, f"unknown query parameter {unknown[0][:40]!r}; /dlq takes only limit")
+    values = params.get("limit", ["100"])
+    if len(values) != 1:
+        raise Refused(400, "limit given more than once")
+    [value] = values
+    if not _DIGITS.fullmatch(value) or not 1 <= int(value) <= MAX_DLQ_LIMIT:
+        raise Refused(400, f"limit must be a whole number from 1 to {MAX_DLQ_LIMIT}, not {value[:40]!r}")
+    return int(value)
+
+
 class AdminServer:
-    def __init__(self, service: "EdgeService", host: str, port: int) -> None:
-        handler = type("AdminHandler", (_Handler,), {"service": service})
+    def __init__(self, service: "EdgeService", host: str, port: int, admin_token: str | None = None) -> None:
+        token = admin_token if admin_token is not None else service.config.admin_token
+        handler = type("AdminHandler", (_Handler,), {"service": service, "admin_token": token or None})
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
@@ -103,6 +234,8 @@ class AdminServer:
     def start(self) -> "AdminServer":
         self._thread.start()
         log.info("admin API on http://%s:%d", *self.httpd.server_address[:2])
+        if not self.httpd.RequestHandlerClass.admin_token:
+            log.warning("EDGE_ADMIN_TOKEN is not set: POST /events and /dlq/replay refuse every request")
         return self
 
     def stop(self) -> None:

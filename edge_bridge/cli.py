@@ -1,7 +1,9 @@
 """`python -m edge_bridge.cli status | dlq list | dlq replay | emit`: operate a running edge service.
 
 Everything goes through the service's admin API (`EDGE_ADMIN_URL`, default http://127.0.0.1:9108),
-because the service alone may write its DuckDB retry log.
+because the service alone may write its DuckDB retry log. `dlq replay` and `emit` change the service's
+state, so they send the service's token from `EDGE_ADMIN_TOKEN` (kept out of the command line, where
+any local user could read it in the process list).
 """
 
 from __future__ import annotations
@@ -15,16 +17,37 @@ import requests
 
 
 class AdminClient:
-    def __init__(self, base_url: str | None = None, timeout: float = 30.0) -> None:
+    """The admin API over HTTP; the POST endpoints send `EDGE_ADMIN_TOKEN` (read when the client is made) as a bearer token."""
+
+    def __init__(self, base_url: str | None = None, timeout: float = 30.0, token: str | None = None) -> None:
         self.base_url = (base_url or os.environ.get("EDGE_ADMIN_URL") or "http://127.0.0.1:9108").rstrip("/")
         self.timeout = timeout
+        self.token = token or os.environ.get("EDGE_ADMIN_TOKEN") or None
 
     def _get(self, path: str, **params) -> requests.Response:
         return requests.get(self.base_url + path, params=params, timeout=self.timeout)
 
+    def _post(self, path: str, body: dict | None = None) -> requests.Response:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        response = requests.post(self.base_url + path, json=body, headers=headers, timeout=self.timeout)
+        self._raise_for_status(response)
+        return response
+
+    def _raise_for_status(self, response: requests.Response) -> None:
+        """Like raise_for_status, with the service's own reason, so an operator reads why it refused."""
+        if response.ok:
+            return
+        try:
+            reason = response.json()["error"]
+        except (ValueError, KeyError, TypeError):
+            reason = response.text[:200] or response.reason
+        if response.status_code in (401, 403) and not self.token:
+            reason += " (EDGE_ADMIN_TOKEN is not set in this environment)"
+        raise requests.HTTPError(f"{response.status_code} from {response.url}: {reason}", response=response)
+
     def status(self) -> dict:
         response = self._get("/status")
-        response.raise_for_status()
+        self._raise_for_status(response)
         return response.json()
 
     def health(self) -> tuple[bool, dict]:
@@ -33,22 +56,14 @@ class AdminClient:
 
     def dlq_list(self, limit: int = 100) -> list[dict]:
         response = self._get("/dlq", limit=limit)
-        response.raise_for_status()
+        self._raise_for_status(response)
         return response.json()
 
     def dlq_replay(self) -> int:
-        response = requests.post(self.base_url + "/dlq/replay", timeout=self.timeout)
-        response.raise_for_status()
-        return int(response.json()["replayed"])
+        return int(self._post("/dlq/replay").json()["replayed"])
 
     def emit(self, event_type: str, payload: dict, device_id: str = "edge-service") -> dict:
-        response = requests.post(
-            self.base_url + "/events",
-            json={"event_type": event_type, "payload": payload, "device_id": device_id},
-            timeout=self.timeout,
-        )
-        response.raise_for_status()
-        return response.json()
+        return self._post("/events", {"event_type": event_type, "payload": payload, "device_id": device_id}).json()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "emit":
             print(json.dumps(client.emit(args.event_type, json.loads(args.payload), args.device_id)))
             return 0
+    except requests.HTTPError as exc:
+        print(f"edge service admin API refused: {exc}", file=sys.stderr)
+        return 2
     except requests.RequestException as exc:
         print(f"edge service admin API unreachable at {client.base_url}: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,9 @@
 """The edge code location: the 02:00 site-local DLQ replay as a Dagster schedule, visible in the UI.
 
 The job holds no retry-log logic: the edge service owns its DuckDB file, so the op asks the service's
-admin API to replay (`POST /dlq/replay`) and records how many events went back in line.
+admin API to replay (`POST /dlq/replay`) and records how many events went back in line. That endpoint
+needs the service's token, which the resource takes from `EDGE_ADMIN_TOKEN` when the run starts (an
+`EnvVar`, so the secret never lands in run config or the UI).
 """
 
 import os
@@ -14,12 +16,13 @@ DEFAULT_ADMIN_URL = "http://127.0.0.1:9108"
 
 
 class EdgeAdminResource(ConfigurableResource):
-    """The admin API of the site's edge service."""
+    """The admin API of the site's edge service; without `admin_token` the client reads EDGE_ADMIN_TOKEN itself."""
 
     admin_url: str = DEFAULT_ADMIN_URL
+    admin_token: str | None = None
 
     def client(self) -> AdminClient:
-        return AdminClient(self.admin_url)
+        return AdminClient(self.admin_url, token=self.admin_token)
 
 
 @op(description="Ask the edge service to move every local DLQ job back to its retry log for delivery.")
@@ -52,10 +55,11 @@ def edge_dlq_replay_schedule(timezone: str) -> ScheduleDefinition:
 
 @definitions
 def defs() -> Definitions:
-    """Built when the code location loads, so the site's timezone and admin URL come from its environment."""
+    """Built when the code location loads, so the site's timezone and admin URL come from its environment;
+    the token is an EnvVar, resolved in each run."""
     admin_url = EnvVar("EDGE_ADMIN_URL") if os.environ.get("EDGE_ADMIN_URL") else DEFAULT_ADMIN_URL
     return Definitions(
         jobs=[edge_dlq_replay_job],
         schedules=[edge_dlq_replay_schedule(os.environ.get("EDGE_SITE_TIMEZONE", "UTC"))],
-        resources={"edge_admin": EdgeAdminResource(admin_url=admin_url)},
+        resources={"edge_admin": EdgeAdminResource(admin_url=admin_url, admin_token=EnvVar("EDGE_ADMIN_TOKEN"))},
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -74,6 +75,24 @@ class EdgeProcess:
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.env['EDGE_ADMIN_PORT']}"
 
+    @property
+    def admin_token(self) -> str | None:
+        """The bearer token the service's POST endpoints take (None when the test started it without one)."""
+        return self.env.get("EDGE_ADMIN_TOKEN") or None
+
+    def admin(self):
+        """An admin API client holding this service's token."""
+        from edge_bridge.cli import AdminClient
+
+        return AdminClient(self.admin_url, token=self.admin_token)
+
+    def post(self, path: str, body: dict | None = None, headers: dict[str, str] | None = None):
+        """POST `body` as JSON to the admin API with this service's token (headers given here win)."""
+        import requests
+
+        sent = {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
+        return requests.post(self.admin_url + path, json=body, headers={**sent, **(headers or {})}, timeout=30)
+
     def start(self) -> "EdgeProcess":
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._subscribed_before = self.log().count("subscribed to")
@@ -110,9 +129,14 @@ class EdgeProcess:
 
 
 @pytest.fixture
-def edge_factory(tmp_path, mosquitto, aws):
-    """Start edge services against the private broker; `sqs_endpoint` lets a test route SQS via a proxy."""
+def edge_factory(tmp_path, mosquitto, aws, monkeypatch):
+    """Start edge services against the private broker; `sqs_endpoint` lets a test route SQS via a proxy.
+
+    The services a test starts share a random admin token, also set in the test's own environment as an
+    operator's shell would have it, so the CLI and the Dagster replay find it where they look in production.
+    """
     started: list[EdgeProcess] = []
+    monkeypatch.setenv("EDGE_ADMIN_TOKEN", secrets.token_urlsafe(24))
 
     def start(sqs_endpoint: str | None = None, **extra_env: str) -> EdgeProcess:
         env = dict(os.environ)
