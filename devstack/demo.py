@@ -144,7 +144,9 @@ class Demo:
         log.info("started %-14s %s", "prometheus", self.prometheus.url)
 
         env = self.env
-        edge_env = {"EDGE_CLIENT_ID": "edge-bridge-demo", "EDGE_STATE_DIR": str(STATE / "edge"), "EDGE_ADMIN_PORT": str(self.edge_admin_port)}
+        # The admin API's token for mutating calls (replay, internal events): per run, by environment only.
+        edge_admin_token = os.environ.get("EDGE_ADMIN_TOKEN") or secrets.token_urlsafe(32)
+        edge_env = {"EDGE_CLIENT_ID": "edge-bridge-demo", "EDGE_STATE_DIR": str(STATE / "edge"), "EDGE_ADMIN_PORT": str(self.edge_admin_port), "EDGE_ADMIN_TOKEN": edge_admin_token}
         edge_env.update(EDGE_MQTT_USERNAME="edge", EDGE_MQTT_PASSWORD=self.mqtt_passwords["edge"], EDGE_SITE_ID=DEMO_SITES[0])
         self._spawn("edge", [sys.executable, "-m", "edge_bridge"], {**env, **edge_env})
         site_passwords = {"MQTT_PASSWORD_" + site.upper().replace("-", "_"): self.mqtt_passwords[site] for site in DEMO_SITES}
@@ -161,7 +163,7 @@ class Demo:
         self._spawn(
             "dagster",
             [sys.executable, "-m", "dagster", "dev", "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(self.dagster_port)],
-            env,
+            {**env, "EDGE_ADMIN_TOKEN": edge_admin_token},  # the edge location's 02:00 replay calls the admin API
         )
         wait_for_port(self.dagster_port, timeout=180)
         print(
