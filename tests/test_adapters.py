@@ -41,7 +41,11 @@ def test_ajax_intrusion_becomes_an_intrusion_alert_at_the_hub_time():
 
 @pytest.mark.parametrize(
     "code,event_type",
-    [("ARM", "arm"), ("DISARM", "disarm"), ("FIRE", "fire_alarm"), ("TAMPER", "tamper"), ("PANIC", "panic")],
+    [
+        ("ARM", "arm"), ("DISARM", "disarm"), ("FIRE", "fire_alarm"), ("SMOKE", "fire_alarm"), ("LEAK", "water_leak"),
+        ("TAMPER", "tamper"), ("PANIC", "panic_button"), ("BATTERY_LOW", "battery_low"), ("CONNECTION_LOST", "device_offline"),
+        ("CONNECTION_RESTORED", "device_online"), ("PERIODIC_TEST", "device_heartbeat"),
+    ],
 )
 def test_every_ajax_event_family_maps_to_its_event_type(code, event_type):
     assert ajax.adapt(SITE, "ajax/events", raw({**AJAX_INTRUSION, "eventCode": code})).event_type == event_type
@@ -59,13 +63,39 @@ def test_zigbee_contact_state_becomes_a_contact_event_keeping_every_field():
     [
         ({"occupancy": True, "battery": 80}, "occupancy"),
         ({"water_leak": True, "battery": 80}, "water_leak"),
+        ({"smoke": True, "battery": 80}, "fire_alarm"),
+        ({"contact": True, "tamper": True}, "tamper"),
         ({"temperature": 21.5, "humidity": 45.2, "linkquality": 90}, "climate"),
-        ({"battery": 15, "linkquality": 90}, "battery"),
-        ({"linkquality": 33}, "link_quality"),
+        ({"battery": 15, "linkquality": 90}, "device_heartbeat"),
+        ({"linkquality": 33}, "device_heartbeat"),
+        ({"water_leak": False, "battery_low": False, "battery": 80}, "device_heartbeat"),
     ],
 )
 def test_zigbee_state_is_typed_by_the_fact_it_reports(state, event_type):
     assert zigbee.adapt(SITE, "zigbee2mqtt/sensor_1", raw(state), RECEIVED).event_type == event_type
+
+
+@pytest.mark.parametrize(
+    "state,event_type",
+    [
+        ({"contact": False, "battery_low": True, "tamper": False}, "battery_low"),
+        ({"water_leak": True, "battery_low": True}, "water_leak"),
+        ({"smoke": True, "tamper": True}, "fire_alarm"),
+    ],
+)
+def test_zigbee_state_with_several_facts_is_typed_by_the_most_urgent_one_that_holds(state, event_type):
+    env = zigbee.adapt(SITE, "zigbee2mqtt/sensor_1", raw(state), RECEIVED)
+    assert env.event_type == event_type and env.payload == state
+
+
+@pytest.mark.parametrize(
+    "payload,event_type",
+    [(raw({"state": "offline"}), "device_offline"), (raw({"state": "online"}), "device_online"), (b"offline", "device_offline"), (b"online", "device_online")],
+)
+def test_zigbee_availability_becomes_device_offline_or_online_at_the_receive_time(payload, event_type):
+    env = zigbee.adapt(SITE, "zigbee2mqtt/front_door/availability", payload, RECEIVED)
+    assert (env.event_type, env.device_id, env.timestamp) == (event_type, "zigbee-front_door", RECEIVED)
+    assert env.payload == {"state": event_type.removeprefix("device_")}
 
 
 def test_zigbee_without_last_seen_takes_the_receive_time_so_the_key_stays_deterministic():
@@ -85,10 +115,15 @@ def test_nvr_line_crossing_is_normalised_to_utc_per_channel():
 
 @pytest.mark.parametrize(
     "kind,event_type",
-    [("VMD", "motion"), ("fielddetection", "intrusion_zone"), ("videoloss", "video_loss"), ("shelteralarm", "tamper")],
+    [("VMD", "motion"), ("fielddetection", "intrusion_zone"), ("videoloss", "video_loss"), ("shelteralarm", "tamper"), ("tamperdetection", "tamper")],
 )
 def test_every_nvr_alarm_maps_to_its_event_type(kind, event_type):
     assert nvr.adapt(SITE, "nvr/alarms", raw({**NVR_LINE, "eventType": kind})).event_type == event_type
+
+
+def test_nvr_inactive_videoloss_is_the_recorders_keepalive_not_a_lost_signal():
+    env = nvr.adapt(SITE, "nvr/alarms", raw({**NVR_LINE, "eventType": "videoloss", "eventState": "inactive"}))
+    assert env.event_type == "device_heartbeat" and env.payload["state"] == "inactive"
 
 
 def test_idp_denied_access_keeps_door_credential_and_result():
@@ -115,6 +150,9 @@ def test_the_same_device_message_always_yields_the_same_key_and_a_fresh_event_id
         ("zigbee", "zigbee2mqtt/front_door", b"\xff\xfe\x00binary", "not_utf8"),
         ("zigbee", "zigbee2mqtt/front_door", raw({"state": "ON"}), "unknown_event_type"),
         ("zigbee", "zigbee2mqtt/bridge/state", raw({"state": "online"}), "not_a_device_topic"),
+        ("zigbee", "zigbee2mqtt/front_door/set", raw({"state": "ON"}), "not_a_device_topic"),
+        ("zigbee", "zigbee2mqtt/front_door/availability", raw({"state": "asleep"}), "unknown_event_type"),
+        ("zigbee", "zigbee2mqtt/front_door/availability", b"half-online", "bad_json"),
         ("nvr", "nvr/alarms", raw({"eventType": "VMD"}), "missing_field"),
         ("nvr", "nvr/alarms", raw({**NVR_LINE, "eventType": "audioexception"}), "unknown_event_type"),
         ("nvr", "nvr/alarms", raw({**NVR_LINE, "dateTime": "2024-01-15T10:30:00"}), "bad_timestamp"),

@@ -1,8 +1,12 @@
-"""The routing config is validated when loaded: a bad key fails loudly and says where it is."""
+"""The routing config is validated when loaded: a bad key fails loudly and says where it is; every event type
+it names is in the event catalog, which supplies priorities, incidents and the monitoring list."""
+
+import re
 
 import pytest
 import yaml
 
+from edge_bridge.catalog import load_event_catalog
 from pipeline.routing.config import RoutingConfigError, load_routing_config, parse_routing_config
 
 PARTNER = {"name": "acme", "webhook": "http://127.0.0.1:1/events", "secret_env": "ACME_SECRET", "subscriptions": ["door_access"]}
@@ -47,3 +51,64 @@ def test_missing_partner_secret_names_the_environment_variable(monkeypatch):
     partner = parse_routing_config({"partners": [PARTNER]}).partners[0]
     with pytest.raises(RoutingConfigError, match="ACME_SECRET"):
         partner.secret()
+
+
+def test_unknown_event_type_in_a_partner_subscription_names_its_path_and_the_catalog():
+    with pytest.raises(RoutingConfigError, match=re.escape("partners[0].subscriptions[1]: unknown event type 'panic' (not in config/events.yaml)")):
+        parse_routing_config({"partners": [{**PARTNER, "subscriptions": ["door_access", "panic"]}]})
+
+
+@pytest.mark.parametrize(
+    "section,path",
+    [
+        ({"priority": {"rules": {"smoke_alarm": "high"}}}, "priority.rules.smoke_alarm"),
+        ({"automation": {"rules": [{"event_type": "panic", "incident": True}]}}, r"automation.rules\[0\].event_type"),
+        ({"monitoring": {"event_types": ["device_heartbeat", "heartbeat"]}}, r"monitoring.event_types\[1\]"),
+    ],
+)
+def test_unknown_event_type_in_a_priority_rule_automation_rule_or_monitoring_list_is_a_config_error(section, path):
+    with pytest.raises(RoutingConfigError, match=path + ": unknown event type"):
+        parse_routing_config(section)
+
+
+def test_priorities_incidents_and_the_monitoring_list_come_from_the_catalog():
+    catalog = load_event_catalog()
+    routing = parse_routing_config({})
+    for name, event_type in catalog.event_types.items():
+        assert routing.priority.for_event_type(name) == event_type.priority, name
+        rule = routing.automation.rule_for(name)
+        assert bool(rule and rule.incident) == event_type.incident, name
+        assert (name in routing.monitoring.event_types) == event_type.operational, name
+
+
+def test_routing_overrides_a_catalog_priority_and_adds_a_webhook_to_a_catalog_incident():
+    catalog = load_event_catalog()
+    routing = parse_routing_config(
+        {
+            "priority": {"rules": {"motion": "high"}},
+            "automation": {"rules": [{"event_type": "panic_button", "webhook_env": "PANIC_URL"}, {"event_type": "fire_alarm", "incident": False}]},
+        }
+    )
+    assert routing.priority.for_event_type("motion") == "high" and routing.priority.for_event_type("climate") == catalog["climate"].priority
+    panic = routing.automation.rule_for("panic_button")
+    assert panic.incident and panic.webhook_env == "PANIC_URL"
+    assert not routing.automation.rule_for("fire_alarm").incident
+
+
+def test_two_automation_rules_for_one_event_type_are_refused():
+    with pytest.raises(RoutingConfigError, match=r"automation.rules: .*\['arm'\]"):
+        parse_routing_config({"automation": {"rules": [{"event_type": "arm"}, {"event_type": "arm", "incident": False}]}})
+
+
+def test_an_event_type_the_catalog_lacks_still_routes_to_the_default_priority():
+    routing = parse_routing_config({"priority": {"default": "medium"}})
+    assert routing.priority.for_event_type("vendor_specific_event") == "medium"
+    assert routing.automation.rule_for("vendor_specific_event") is None
+
+
+def test_routing_config_checked_against_a_broken_catalog_names_the_catalog(tmp_path, monkeypatch):
+    catalog = tmp_path / "events.yaml"
+    catalog.write_text("version: 1\nevent_types: {arm: {meaning: m, families: [ajax], priority: urgent}}\n")
+    monkeypatch.setenv("EVENT_CATALOG", str(catalog))
+    with pytest.raises(RoutingConfigError, match=r"events.yaml: event_types\.arm\.priority"):
+        load_routing_config()

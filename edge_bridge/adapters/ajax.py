@@ -1,4 +1,4 @@
-"""Ajax alarm hubs: security events as the hub reports them (arm/disarm, intrusion, fire, tamper, panic).
+"""Ajax alarm hubs: security events as the hub reports them (arm/disarm, alarms, trouble, test reports).
 
 Native shape (one JSON object per event, as relayed from the hub's event stream):
 `{"hubId": "002A3F1C", "deviceId": "3B41F2", "deviceType": "MotionProtect", "eventCode": "INTRUSION",
@@ -11,16 +11,23 @@ from edge_bridge.adapters.base import AdapterRejected, decode_json_object, envel
 from edge_bridge.envelope import Envelope
 
 SOURCE = "ajax"
+# The hub's event codes and the catalog type each one is (config/events.yaml).
 EVENT_TYPES = {
     "ARM": "arm",
     "DISARM": "disarm",
     "NIGHT_MODE_ON": "arm",
     "INTRUSION": "intrusion_alert",
+    "PANIC": "panic_button",
     "FIRE": "fire_alarm",
     "SMOKE": "fire_alarm",
+    "LEAK": "water_leak",
     "TAMPER": "tamper",
     "TAMPER_OPEN": "tamper",
-    "PANIC": "panic",
+    # trouble codes and the hub's periodic test report
+    "BATTERY_LOW": "battery_low",
+    "CONNECTION_LOST": "device_offline",
+    "CONNECTION_RESTORED": "device_online",
+    "PERIODIC_TEST": "device_heartbeat",
 }
 
 

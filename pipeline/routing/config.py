@@ -1,8 +1,11 @@
 """The routing configuration (`config/routing.yaml`): partners, priority rules, monitoring, automation.
 
 Validated when loaded, so a typo fails the run that reads it with the key's path in the message
-instead of silently routing nothing. Secrets are never in the file: a partner names the environment
-variable that holds its signing secret, read only when a delivery run needs it.
+instead of silently routing nothing. Every event type it names must be in the event catalog
+(`config/events.yaml`), and the catalog supplies each type's priority, whether it opens an incident and
+whether it is operational; the file adds only what is routing's own (partners, queue names, webhooks)
+and, rarely, an override. Secrets are never in the file: a partner names the environment variable that
+holds its signing secret, read only when a delivery run needs it.
 """
 
 from __future__ import annotations
@@ -10,11 +13,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
+from edge_bridge.catalog import EventCatalog, EventCatalogError, key_path, load_event_catalog
 from edge_bridge.envelope import ENVELOPE_FIELDS
 from pipeline.stack import PROJECT_ROOT
 
@@ -31,6 +36,21 @@ class RoutingConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _catalog(info: ValidationInfo) -> EventCatalog:
+    """The catalog `parse_routing_config` validates against; the shipped one when a model is built directly."""
+    return (info.context or {}).get("catalog") or load_event_catalog()
+
+
+def _known_event_type(name: str, info: ValidationInfo) -> str:
+    catalog = _catalog(info)
+    if name not in catalog:
+        raise PydanticCustomError("unknown_event_type", "unknown event type '{name}' (not in {source})", {"name": name, "source": catalog.source})
+    return name
+
+
+EventTypeName = Annotated[str, AfterValidator(_known_event_type)]
 
 
 def _field_path(path: str) -> str:
@@ -68,7 +88,7 @@ class PartnerConfig(_Strict):
     webhook: str = Field(pattern=r"^https?://")
     webhook_env: str | None = Field(None, pattern=_ENV)  # when set in the environment, overrides `webhook`
     secret_env: str = Field(pattern=_ENV)
-    subscriptions: tuple[str, ...] = Field(min_length=1)
+    subscriptions: tuple[EventTypeName, ...] = Field(min_length=1)
     allowed_fields: tuple[str, ...] | None = None
     transform: TransformConfig = TransformConfig()
     timeout_s: float = Field(10.0, gt=0, le=60)
@@ -117,8 +137,15 @@ class PriorityQueues(_Strict):
 
 class PriorityConfig(_Strict):
     queues: PriorityQueues = PriorityQueues()
-    default: Priority = "low"
-    rules: dict[str, Priority] = Field(default_factory=dict)
+    default: Priority = "low"  # for an event type the catalog does not know (accepted on the wire, never dropped)
+    rules: dict[EventTypeName, Priority] = Field(default_factory=dict)  # the catalog's priorities, then the file's overrides
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_catalog(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("rules", {}), dict):
+            data = {**data, "rules": {**_catalog(info).priorities, **data.get("rules", {})}}
+        return data
 
     def for_event_type(self, event_type: str) -> Priority:
         return self.rules.get(event_type, self.default)
@@ -128,22 +155,48 @@ class PriorityConfig(_Strict):
 
 
 class MonitoringConfig(_Strict):
-    event_types: tuple[str, ...] = ()
+    event_types: tuple[EventTypeName, ...] = ()  # the file's additions, then the catalog's operational types
     loki_url_env: str = Field("PIPELINE_LOKI_URL", pattern=_ENV)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_catalog(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("event_types", ()), (list, tuple)):
+            listed = list(data.get("event_types", ()))
+            data = {**data, "event_types": listed + [t for t in _catalog(info).operational_types if t not in listed]}
+        return data
 
     def loki_url(self) -> str | None:
         return os.environ.get(self.loki_url_env) or None
 
 
 class AutomationRule(_Strict):
-    event_type: str
+    event_type: EventTypeName
     incident: bool = True
     webhook_env: str | None = Field(None, pattern=_ENV)
     secret_env: str | None = Field(None, pattern=_ENV)
 
 
 class AutomationConfig(_Strict):
-    rules: tuple[AutomationRule, ...] = ()
+    rules: tuple[AutomationRule, ...] = ()  # the file's rules (a webhook, or `incident: false`), then one per catalog incident type
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_catalog(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("rules", ()), (list, tuple)):
+            listed = list(data.get("rules", ()))
+            named = {r.get("event_type") if isinstance(r, dict) else getattr(r, "event_type", None) for r in listed}
+            data = {**data, "rules": listed + [{"event_type": t, "incident": True} for t in _catalog(info).incident_types if t not in named]}
+        return data
+
+    @field_validator("rules")
+    @classmethod
+    def _one_rule_per_event_type(cls, rules: tuple[AutomationRule, ...]) -> tuple[AutomationRule, ...]:
+        names = [r.event_type for r in rules]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"one rule per event type: {dupes} have several")
+        return rules
 
     def rule_for(self, event_type: str) -> AutomationRule | None:
         return next((r for r in self.rules if r.event_type == event_type), None)
@@ -152,9 +205,10 @@ class AutomationConfig(_Strict):
 class RoutingConfig(_Strict):
     retry_delays_s: tuple[int, ...] = Field((1, 5, 15, 60, 300), min_length=1)
     partners: tuple[PartnerConfig, ...] = ()
-    priority: PriorityConfig = PriorityConfig()
-    monitoring: MonitoringConfig = MonitoringConfig()
-    automation: AutomationConfig = AutomationConfig()
+    # Validated even when absent from the file, so the catalog's part is always there.
+    priority: PriorityConfig = Field(default_factory=dict, validate_default=True)
+    monitoring: MonitoringConfig = Field(default_factory=dict, validate_default=True)
+    automation: AutomationConfig = Field(default_factory=dict, validate_default=True)
 
     @field_validator("retry_delays_s")
     @classmethod
@@ -184,19 +238,15 @@ class RoutingConfig(_Strict):
         return 1 + len(self.retry_delays_s)
 
 
-def _loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
-def parse_routing_config(data: object, source: str = "routing config") -> RoutingConfig:
+def parse_routing_config(data: object, source: str = "routing config", catalog: EventCatalog | None = None) -> RoutingConfig:
+    """Validate `data` against the schema and the event catalog (default: `load_event_catalog()`)."""
     try:
-        return RoutingConfig.model_validate(data or {})
+        return RoutingConfig.model_validate(data or {}, context={"catalog": catalog or load_event_catalog()})
     except ValidationError as exc:
-        problems = "; ".join(f"{_loc(e['loc'])}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{key_path(e['loc'])}: {e['msg']}" for e in exc.errors())
         raise RoutingConfigError(f"{source}: {problems}") from None
+    except EventCatalogError as exc:
+        raise RoutingConfigError(f"{source}: the event catalog it is checked against is unusable: {exc}") from None
 
 
 def routing_config_path(path: str | Path | None = None) -> Path:
