@@ -15,11 +15,32 @@ from pipeline.routing.config import PartnerConfig
 
 
 def _strip(value: Any, names: frozenset[str]) -> Any:
-    if isinstance(value, dict):
-        return {k: _strip(v, names) for k, v in value.items() if k not in names}
-    if isinstance(value, list):
-        return [_strip(v, names) for v in value]
-    return value
+    """A copy of a JSON value without the keys in `names`, at any depth.
+
+    Iterative, with an explicit stack: no payload, however deep, can overflow the interpreter's stack
+    here (the envelope bounds depth, but this must not depend on it).
+    """
+    if not isinstance(value, (dict, list)):
+        return value
+    root: Any = {} if isinstance(value, dict) else []
+    stack = [(value, root)]
+    while stack:
+        source, copy = stack.pop()
+        items = ((k, v) for k, v in source.items() if k not in names) if isinstance(source, dict) else enumerate(source)
+        for key, child in items:
+            if isinstance(child, dict):
+                child_copy: Any = {}
+                stack.append((child, child_copy))
+            elif isinstance(child, list):
+                child_copy = []
+                stack.append((child, child_copy))
+            else:
+                child_copy = child
+            if isinstance(copy, dict):
+                copy[key] = child_copy
+            else:
+                copy.append(child_copy)
+    return root
 
 
 class PartnerTransform:
