@@ -4,6 +4,7 @@ producer, and routing takes priorities, incidents and the monitoring list from i
 from __future__ import annotations
 
 import json
+import threading
 from collections import defaultdict
 from datetime import datetime, timezone
 
@@ -110,6 +111,20 @@ def test_simulated_traffic_holds_only_catalog_types_from_every_family():
         seen[event_type].add(msg.family)
     assert set(seen) <= set(catalog.names), f"not in the catalog: {sorted(set(seen) - set(catalog.names))}"
     assert set().union(*seen.values()) == set(FAMILIES)
+
+
+def test_simulator_plays_the_site_systems_through_the_edge_services_internal_event_api():
+    stop, emitted = threading.Event(), []
+
+    class EdgeAdmin:  # stands in for AdminClient: POST /events
+        def emit(self, event_type: str, payload: dict, device_id: str) -> dict:
+            emitted.append(event_type)
+            if len(emitted) == 30:
+                stop.set()
+            return {}
+
+    sent = Simulator(["site-001"], internal=1.0).run({}, rate=10_000, duration=5, stop=stop, admin=EdgeAdmin())
+    assert sent == 30 and set(emitted) == set(INTERNAL_EVENTS) == load_event_catalog().produced_by("edge")
 
 
 CATALOG = {
