@@ -2,7 +2,8 @@
 
 It verifies every request with the `standardwebhooks` library (independent of our signing code),
 keeps each webhook-id once, and can be told to fail (`fail_first` answers 500 that many times, then
-recovers; `always_fail`). The demo runs it as a process that prints what it got; tests run it in a
+recovers; `always_fail`) or to answer with a body that never ends (`stream_body`), as a hostile or
+broken partner might. The demo runs it as a process that prints what it got; tests run it in a
 thread and look at what it recorded.
 """
 
@@ -41,6 +42,8 @@ class PartnerReceiver:
     duplicates: int = 0
     rejected_signatures: int = 0
     echo: bool = False
+    stream_body: tuple[int, float] | None = None  # (bytes, seconds): after the status, that many bytes per interval, until the caller hangs up
+    streamed_bytes: int = 0
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -73,6 +76,20 @@ class PartnerReceiver:
             self.requests.append(Request(time.time(), webhook_id, 200, True))
             return 200
 
+    def _stream(self, out, give_up_after_s: float = 60.0) -> None:
+        size, interval = self.stream_body
+        chunk, deadline = b"x" * size, time.monotonic() + give_up_after_s
+        try:
+            while time.monotonic() < deadline and self._server is not None:
+                out.write(chunk)
+                out.flush()
+                with self._lock:
+                    self.streamed_bytes += size
+                if interval:
+                    time.sleep(interval)
+        except OSError:
+            pass  # the caller stopped reading and closed the connection
+
     def attempts_for(self, webhook_id: str) -> list[Request]:
         with self._lock:
             return [r for r in self.requests if r.webhook_id == webhook_id]
@@ -85,6 +102,10 @@ class PartnerReceiver:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 status = receiver.handle({k.lower(): v for k, v in self.headers.items()}, body)
                 self.send_response(status)
+                if receiver.stream_body:
+                    self.end_headers()
+                    receiver._stream(self.wfile)
+                    return
                 self.send_header("content-length", "0")
                 self.end_headers()
 
@@ -99,8 +120,9 @@ class PartnerReceiver:
 
     def stop(self) -> None:
         if self._server:
-            self._server.shutdown()
-            self._server.server_close()
+            server, self._server = self._server, None
+            server.shutdown()
+            server.server_close()
 
 
 def main() -> None:

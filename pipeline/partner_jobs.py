@@ -58,12 +58,14 @@ def deliver_partner_queue(context: OpExecutionContext, config: PartnerRunConfig,
             "delivered": stats.delivered,
             "failed_attempts": stats.failed,
             "dead_lettered": stats.dead_lettered,
+            "malformed": stats.malformed,
+            "malformed_reasons": MetadataValue.json(stats.malformed_reasons),
             "success_rate": stats.success_rate,
             "errors": MetadataValue.json(stats.errors),
             "attempt_log_files": len(attempt_log.written),
         }
     )
-    return {"delivered": stats.delivered, "failed": stats.failed, "dead_lettered": stats.dead_lettered}
+    return {"delivered": stats.delivered, "failed": stats.failed, "dead_lettered": stats.dead_lettered, "malformed": stats.malformed}
 
 
 @job(executor_def=in_process_executor, description="Deliver one partner's queue by signed webhook, with SQS-held backoff.")
@@ -94,9 +96,12 @@ def partner_queues_sensor(context: SensorEvaluationContext, sqs: SQSResource, ro
 
 @op
 def redeliver_partner_dlqs(context: OpExecutionContext, sqs: SQSResource, archive: ArchiveStore, routing: RoutingSettings) -> dict:
-    """Probe each partner with a dead-lettered event; whoever accepts it gets its DLQ back."""
+    """Probe each partner with a dead-lettered event; whoever accepts it gets its DLQ back.
+
+    Poison messages (dead-lettered for their own fault) stay in the DLQ and are listed in the metadata.
+    """
     attempt_log = AttemptLog(archive.filesystem(), archive.bucket, tag=f"{context.run_id}-")
-    moved = {}
+    moved, poison = {}, {}
     for partner in routing.load().partners:
         try:
             report = redeliver_partner_dlq(partner, sqs.get_client(), _queues(sqs, partner), attempt_log)
@@ -105,7 +110,10 @@ def redeliver_partner_dlqs(context: OpExecutionContext, sqs: SQSResource, archiv
             continue
         context.log.info(f"{partner.name}: {report.reason} (moved {report.moved})")
         moved[partner.name] = report.moved
-    context.add_output_metadata({"moved": MetadataValue.json(moved)})
+        if report.poison:
+            context.log.warning(f"{partner.name}: {len(report.poison)} poison messages stay in {partner.dlq_name}")
+            poison[partner.name] = report.poison[:200]
+    context.add_output_metadata({"moved": MetadataValue.json(moved), "poison": MetadataValue.json(poison)})
     return moved
 
 

@@ -67,14 +67,14 @@ def test_signature_verifies_with_the_standardwebhooks_library_and_fails_for_a_ch
         Webhook(new_secret()).verify(body, headers)
 
 
-def test_partner_receives_signed_bodies_it_can_verify_with_webhook_id_equal_to_event_id(partners):
+def test_partner_receives_signed_bodies_it_can_verify_with_the_site_qualified_event_id_as_webhook_id(partners):
     routing, receivers, queues = partners
     events = [sample_envelope(device_id=f"door-{i}") for i in range(12)] + [sample_envelope(event_type="motion")]
     route(routing, events)
     stats = run_delivery(routing, queues, "healthy")
     healthy = receivers["healthy"]
     assert stats.delivered == 12 and healthy.rejected_signatures == 0
-    assert set(healthy.accepted) == {e.event_id for e in events if e.event_type != "motion"}
+    assert set(healthy.accepted) == {e.dedupe_id for e in events if e.event_type != "motion"}
 
 
 def test_down_partner_does_not_slow_others_and_recovering_partner_gets_every_event_once(partners):
@@ -91,7 +91,7 @@ def test_down_partner_does_not_slow_others_and_recovering_partner_gets_every_eve
     route(routing, second)
     for thread in threads:
         thread.join(60)
-    ids = {e.event_id for e in events + second}
+    ids = {e.dedupe_id for e in events + second}
 
     recovering, down, healthy = receivers["recovering"], receivers["down"], receivers["healthy"]
     assert set(recovering.accepted) == ids and set(healthy.accepted) == ids
@@ -100,11 +100,11 @@ def test_down_partner_does_not_slow_others_and_recovering_partner_gets_every_eve
     assert last_healthy < max(r.at for r in down.requests), "healthy deliveries finished while the down partner was still retrying"
 
     dlq = [json.loads(b) for b in _drain_bodies(queues["down"].dlq_url)]
-    assert sorted(m["event_id"] for m in dlq) == sorted(ids)
+    assert sorted(m["webhook_id"] for m in dlq) == sorted(ids)
     assert queue_counts(queues["down"].url) == (0, 0)
-    first_wave = {e.event_id for e in events}
-    for event_id in first_wave:
-        stamps = [r.at for r in down.attempts_for(event_id)]
+    first_wave = {e.dedupe_id for e in events}
+    for webhook_id in first_wave:
+        stamps = [r.at for r in down.attempts_for(webhook_id)]
         assert len(stamps) == routing.max_attempts
         gaps = [b - a for a, b in zip(stamps, stamps[1:])]
         for gap, delay in zip(gaps, DELAYS):
@@ -137,7 +137,7 @@ def test_redelivery_moves_the_dlq_back_once_the_partner_answers_again(partners):
     report = redeliver_partner_dlq(routing.partner("down"), aws_client("sqs"), queues["down"], None)
     assert report.partner_answered and report.moved == 4
     run_delivery(routing, queues, "down")
-    assert set(receivers["down"].accepted) == {e.event_id for e in events}
+    assert set(receivers["down"].accepted) == {e.dedupe_id for e in events}
     assert queue_counts(queues["down"].dlq_url) == (0, 0)
 
 
@@ -172,7 +172,7 @@ def test_partner_delivery_job_delivers_one_partner_and_reports_its_success_rate(
         run_config={"ops": {"deliver_partner_queue": {"config": {"partner": "healthy"}}}},
         resources={"sqs": SQSResource(events_queue="events"), "archive": ArchiveStore(bucket="events-archive"), "routing": RoutingSettings(config_path=str(tmp_path / "routing.yaml"), delivery_run_seconds=20)},
     )
-    assert result.output_for_node("deliver_partner_queue") == {"delivered": 3, "failed": 0, "dead_lettered": 0}
+    assert result.output_for_node("deliver_partner_queue") == {"delivered": 3, "failed": 0, "dead_lettered": 0, "malformed": 0}
     assert len(receivers["healthy"].accepted) == 3 and not receivers["down"].requests, "other partners' queues untouched"
 
 
@@ -185,4 +185,5 @@ def test_malformed_partner_message_goes_to_the_dlq_with_its_reason_without_block
     assert stats.malformed == 1 and stats.delivered == 1 and len(receivers["healthy"].accepted) == 1
     dead = sqs.receive_message(QueueUrl=queues["healthy"].dlq_url, MessageAttributeNames=["All"], WaitTimeSeconds=1)["Messages"]
     assert dead[0]["Body"] == "{not a partner message"
-    assert dead[0]["MessageAttributes"]["failure_reason"]["StringValue"].startswith("malformed partner message")
+    assert dead[0]["MessageAttributes"]["failure_reason"]["StringValue"] == "bad_json"
+    assert dead[0]["MessageAttributes"]["failure_detail"]["StringValue"].startswith("JSONDecodeError: ")
