@@ -151,9 +151,10 @@ class Demo:
         self._spawn("edge", [sys.executable, "-m", "edge_bridge"], {**env, **edge_env})
         site_passwords = {"MQTT_PASSWORD_" + site.upper().replace("-", "_"): self.mqtt_passwords[site] for site in DEMO_SITES}
         simulator = [sys.executable, "-m", "edge_bridge.simulator", "--port", str(self.mqtt_port), "--sites", str(len(DEMO_SITES))]
-        simulator += ["--rate", os.environ.get("DEMO_RATE", "3"), "--malformed", "0.02", "--state-dir", str(STATE / "simulator")]
-        self._spawn("traffic", simulator, {**env, **site_passwords})
+        simulator += ["--rate", os.environ.get("DEMO_RATE", "3"), "--malformed", "0.02", "--internal", "0.05", "--state-dir", str(STATE / "simulator")]
         env = {**env, "EDGE_ADMIN_URL": f"http://127.0.0.1:{self.edge_admin_port}"}
+        # The simulator also sends the edge's own events (check-ins, jobs, robots) through its admin API.
+        self._spawn("traffic", simulator, {**env, **site_passwords, "EDGE_ADMIN_TOKEN": edge_admin_token})
         # The partner's webhook secret, generated per run and shared by environment only.
         env["PARTNER_SECURITY_MONITORING_SECRET"] = os.environ.get("PARTNER_SECURITY_MONITORING_SECRET") or "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
         partner_port = _port_or_free("DEMO_PARTNER_PORT", 8099)
