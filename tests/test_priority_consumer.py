@@ -40,8 +40,8 @@ def send(url, bodies, sqs=None):
         sqs.send_message_batch(QueueUrl=url, Entries=[{"Id": str(n), "MessageBody": b} for n, b in enumerate(bodies[i : i + 10])])
 
 
-def consumer_in_process(routing, tmp_path, **settings):
-    return PriorityConsumer(routing, aws_client("sqs"), ConsumerSettings(db_path=str(tmp_path / "consumer.duckdb"), **settings), s3_filesystem()).start()
+def consumer_in_process(routing, tmp_path, s3=None, **settings):
+    return PriorityConsumer(routing, aws_client("sqs"), ConsumerSettings(db_path=str(tmp_path / "consumer.duckdb"), **settings), s3_filesystem(), s3).start()
 
 
 def automation_endpoint(monkeypatch, **behaviour) -> PartnerReceiver:
@@ -128,6 +128,20 @@ def test_redelivered_event_is_handled_once_with_one_incident_and_one_signed_auto
     assert query(tmp_path, "SELECT count(*) FROM events") == [(1,)]
     assert query(tmp_path, "SELECT count(*), min(webhook_status) FROM incidents") == [(1, "delivered")]
     assert automation.rejected_signatures == 0 and len(automation.requests) == 1
+
+
+def test_the_same_event_id_from_two_sites_is_two_events_and_the_same_site_and_id_twice_is_one(priority, tmp_path):
+    routing, urls = priority
+    ours = sample_envelope(site_id="site-a", event_type="intrusion_alert", event_id="evt-1")
+    theirs = sample_envelope(site_id="site-b", event_type="intrusion_alert", event_id="evt-1")  # another site's publisher picks the same id
+    send(urls["high"], [ours.to_json(), theirs.to_json(), ours.to_json()])
+    consumer = consumer_in_process(routing, tmp_path)
+    try:
+        wait_until(lambda: handled_total(consumer) == 2 and consumer.metrics.duplicates.labels(priority="high")._value.get() == 1, 20, message="two events and one duplicate")
+    finally:
+        consumer.stop()
+    assert query(tmp_path, "SELECT site_id, event_id FROM events ORDER BY site_id") == [("site-a", "evt-1"), ("site-b", "evt-1")]
+    assert query(tmp_path, "SELECT site_id, event_id FROM incidents ORDER BY site_id") == [("site-a", "evt-1"), ("site-b", "evt-1")]
 
 
 def test_device_status_keeps_the_latest_state_per_device(priority, tmp_path):

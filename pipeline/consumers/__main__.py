@@ -2,8 +2,8 @@
 
 Environment: PIPELINE_CONSUMER_DB (DuckDB file, default .consumer/consumer.duckdb),
 PIPELINE_CONSUMER_METRICS_PORT (/metrics, default 9102; empty disables), PIPELINE_ARCHIVE_BUCKET
-(where the priority_handled log goes; unset: not exported), PIPELINE_ROUTING_CONFIG, and the standard
-AWS variables.
+(where the priority_handled log goes; unset: not exported), PIPELINE_ROUTING_CONFIG, PIPELINE_STACK_CONFIG
+(the claim-check bucket that events too big for SQS are fetched from), and the standard AWS variables.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def main() -> None:
         metrics_port=int(port) if port else None,
         archive_bucket=bucket,
     )
-    consumer = PriorityConsumer(load_routing_config(), aws_client("sqs"), settings, s3_filesystem() if bucket else None)
+    consumer = PriorityConsumer(load_routing_config(), aws_client("sqs"), settings, s3_filesystem() if bucket else None, aws_client("s3"))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
