@@ -53,6 +53,9 @@ class EdgeMetrics:
         self.dead_lettered = Counter("edge_events_dead_lettered", "Jobs moved to the local DLQ", registry=r)
         self.replayed = Counter("edge_dlq_replayed", "DLQ jobs moved back for delivery by a replay", registry=r)
         self.quarantined = Counter("edge_events_quarantined", "Bad input kept with its reason", ["reason"], registry=r)
+        self.quarantine_dropped = Counter(
+            "edge_quarantine_dropped", "Quarantine entries deleted unread: the oldest rotated file, at the quarantine's byte bound", registry=r
+        )
         self.claim_checks = Counter("edge_claim_checks", "Oversized events sent to S3 with a pointer in SQS", registry=r)
         self.send_latency = Histogram(
             "edge_sqs_send_seconds",
@@ -64,3 +67,4 @@ class EdgeMetrics:
         self.retry_log_full = Gauge("edge_retry_log_full", "1 while the retry log is at its bound and MQTT acks are held", registry=r)
         self.held = Gauge("edge_events_held_unacked", "Events held unacked because the retry log is full", registry=r)
         self.mqtt_connected = Gauge("edge_mqtt_connected", "1 while subscribed to the broker", registry=r)
+        self.mqtt_connections = Counter("edge_mqtt_connections", "MQTT connections made (more than one: the broker dropped the service)", registry=r)

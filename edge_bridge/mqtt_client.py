@@ -9,7 +9,7 @@ and half the retry log writer's. This subclass changes only the I/O:
   `pending()`, the hook paho already has for TLS sockets, so paho never waits in `select` on bytes
   it has in hand;
 - `loop_read` goes on reading packets while some are buffered, instead of one per `select`;
-- `ack_many` queues the PUBACKs of a whole group as one packet: one wake-up, one write.
+- `ack_many` queues the PUBACKs of a whole group as one packet: one wake-up, one write (none for QoS 0).
 
 The MQTT protocol, sessions, reconnects and callbacks are paho's own.
 """
@@ -65,7 +65,12 @@ class Client(mqtt.Client):
         return rc
 
     def ack_many(self, mids: Sequence[int]) -> MQTTErrorCode:
-        """PUBACK each QoS 1 message id (`manual_ack=True`), all in one write."""
+        """PUBACK each QoS 1 message id (`manual_ack=True`), all in one write.
+
+        A QoS 0 message (id 0) has nothing to acknowledge: Mosquitto 2 takes a PUBACK for id 0 as a
+        protocol error and drops the connection, and every message in flight is redelivered.
+        """
+        mids = [mid for mid in mids if mid]
         if not mids:
             return MQTTErrorCode.MQTT_ERR_SUCCESS
         packet = b"".join(_PUBACK.pack(mqtt.PUBACK, 2, mid) for mid in mids)

@@ -1,26 +1,66 @@
-"""Where bad input goes: kept with its reason, counted, and never allowed to stall the stream."""
+"""Where bad input goes: kept with its reason, counted, and never allowed to stall the stream.
+
+A message is quarantined for what is wrong with it (the envelope's reasons, `site_mismatch`, ...) or,
+whatever else went wrong while it alone was being handled, as `processing_error` with the stage and
+the exception type in the detail: one message's fault is never its neighbours' fate.
+
+The file is bounded: at `max_bytes` it is rotated (`quarantine.jsonl` -> `.1` -> ... -> `.<keep_files>`)
+and the oldest file is deleted; the entries it held are counted (`on_dropped`), so an operator is told
+that bad input arrived faster than anyone looked at it. Each entry is bounded too.
+"""
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import threading
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from edge_bridge.envelope import format_ts, utc_now
+
+log = logging.getLogger(__name__)
+
+PROCESSING_ERROR = "processing_error"
+# Per entry: a payload is kept up to 64 KiB (its full size is recorded), a topic and detail are cut.
+MAX_PAYLOAD_BYTES = 65536
+MAX_TOPIC_CHARS = 1024
+MAX_REASON_CHARS = 64
+MAX_DETAIL_CHARS = 500
+
+
+def error_detail(stage: str, exc: BaseException) -> str:
+    """The detail for a `processing_error`: where it happened, the exception type, its message."""
+    try:
+        message = str(exc)
+    except Exception:  # noqa: BLE001 - an exception whose message itself fails still has a type
+        message = "(message unreadable)"
+    return f"{stage}: {type(exc).__name__}: {message}"[:MAX_DETAIL_CHARS]
 
 
 class Quarantine:
     """An append-only JSON-lines file, fsynced before `put` returns so an acked bad message is never lost."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self,
+        path: Path,
+        max_bytes: int = 64 * 1024 * 1024,
+        keep_files: int = 4,
+        on_dropped: Callable[[int], None] | None = None,
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._file = open(path, "a", encoding="utf-8")
+        self.max_bytes = max_bytes
+        self.keep_files = max(0, keep_files)
+        self.on_dropped = on_dropped
+        self._file = open(path, "ab")
+        self._size = self._file.tell()
         self._lock = threading.Lock()
         self.reasons: Counter[str] = Counter()
+        self.dropped = 0  # entries deleted with the oldest rotated file
 
     def put(self, topic: str, payload: bytes, reason: str, detail: str = "") -> None:
         self.put_many([(topic, payload, reason, detail)])
@@ -31,26 +71,87 @@ class Quarantine:
         if not items:
             return
         now = format_ts(utc_now())
-        lines = "".join(
-            json.dumps(
-                {
-                    "quarantined_at": now,
-                    "topic": topic,
-                    "reason": reason,
-                    "detail": detail[:500],
-                    "payload_b64": base64.b64encode(payload[:65536]).decode("ascii"),
-                    "payload_bytes": len(payload),
-                }
-            )
-            + "\n"
-            for topic, payload, reason, detail in items
-        )
+        lines = [_entry(now, *item) for item in items]
         with self._lock:
-            self._file.write(lines)
+            start = 0
+            for i, line in enumerate(lines):
+                if self._size and self._size + len(line) > self.max_bytes:
+                    self._write(lines[start:i])
+                    self._rotate()
+                    start = i
+                self._size += len(line)
+            self._write(lines[start:])
+            self.reasons.update(reason for _, _, reason, _ in items)
+
+    def _write(self, lines: list[bytes]) -> None:
+        if lines:
+            self._file.write(b"".join(lines))
             self._file.flush()
             os.fsync(self._file.fileno())
-            self.reasons.update(reason for _, _, reason, _ in items)
+
+    def _rotate(self) -> None:
+        """quarantine.jsonl -> .1 -> ... -> .keep_files; what falls off the end is counted as dropped."""
+        self._file.close()
+        rotated = [self.path.with_name(f"{self.path.name}.{i}") for i in range(1, self.keep_files + 1)]
+        oldest = rotated[-1] if rotated else self.path
+        dropped = _count_lines(oldest)
+        oldest.unlink(missing_ok=True)
+        for older, newer in zip(reversed(rotated[:-1]), reversed(rotated[1:])):
+            if older.exists():
+                os.replace(older, newer)
+        if rotated:
+            os.replace(self.path, rotated[0])
+        _fsync_dir(self.path.parent)
+        self._file = open(self.path, "ab")
+        self._size = 0
+        if dropped:
+            self.dropped += dropped
+            log.warning("quarantine rotated at %d bytes: %d entries of its oldest file deleted", self.max_bytes, dropped)
+            if self.on_dropped is not None:
+                self.on_dropped(dropped)
 
     def close(self) -> None:
         with self._lock:
             self._file.close()
+
+
+def _entry(now: str, topic: str, payload: bytes, reason: str, detail: str) -> bytes:
+    """One bounded JSON line; an entry that cannot be written as given is written as a processing_error."""
+    try:
+        entry = {
+            "quarantined_at": now,
+            "topic": topic[:MAX_TOPIC_CHARS],
+            "reason": reason[:MAX_REASON_CHARS],
+            "detail": detail[:MAX_DETAIL_CHARS],
+            "payload_b64": base64.b64encode(payload[:MAX_PAYLOAD_BYTES]).decode("ascii"),
+            "payload_bytes": len(payload),
+        }
+        return (json.dumps(entry) + "\n").encode("utf-8")
+    except Exception as exc:  # noqa: BLE001 - the entry's own fault: keep what can be kept, never fail its batch
+        raw = payload[:MAX_PAYLOAD_BYTES] if isinstance(payload, (bytes, bytearray)) else b""
+        entry = {
+            "quarantined_at": now,
+            "topic": topic[:MAX_TOPIC_CHARS] if isinstance(topic, str) else "",
+            "reason": PROCESSING_ERROR,
+            "detail": error_detail(f"quarantine entry (reason {reason!r:.64})", exc),
+            "payload_b64": base64.b64encode(raw).decode("ascii"),
+            "payload_bytes": len(payload) if isinstance(payload, (bytes, bytearray)) else 0,
+        }
+        return (json.dumps(entry) + "\n").encode("utf-8")
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as file:
+            return sum(block.count(b"\n") for block in iter(lambda: file.read(1 << 20), b""))
+    except FileNotFoundError:
+        return 0
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the renames durable: a crash right after a rotation must not bring a deleted file back."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

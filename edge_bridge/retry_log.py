@@ -91,6 +91,7 @@ class RetryLog:
             CREATE TABLE IF NOT EXISTS dlq (
                 event_id VARCHAR, body VARCHAR, attempts INTEGER, last_error VARCHAR,
                 created_at DOUBLE, failed_at DOUBLE);
+            CREATE TABLE IF NOT EXISTS probe (written_at DOUBLE);
             """
         )
         self.pending = self._scalar("SELECT count(*) FROM jobs")
@@ -131,6 +132,27 @@ class RetryLog:
             finally:
                 self._con.unregister("new_jobs")
             self.pending += len(events)
+
+    def writable(self) -> bool:
+        """Whether a write of no event's making commits now.
+
+        It tells a shared failure (a full disk: this fails too) from rows that fail for reasons of
+        their own, which the writer then looks for among a refused group instead of holding it all.
+        """
+        try:
+            with self._lock:
+                self._con.execute("BEGIN")
+                try:
+                    self._con.execute("DELETE FROM probe")
+                    self._con.execute("INSERT INTO probe VALUES (?)", [time.time()])
+                    self._con.execute("COMMIT")
+                except BaseException:
+                    self._con.execute("ROLLBACK")
+                    raise
+        except Exception as exc:  # noqa: BLE001 - any failure means "not now"
+            log.warning("the retry log takes no writes: %s: %s", type(exc).__name__, exc)
+            return False
+        return True
 
     def due(self, limit: int, now: float | None = None) -> list[Job]:
         now = time.time() if now is None else now

@@ -11,6 +11,9 @@ persist-before-ack order and the single DuckDB writer stay where they were.
 With `processes=0` the same functions run on threads of the service's own process (tests, tiny
 sites). A worker that dies (OOM, `kill -9`) breaks the pool; the service rebuilds it and resubmits
 the chunk, whose messages were never acknowledged.
+
+Whatever one message raises, foreseen or not, is that message's fate: it comes back `rejected` as a
+`processing_error` (stage and exception type in the detail) and the rest of its chunk goes on.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 
 from edge_bridge.claim_check import ClaimChecker, s3_client
 from edge_bridge.envelope import EnvelopeRejected, parse_envelope
+from edge_bridge.quarantine import PROCESSING_ERROR, error_detail
 from edge_bridge.sqs_sender import SQS_BATCH_MAX, Outgoing, SqsBatchSender, sqs_client
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,7 @@ class _Item:
 class _Worker:
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
+        self.endpoint = os.environ.get("AWS_ENDPOINT_URL")
         self.sqs = sqs_client()
         self.claim_checker = ClaimChecker(s3_client(), settings.claim_check_bucket, settings.max_message_bytes)
 
@@ -98,13 +103,27 @@ class _Worker:
                     result.failed.append((item.token, item.event_id, f"claim check failed: {type(exc).__name__}: {exc}"))
             if not outgoing:
                 continue
-            started = time.perf_counter()
-            outcome = sender.send(outgoing)
-            result.send_seconds.append(time.perf_counter() - started)
-            result.sent += [event.key.token for event in outcome.sent]
-            result.failed += [(event.key.token, event.event_id, error) for event, error in outcome.failed]
-            if outcome.call_error:
-                result.call_error = outcome.call_error
+            try:
+                self._send(sender, outgoing, result)
+            except Exception:  # noqa: BLE001 - unforeseen: send the batch's events one by one to find the one at fault
+                for event in outgoing:
+                    if result.call_error:
+                        result.failed.append((event.key.token, event.event_id, result.call_error))
+                        continue
+                    try:
+                        self._send(sender, [event], result)
+                    except Exception as exc:  # noqa: BLE001 - it raises alone: its own fate
+                        result.rejected.append((event.key.token, PROCESSING_ERROR, error_detail("send", exc)))
+
+    @staticmethod
+    def _send(sender: SqsBatchSender, outgoing: list[Outgoing], result: ChunkResult) -> None:
+        started = time.perf_counter()
+        outcome = sender.send(outgoing)
+        result.send_seconds.append(time.perf_counter() - started)
+        result.sent += [event.key.token for event in outcome.sent]
+        result.failed += [(event.key.token, event.event_id, error) for event, error in outcome.failed]
+        if outcome.call_error:
+            result.call_error = outcome.call_error
 
     def _outgoing(self, item: _Item, result: ChunkResult) -> Outgoing:
         """The SQS message for an item: an oversized body goes to S3 and SQS carries the pointer.
@@ -142,14 +161,15 @@ def validate(messages: list[tuple[int, str, bytes]]) -> tuple[list[_Item], Chunk
     for token, topic, payload in messages:
         try:
             envelope = parse_envelope(payload)
+            parts = topic.split("/")
+            if len(parts) < 2 or parts[0] != "sites" or parts[1] != envelope.site_id:
+                result.rejected.append((token, "site_mismatch", f"topic {topic!r} carries an event of site {envelope.site_id!r}"))
+                continue
+            items.append(_Item(token, envelope.event_id, envelope.site_id, payload.decode("utf-8")))
         except EnvelopeRejected as exc:
             result.rejected.append((token, exc.reason, exc.detail))
-            continue
-        parts = topic.split("/")
-        if len(parts) < 2 or parts[0] != "sites" or parts[1] != envelope.site_id:
-            result.rejected.append((token, "site_mismatch", f"topic {topic!r} carries an event of site {envelope.site_id!r}"))
-            continue
-        items.append(_Item(token, envelope.event_id, envelope.site_id, payload.decode("utf-8")))
+        except Exception as exc:  # noqa: BLE001 - whatever else one message raises is its fate, not its chunk's
+            result.rejected.append((token, PROCESSING_ERROR, error_detail("validate", exc)))
     return items, result
 
 
@@ -163,7 +183,7 @@ def not_sent(messages: list[tuple[int, str, bytes]], reason: str) -> ChunkResult
 def _site_of(body: str) -> str:
     try:
         return parse_envelope(body).site_id
-    except EnvelopeRejected:
+    except Exception:  # noqa: BLE001 - the site only names a FIFO group or a claim-check key
         return "unknown"
 
 
@@ -175,7 +195,8 @@ _worker_lock = threading.Lock()
 def _init(settings: WorkerSettings, parent_pid: int | None = None, started=None) -> None:
     global _worker
     with _worker_lock:
-        if _worker is None or _worker.settings != settings:
+        # In thread mode the worker is shared by the process: a new endpoint (a test's new emulator) needs new clients.
+        if _worker is None or _worker.settings != settings or _worker.endpoint != os.environ.get("AWS_ENDPOINT_URL"):
             _worker = _Worker(settings)
     if parent_pid is not None:
         threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()

@@ -9,6 +9,12 @@ the local DLQ, which a replay (daily at 02:00 site time, or on demand) puts back
 When a call to SQS fails outright, a circuit breaker sends new events straight to the retry log
 (no per-event timeout) and a probe checks SQS every `probe_interval_s` until it answers again.
 At the retry log's size bound the service stops acknowledging: the broker keeps the backlog.
+
+One bad message never holds up another. Whatever a message raises at any stage (intake, a sender,
+settling, the retry log writer, a retry) is its own fate: a chunk or group that raises is split until
+the message at fault is alone, and that one is quarantined as `processing_error` and acknowledged,
+while the rest goes on. Only a cause that is truly shared (a sender process died, SQS unreachable, a
+full disk) fails a whole chunk, and then nothing of it is acknowledged.
 """
 
 from __future__ import annotations
@@ -19,9 +25,8 @@ import queue
 import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import Future
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from concurrent.futures import BrokenExecutor, Future
+from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -31,7 +36,7 @@ from edge_bridge.config import EdgeConfig
 from edge_bridge.envelope import Envelope, make_idempotency_key, utc_now
 from edge_bridge.metrics import EdgeMetrics
 from edge_bridge.mqtt_client import Client
-from edge_bridge.quarantine import Quarantine
+from edge_bridge.quarantine import PROCESSING_ERROR, Quarantine, error_detail
 from edge_bridge.retry_log import Job, RetryLog
 from edge_bridge.send_workers import CHUNK_MAX, ChunkResult, SenderPool, WorkerSettings, not_sent, prepare_and_send, send_jobs
 from edge_bridge.sqs_sender import sqs_client
@@ -96,6 +101,13 @@ class Inbox:
         return [items.popleft() for _ in range(min(max_items, len(items)))]
 
 
+@dataclass
+class _RetryOutcome:
+    done: list[int] = field(default_factory=list)
+    failed: list[tuple[int, str]] = field(default_factory=list)
+    quarantined: list[tuple[Job, str, str]] = field(default_factory=list)
+
+
 class CircuitBreaker:
     """Open after a failed SQS call; closed again by a successful probe."""
 
@@ -127,7 +139,12 @@ class EdgeService:
         self.metrics = EdgeMetrics()
         self.sqs = sqs_client()
         self.queue_url = self._lookup_queue_url()
-        self.quarantine = Quarantine(config.state_dir / "quarantine.jsonl")
+        self.quarantine = Quarantine(
+            config.state_dir / "quarantine.jsonl",
+            max_bytes=config.quarantine_max_bytes,
+            keep_files=config.quarantine_keep_files,
+            on_dropped=self.metrics.quarantine_dropped.inc,
+        )
         self.retry_log = RetryLog(
             config.state_dir / "retry_log.duckdb",
             max_events=config.retry_log_max_events,
@@ -139,7 +156,7 @@ class EdgeService:
         self.breaker = CircuitBreaker()
         self.metrics.circuit_open.set_function(lambda: int(self.breaker.is_open))
         self.inbox = Inbox()
-        self._completed: queue.Queue[tuple[list[Received], Future]] = queue.Queue()
+        self._completed: queue.Queue[tuple[list[Received], Future, bool]] = queue.Queue()
         self._spill_q: queue.Queue[list[tuple[Ready, str, str]]] = queue.Queue()
         self._held = 0
         self._full = False
@@ -182,6 +199,7 @@ class EdgeService:
             log.error("MQTT connect refused: %s", reason_code)
             return
         self._session += 1
+        self.metrics.mqtt_connections.inc()
         client.subscribe(EVENTS_TOPIC, qos=1)
         log.info("connected to MQTT %s:%s (session present: %s)", self.config.mqtt_host, self.config.mqtt_port, flags.session_present)
 
@@ -197,7 +215,21 @@ class EdgeService:
             log.warning("MQTT disconnected (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
-        self.inbox.put(Received(message.topic, message.payload, message.mid, self._session))
+        # A QoS 0 message arrives with mid 0: it is never acknowledged (see Client.ack_many).
+        try:
+            self.inbox.put(Received(message.topic, message.payload, message.mid, self._session))
+        except Exception as exc:  # noqa: BLE001 - raised out of this callback it would end paho's network loop
+            self._refuse_at_intake(message, exc)
+
+    def _refuse_at_intake(self, message: mqtt.MQTTMessage, exc: Exception) -> None:
+        """A message the intake itself cannot take is quarantined and acknowledged on the spot."""
+        try:
+            topic = bytes(getattr(message, "_topic", b"")).decode("utf-8", "replace")
+            self.quarantine.put(topic, bytes(message.payload), PROCESSING_ERROR, error_detail("intake", exc))
+            self.metrics.quarantined.labels(PROCESSING_ERROR).inc()
+            self.client.ack_many([message.mid])
+        except Exception:  # noqa: BLE001 - the quarantine is unwritable: the message stays unacked
+            log.exception("cannot quarantine a message the intake refused (%s); it stays unacked", exc)
 
     def _acknowledge(self, items: Iterable[Received]) -> None:
         """Acknowledge events that are safe, the MQTT ones in one write."""
@@ -243,8 +275,11 @@ class EdgeService:
                         return  # unacked: the broker redelivers after the restart
                 self._dispatch(batch)
 
-    def _dispatch(self, batch: list[Received]) -> None:
-        """Hand a chunk to a sender; with SQS down it is only validated, here, and goes to the retry log."""
+    def _dispatch(self, batch: list[Received], holds_slot: bool = True) -> None:
+        """Hand a chunk to a sender; with SQS down it is only validated, here, and goes to the retry log.
+
+        `holds_slot`: the chunk counts against the chunks in flight (a split chunk's second half does not).
+        """
         messages = [(token, r.topic, r.payload) for token, r in enumerate(batch)]
         if self.breaker.is_open or self.queue_url is None:
             # Nothing to send: validating here costs less than the round trip to a sender process.
@@ -252,11 +287,14 @@ class EdgeService:
                 reason, cause = f"SQS unreachable: {self.breaker.last_error}", "circuit_open"
             else:
                 reason, cause = "SQS queue URL not known yet", "call_failed"
-            self._slots.release()
+            if holds_slot:
+                self._slots.release()
             try:
-                self._settle(batch, not_sent(messages, reason), cause)
-            except Exception:  # noqa: BLE001 - the chunk stays unacked; the broker redelivers it after a restart
-                log.exception("settling a chunk of %d failed", len(batch))
+                result = not_sent(messages, reason)
+            except Exception as exc:  # noqa: BLE001 - not one message's own (those are rejected): halve the chunk anyway
+                self._split(batch, False, exc, "validate")
+                return
+            self._settle_safely(batch, result, cause)
             return
         while True:
             try:
@@ -266,58 +304,87 @@ class EdgeService:
                 log.exception("cannot hand a chunk of %d to the senders; trying again in 1 s", len(batch))
                 if self._stop.wait(1):
                     return  # unacked: the broker redelivers after the restart
-        future.add_done_callback(lambda f: self._completed.put((batch, f)))
+        future.add_done_callback(lambda f: self._completed.put((batch, f, holds_slot)))
 
     def _completer(self) -> None:
         while not (self._stop.is_set() and self._completed.empty()):
             try:
-                batch, future = self._completed.get(timeout=0.2)
+                batch, future, holds_slot = self._completed.get(timeout=0.2)
             except queue.Empty:
                 continue
             try:
                 result = future.result()
-            except Exception as exc:  # noqa: BLE001 - the chunk's messages are unacked: send them again
-                if isinstance(exc, BrokenProcessPool):
-                    self.senders.rebuild(future.executor)
-                else:
-                    log.exception("sender failed on a chunk of %d; it is resubmitted", len(batch))
-                    self._stop.wait(1)
+            except BrokenExecutor:  # shared: a sender process died; the chunk was not at fault, send it again
+                self.senders.rebuild(future.executor)
                 if not self._stop.is_set():
-                    self._dispatch(batch)
+                    self._dispatch(batch, holds_slot)
                 continue
-            self._slots.release()
-            try:
-                self._settle(batch, result)
-            except Exception:  # noqa: BLE001 - never let one chunk stop the completer; unacked ones come back
-                log.exception("settling a chunk of %d failed", len(batch))
+            except Exception as exc:  # noqa: BLE001 - something in the chunk raised: find it, never resend it unchanged
+                self._split(batch, holds_slot, exc, "sender")
+                continue
+            if holds_slot:
+                self._slots.release()
+            self._settle_safely(batch, result)
+
+    def _split(self, batch: list[Received], holds_slot: bool, exc: Exception, stage: str) -> None:
+        """A chunk that raised goes again as two halves, until the message at fault is alone and quarantined."""
+        if len(batch) == 1:
+            if holds_slot:
+                self._slots.release()
+            log.warning("a message on %s raised %s (%s): quarantined", batch[0].topic, type(exc).__name__, stage)
+            self._quarantine_safely([(batch[0], PROCESSING_ERROR, error_detail(stage, exc))])
+            return
+        log.warning("a chunk of %d raised %s (%s): handling it again in halves to find the message at fault", len(batch), type(exc).__name__, stage)
+        half = len(batch) // 2
+        self._dispatch(batch[:half], holds_slot)
+        self._dispatch(batch[half:], holds_slot=False)
+
+    def _settle_safely(self, batch: list[Received], result: ChunkResult, cause: str | None = None) -> None:
+        try:
+            self._settle(batch, result, cause)
+        except Exception:  # noqa: BLE001 - never let one chunk stop the completer; unacked ones come back
+            log.exception("settling a chunk of %d failed; what it did not settle stays unacked", len(batch))
 
     def _settle(self, batch: list[Received], result: ChunkResult, cause: str | None = None) -> None:
-        """Ack what SQS took, quarantine what was rejected, hand what failed to the retry log writer.
+        """Ack what SQS took, hand what failed to the retry log writer, quarantine what was rejected.
 
-        `cause` is set when nothing was sent (SQS known to be down); otherwise it follows from the result.
+        Each step settles its own messages, so a failure in one (the quarantine file unwritable)
+        leaves only that step's messages unacked. `cause` is set when nothing was sent (SQS known to
+        be down); otherwise it follows from the result.
         """
         for seconds in result.send_seconds:
             self.metrics.send_latency.observe(seconds)
         if result.claim_checks:
             self.metrics.claim_checks.inc(result.claim_checks)
-        if result.rejected:
-            self.quarantine.put_many([(batch[token].topic, batch[token].payload, reason, detail) for token, reason, detail in result.rejected])
-            for reason, count in collections.Counter(reason for _, reason, _ in result.rejected).items():
-                self.metrics.quarantined.labels(reason).inc(count)
-        # Quarantined durably: acking those too loses nothing and unblocks the stream.
-        self._acknowledge([batch[token] for token in result.sent] + [batch[token] for token, _, _ in result.rejected])
         if result.sent:
+            self._acknowledge([batch[token] for token in result.sent])
             self.metrics.delivered.labels("realtime").inc(len(result.sent))
-        if not result.failed:
-            return
-        if result.call_error:
-            self.breaker.trip(result.call_error)
-        if cause is None:
-            cause = "call_failed" if result.call_error else "entry_failed"
-            log.warning("SQS refused %d events (%s); committing them to the retry log", len(result.failed), result.failed[0][2])
-        elif cause == "call_failed":
-            self.breaker.trip(result.failed[0][2])
-        self._spill_q.put([(Ready(batch[token], event_id), error, cause) for token, event_id, error in result.failed])
+        if result.failed:
+            if result.call_error:
+                self.breaker.trip(result.call_error)
+            if cause is None:
+                cause = "call_failed" if result.call_error else "entry_failed"
+                log.warning("SQS refused %d events (%s); committing them to the retry log", len(result.failed), result.failed[0][2])
+            elif cause == "call_failed":
+                self.breaker.trip(result.failed[0][2])
+            self._spill_q.put([(Ready(batch[token], event_id), error, cause) for token, event_id, error in result.failed])
+        if result.rejected:
+            self._quarantine([(batch[token], reason, detail) for token, reason, detail in result.rejected])
+
+    def _quarantine(self, entries: list[tuple[Received, str, str]]) -> None:
+        """Quarantine durably, then acknowledge: acking those loses nothing and unblocks the stream."""
+        self.quarantine.put_many([(r.topic, r.payload, reason, detail) for r, reason, detail in entries])
+        self._acknowledge([r for r, _, _ in entries])
+        for reason, count in collections.Counter(reason for _, reason, _ in entries).items():
+            self.metrics.quarantined.labels(reason).inc(count)
+
+    def _quarantine_safely(self, entries: list[tuple[Received, str, str]]) -> bool:
+        try:
+            self._quarantine(entries)
+            return True
+        except Exception:  # noqa: BLE001 - the quarantine is unwritable (shared): the messages stay unacked
+            log.exception("cannot quarantine %d messages; they stay unacked", len(entries))
+            return False
 
     # --- retry log writer (group commit, then ack) ----------------------------------------------
     def _spill_writer(self) -> None:
@@ -328,8 +395,10 @@ class EdgeService:
                 continue
             room = self.retry_log.max_events - self.retry_log.pending - self.retry_log.dlq_size
             size = max(0, min(room, SPILL_GROUP_MAX, len(held)))
-            if size and not self._commit(held[:size]):
-                self._stop.wait(1)  # e.g. a full disk: everything stays held and unacked; try again
+            kept = self._commit(held[:size]) if size else []
+            if kept:
+                held = kept + held[size:]
+                self._stop.wait(1)  # e.g. a full disk: what is not committed stays held and unacked; try again
                 continue
             held = held[size:]
             # Reported after the commit, so the status never shows a group in neither place; what is
@@ -353,17 +422,47 @@ class EdgeService:
                 break
         return held
 
-    def _commit(self, group: list[tuple[Ready, str, str]]) -> bool:
-        """One transaction for the group, then its acks: persist before acknowledging."""
+    def _commit(self, group: list[tuple[Ready, str, str]]) -> list[tuple[Ready, str, str]]:
+        """One transaction for the group, then its acks: persist before acknowledging.
+
+        Returns what stays held. A refused group is held whole when the retry log takes no write at
+        all (a full disk); otherwise rows of its own made it fail, and halving it finds them.
+        """
         try:
-            self.retry_log.add([(r.event_id, r.body, error) for r, error, _ in group])
-        except Exception:  # noqa: BLE001 - the group stays unacked and is retried
-            log.exception("retry log write failed; %d events stay unacked and are retried", len(group))
-            return False
-        self._acknowledge([r.received for r, _, _ in group])
-        for cause, count in collections.Counter(cause for _, _, cause in group).items():
-            self.metrics.spilled.labels(cause).inc(count)
-        return True
+            self._add(group)
+            return []
+        except Exception as exc:  # noqa: BLE001 - shared or one row's: the probe tells which
+            if not self.retry_log.writable():
+                log.error("retry log write failed (%s: %s); %d events stay unacked and are retried", type(exc).__name__, exc, len(group))
+                return group
+            log.warning("the retry log refused a group of %d (%s) but takes writes: looking for the event at fault", len(group), type(exc).__name__)
+            return self._bisect(group, exc)
+
+    def _bisect(self, group: list[tuple[Ready, str, str]], exc: Exception) -> list[tuple[Ready, str, str]]:
+        if len(group) == 1:
+            ready = group[0][0]
+            if not self.retry_log.writable() or not self._quarantine_safely([(ready.received, PROCESSING_ERROR, error_detail("retry log", exc))]):
+                return group  # shared after all: it stays held
+            log.warning("event %s cannot be written to the retry log (%s): quarantined", ready.event_id, type(exc).__name__)
+            return []
+        half = len(group) // 2
+        kept = []
+        for part in (group[:half], group[half:]):
+            try:
+                self._add(part)
+            except Exception as part_exc:  # noqa: BLE001 - narrowed down further
+                kept += self._bisect(part, part_exc)
+        return kept
+
+    def _add(self, group: list[tuple[Ready, str, str]]) -> None:
+        self.retry_log.add([(r.event_id, r.body, error) for r, error, _ in group])
+        # Committed: from here on nothing may send the group to the retry log again.
+        try:
+            self._acknowledge([r.received for r, _, _ in group])
+            for cause, count in collections.Counter(cause for _, _, cause in group).items():
+                self.metrics.spilled.labels(cause).inc(count)
+        except Exception:  # noqa: BLE001 - unacked ones come back and are committed again (a duplicate at worst)
+            log.exception("acknowledging %d committed events failed", len(group))
 
     def _report_held(self, held: int) -> None:
         """`held`: events kept unacked because the retry log is at its bound."""
@@ -388,27 +487,50 @@ class EdgeService:
 
     def _retry(self, jobs: list[Job]) -> None:
         chunks = [jobs[i : i + CHUNK_MAX] for i in range(0, len(jobs), CHUNK_MAX)]
-        futures = [self.senders.submit(send_jobs, [(j.job_id, j.event_id, j.body) for j in chunk], self.queue_url) for chunk in chunks]
-        done, failed = [], []
-        for future in futures:
-            try:
-                result = future.result()
-            except BrokenProcessPool:
-                self.senders.rebuild(future.executor)
-                continue  # those jobs stay due, their attempt not counted
-            done += result.sent
-            failed += [(job_id, error) for job_id, _, error in result.failed]
-            if result.call_error:
-                self.breaker.trip(result.call_error)
-            for seconds in result.send_seconds:
-                self.metrics.send_latency.observe(seconds)
-            self.metrics.claim_checks.inc(result.claim_checks)
-        moved = self.retry_log.record(done, failed)
-        self.metrics.delivered.labels("retry").inc(len(done))
-        self.metrics.retry_failures.inc(len(failed))
+        submitted = [(chunk, self._submit_jobs(chunk)) for chunk in chunks]
+        outcome = _RetryOutcome()
+        for chunk, future in submitted:
+            self._retry_outcome(chunk, future, outcome)
+        if outcome.quarantined:
+            # Quarantined before they leave the retry log: a crash in between quarantines one twice, never zero times.
+            self.quarantine.put_many([("", j.body.encode("utf-8"), reason, f"event {j.event_id}: {detail}") for j, reason, detail in outcome.quarantined])
+            for reason, count in collections.Counter(reason for _, reason, _ in outcome.quarantined).items():
+                self.metrics.quarantined.labels(reason).inc(count)
+        moved = self.retry_log.record(outcome.done + [j.job_id for j, _, _ in outcome.quarantined], outcome.failed)
+        self.metrics.delivered.labels("retry").inc(len(outcome.done))
+        self.metrics.retry_failures.inc(len(outcome.failed))
         self.metrics.dead_lettered.inc(moved)
-        if failed:
-            log.warning("retry of %d jobs failed (%s); %d moved to the DLQ", len(failed), failed[0][1], moved)
+        if outcome.failed:
+            log.warning("retry of %d jobs failed (%s); %d moved to the DLQ", len(outcome.failed), outcome.failed[0][1], moved)
+
+    def _submit_jobs(self, chunk: list[Job]) -> Future:
+        return self.senders.submit(send_jobs, [(j.job_id, j.event_id, j.body) for j in chunk], self.queue_url)
+
+    def _retry_outcome(self, chunk: list[Job], future: Future, outcome: "_RetryOutcome") -> None:
+        """Collect a retried chunk's outcome; a chunk that raised is retried in halves until the job at fault is alone."""
+        try:
+            result = future.result()
+        except BrokenExecutor:
+            self.senders.rebuild(future.executor)
+            return  # those jobs stay due, their attempt not counted
+        except Exception as exc:  # noqa: BLE001 - one job's fault: never let it hold up the jobs behind it
+            if len(chunk) == 1:
+                log.warning("retry of event %s raised %s: quarantined", chunk[0].event_id, type(exc).__name__)
+                outcome.quarantined.append((chunk[0], PROCESSING_ERROR, error_detail("retry", exc)))
+                return
+            half = len(chunk) // 2
+            for part in (chunk[:half], chunk[half:]):
+                self._retry_outcome(part, self._submit_jobs(part), outcome)
+            return
+        jobs = {j.job_id: j for j in chunk}
+        outcome.done += result.sent
+        outcome.failed += [(job_id, error) for job_id, _, error in result.failed]
+        outcome.quarantined += [(jobs[job_id], reason, detail) for job_id, reason, detail in result.rejected]
+        if result.call_error:
+            self.breaker.trip(result.call_error)
+        for seconds in result.send_seconds:
+            self.metrics.send_latency.observe(seconds)
+        self.metrics.claim_checks.inc(result.claim_checks)
 
     def _poller(self) -> None:
         while not self._stop.is_set():
@@ -447,6 +569,8 @@ class EdgeService:
             "retry_log_bytes": self.retry_log.size_bytes(),
             "mqtt_message_rate": round(self.metrics.rate.rate(), 2),
             "sender_pids": self.senders.pids if self.senders else [],
+            "mqtt_connections": self._session,
+            "quarantine_dropped": self.quarantine.dropped,
         }
 
     # --- lifecycle ------------------------------------------------------------------------------

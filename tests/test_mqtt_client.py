@@ -71,3 +71,25 @@ def test_ack_many_acknowledges_exactly_the_ids_it_is_given(mosquitto):
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def test_ack_many_sends_no_puback_for_a_qos_0_message_so_the_broker_keeps_the_connection(mosquitto):
+    client, received = connect(mosquitto.port, "qos0-acker", manual_ack=True, clean_session=False)
+    disconnects = []
+    client.on_disconnect = lambda *a: disconnects.append(a)
+    try:
+        sender, _ = connect(mosquitto.port, "qos0-publisher")
+        infos = [sender.publish(TOPIC, f"event-{i}".encode(), qos=0 if i == 1 else 1) for i in range(3)]
+        for info in infos:
+            info.wait_for_publish(10)
+        sender.disconnect()
+        sender.loop_stop()
+        messages = take(received, 3)
+        assert sorted(mid == 0 for mid, _ in messages) == [False, False, True]  # QoS 0 arrives with id 0
+        client.ack_many([mid for mid, _ in messages])
+        # Mosquitto 2 drops a client that PUBACKs id 0; once it has acknowledged this publish, it has read the acks.
+        client.publish("sites/site-1/sync", b"sync", qos=1).wait_for_publish(10)
+        assert client.is_connected() and disconnects == []
+    finally:
+        client.disconnect()
+        client.loop_stop()
