@@ -129,9 +129,19 @@ class MqttUser:
     read: list[str] = field(default_factory=list)
 
 
+# The broker refuses a publish over this (the envelope's own bound, MAX_ENVELOPE_BYTES = 4 MiB, plus
+# room for a forwarder's topic and framing): nothing bigger reaches the edge service's memory.
+MESSAGE_SIZE_LIMIT = 5 * 1024 * 1024
+
+
 @dataclass
 class Mosquitto(ManagedProcess):
-    """A private Mosquitto with persistence, sized so an offline bridge's backlog is kept, not dropped."""
+    """A private Mosquitto with persistence, sized so an offline bridge's backlog is kept, not dropped.
+
+    With users, a client's id is its username (`use_username_as_clientid`): a session belongs to a
+    credential, so no site's credential can connect under the edge service's client id and take its
+    persistent session (and the events queued in it) over. Each user has one connection at a time.
+    """
 
     workdir: Path
     port: int = field(default_factory=free_port)
@@ -166,6 +176,7 @@ class Mosquitto(ManagedProcess):
             # Messages in flight to one subscriber before its acks come back; the bridge acks only
             # after SQS or the retry log has the event, so this is its pipelining window.
             f"max_inflight_messages {self.max_inflight}",
+            f"message_size_limit {MESSAGE_SIZE_LIMIT}",
             "log_dest stderr",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
             "log_type error",
@@ -196,7 +207,7 @@ class Mosquitto(ManagedProcess):
                 user = pwd.getpwnam("mosquitto")
                 for path in (passwd, acl):
                     os.chown(path, user.pw_uid, user.pw_gid)
-            lines += ["allow_anonymous false", f"password_file {passwd}", f"acl_file {acl}"]
+            lines += ["allow_anonymous false", f"password_file {passwd}", f"acl_file {acl}", "use_username_as_clientid true"]
         conf = self.workdir / "mosquitto.conf"
         conf.write_text("\n".join(lines) + "\n")
         return conf

@@ -93,3 +93,18 @@ def test_ack_many_sends_no_puback_for_a_qos_0_message_so_the_broker_keeps_the_co
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def test_the_broker_refuses_a_publish_over_its_message_size_limit_and_passes_one_at_the_envelope_bound(mosquitto):
+    from devstack.processes import MESSAGE_SIZE_LIMIT
+    from edge_bridge.envelope import MAX_ENVELOPE_BYTES
+
+    assert MAX_ENVELOPE_BYTES < MESSAGE_SIZE_LIMIT <= 2 * MAX_ENVELOPE_BYTES
+    client, received = connect(mosquitto.port, "size-limited")
+    try:
+        at_bound = b"a" * MAX_ENVELOPE_BYTES
+        publish(mosquitto.port, TOPIC, [b"o" * (MESSAGE_SIZE_LIMIT + 1), at_bound, b"marker"])
+        assert [payload for _, payload in take(received, 2)] == [at_bound, b"marker"]
+    finally:
+        client.disconnect()
+        client.loop_stop()
