@@ -1,7 +1,9 @@
 """The forwarder: device messages in, envelopes out to the site's Mosquitto under `sites/<site>/events/…`.
 
 It normalises and forwards; it does not decide or filter. A message no adapter can read is kept in
-the forwarder's quarantine with its reason and counted; it never stops the next message.
+the forwarder's quarantine with its reason and counted; it never stops the next message. That holds
+for whatever an adapter raises (`adapter_error`, with the exception type in the detail) and for an
+envelope over the contract's size bound (`too_large`), which no later stage would take.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_bridge.adapters import ADAPTERS, AdapterRejected
-from edge_bridge.envelope import Envelope
-from edge_bridge.quarantine import Quarantine
+from edge_bridge.envelope import MAX_ENVELOPE_BYTES, Envelope, EnvelopeRejected
+from edge_bridge.quarantine import Quarantine, error_detail
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +60,22 @@ class Forwarder:
             envelope = adapter(self.site_id, topic, raw, received_at)
             if self.known_devices is not None and envelope.device_id not in self.known_devices:
                 raise AdapterRejected("unknown_device", envelope.device_id)
-        except AdapterRejected as exc:
-            self.quarantine.put(topic, raw, exc.reason, exc.detail)
-            self.rejected[exc.reason] += 1
-            log.warning("quarantined a %s message from %s: %s", family, topic, exc)
-            return None
-        self.client.publish(envelope.topic, envelope.to_json(), qos=1)
+            body = envelope.to_json().encode("utf-8")
+            if len(body) > MAX_ENVELOPE_BYTES:
+                raise AdapterRejected("too_large", f"the envelope is {len(body)} bytes (limit {MAX_ENVELOPE_BYTES})")
+        except EnvelopeRejected as exc:  # AdapterRejected included
+            return self._refuse(family, topic, raw, exc.reason, exc.detail)
+        except Exception as exc:  # noqa: BLE001 - an adapter's unforeseen failure is this message's, never the forwarder's
+            return self._refuse(family, topic, raw, "adapter_error", error_detail(f"adapter {family}", exc))
+        self.client.publish(envelope.topic, body, qos=1)
         self.forwarded += 1
         return envelope
+
+    def _refuse(self, family: str, topic: str, raw: bytes, reason: str, detail: str) -> None:
+        self.quarantine.put(topic, raw, reason, detail)
+        self.rejected[reason] += 1
+        log.warning("quarantined a %s message from %s: %s: %s", family, topic, reason, detail[:200])
+        return None
 
     def close(self, timeout: float = 30.0) -> None:
         """Wait until the broker acknowledged what was published, then disconnect."""
