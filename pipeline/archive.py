@@ -5,7 +5,8 @@ Layout in the archive bucket:
     year=YYYY/month=MM/day=DD/hour=HH/events_NNNN.parquet     written by hourly compaction
 
 An hour's archive files are a pure function of that hour's landing files: compaction reads them all,
-keeps the first copy of each event_id, sorts by event time and rewrites the hour. Re-running it (for
+keeps the first copy of each (site_id, event_id) (an event id is unique only within its site), sorts by
+event time and rewrites the hour. Re-running it (for
 late events, or twice by accident) therefore still leaves every event exactly once.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Iterable
+from typing import Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -74,35 +75,74 @@ def archive_dir(bucket: str, hour: str) -> str:
     return f"{bucket}/{parse_hour_key(hour):year=%Y/month=%m/day=%d/hour=%H}"
 
 
-def envelopes_to_table(envelopes: Iterable[Envelope], ingested_at: datetime) -> pa.Table:
-    rows = {name: [] for name in ARCHIVE_SCHEMA.names}
+def _row(env: Envelope, ingested_at: datetime) -> tuple:
+    return (
+        env.event_id,
+        env.idempotency_key,
+        env.schema_version,
+        env.event_type,
+        env.source,
+        env.site_id,
+        env.device_id,
+        env.timestamp,
+        env.received_at,
+        ingested_at,
+        json.dumps(env.payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False),
+    )
+
+
+def _table(rows: list[tuple]) -> pa.Table:
+    columns = list(zip(*rows)) if rows else [[] for _ in ARCHIVE_SCHEMA.names]
+    return pa.table({name: list(values) for name, values in zip(ARCHIVE_SCHEMA.names, columns)}, schema=ARCHIVE_SCHEMA)
+
+
+def envelopes_to_table(envelopes: Iterable[Envelope], ingested_at: datetime, on_refused: Callable[[Envelope, Exception], None] | None = None) -> pa.Table:
+    """Archive rows; an event that cannot be made into a row goes to `on_refused` (raises without one).
+
+    The whole batch is converted at once; only if that fails is each event converted alone, to find
+    the one (or ones) at fault, so the common case costs nothing extra.
+    """
+    envelopes = list(envelopes)
+    try:
+        return _table([_row(env, ingested_at) for env in envelopes])
+    except Exception:
+        if on_refused is None:
+            raise
+    rows = []
     for env in envelopes:
-        rows["event_id"].append(env.event_id)
-        rows["idempotency_key"].append(env.idempotency_key)
-        rows["schema_version"].append(env.schema_version)
-        rows["event_type"].append(env.event_type)
-        rows["source"].append(env.source)
-        rows["site_id"].append(env.site_id)
-        rows["device_id"].append(env.device_id)
-        rows["timestamp"].append(env.timestamp)
-        rows["received_at"].append(env.received_at)
-        rows["ingested_at"].append(ingested_at)
-        rows["payload"].append(json.dumps(env.payload, separators=(",", ":"), ensure_ascii=False))
-    return pa.table(rows, schema=ARCHIVE_SCHEMA)
+        try:
+            row = _row(env, ingested_at)
+            _table([row])
+        except Exception as exc:  # noqa: BLE001 - this event's fate alone
+            on_refused(env, exc)
+            continue
+        rows.append(row)
+    return _table(rows)
 
 
-def write_landing(filesystem: fs.FileSystem, bucket: str, landing_prefix: str, envelopes: list[Envelope], batch_id: str, ingested_at: datetime) -> dict[str, int]:
+def write_landing(
+    filesystem: fs.FileSystem,
+    bucket: str,
+    landing_prefix: str,
+    envelopes: list[Envelope],
+    batch_id: str,
+    ingested_at: datetime,
+    on_refused: Callable[[Envelope, Exception], None] | None = None,
+) -> dict[str, int]:
     """Write one landing file per event-hour in this batch; returns {hour_key: rows}.
 
     `batch_id` must be unique per attempt at a window (a re-delivered window writes a new file and
-    compaction removes the duplicates).
+    compaction removes the duplicates). An event that cannot be made into a row goes to `on_refused`
+    (for the caller to quarantine); a write that fails raises.
     """
     by_hour: dict[str, list[Envelope]] = {}
     for env in envelopes:
         by_hour.setdefault(archive_hour(env.timestamp, env.received_at), []).append(env)
     written = {}
     for hour, group in sorted(by_hour.items()):
-        table = envelopes_to_table(group, ingested_at)
+        table = envelopes_to_table(group, ingested_at, on_refused)
+        if not table.num_rows:
+            continue
         directory = landing_dir(bucket, landing_prefix, hour)
         filesystem.create_dir(directory, recursive=True)
         pq.write_table(table, f"{directory}/{batch_id}.parquet", filesystem=filesystem, compression=COMPRESSION)
@@ -129,14 +169,22 @@ def read_landing(filesystem: fs.FileSystem, bucket: str, landing_prefix: str, ho
     return pa.concat_tables(tables), len(files)
 
 
-def dedupe_by_event_id(table: pa.Table) -> pa.Table:
-    """Keep one row per event_id: the earliest ingested copy (ties: the first seen)."""
+def event_keys(table: pa.Table) -> pa.Array:
+    """Each row's identity as one string, `site_id/event_id` (as `Envelope.dedupe_id`): an event id is
+    only unique within its site, so one site's ids can never shadow another's."""
+    if table.num_rows == 0:
+        return pa.array([], pa.string())
+    return pc.binary_join_element_wise(table.column("site_id"), table.column("event_id"), "/").combine_chunks()
+
+
+def dedupe_by_event_key(table: pa.Table) -> pa.Table:
+    """Keep one row per (site_id, event_id): the earliest ingested copy (ties: the first seen)."""
     if table.num_rows == 0:
         return table
     indexed = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
-    ordered = indexed.sort_by([("event_id", "ascending"), ("ingested_at", "ascending"), ("_row", "ascending")])
-    ids = ordered.column("event_id").combine_chunks()
-    keep = pc.not_equal(ids[1:], ids[:-1])
+    ordered = indexed.sort_by([("site_id", "ascending"), ("event_id", "ascending"), ("ingested_at", "ascending"), ("_row", "ascending")])
+    keys = event_keys(ordered)
+    keep = pc.not_equal(keys[1:], keys[:-1])
     mask = pa.concat_arrays([pa.array([True]), keep.fill_null(True)])
     return ordered.filter(mask).drop_columns(["_row"])
 
@@ -152,25 +200,26 @@ class CompactionResult:
     bytes_written: int
     newly_archived: int = 0
     archival_lag_minutes: float = 0.0
-    archived_ids: pa.Array | None = None
+    archived_keys: pa.Array | None = None  # `site_id/event_id` of every archived row
 
     @property
     def duplicates_dropped(self) -> int:
         return self.landing_rows - self.archived_rows
 
 
-def _archived_ids(filesystem: fs.FileSystem, paths: list[str]) -> pa.Array:
+def _archived_keys(filesystem: fs.FileSystem, paths: list[str]) -> pa.Array:
     if not paths:
         return pa.array([], pa.string())
-    return pa.concat_tables([pq.read_table(p, columns=["event_id"], filesystem=filesystem) for p in paths]).column("event_id").combine_chunks()
+    return event_keys(pa.concat_tables([pq.read_table(p, columns=["site_id", "event_id"], filesystem=filesystem) for p in paths]))
 
 
 def archival_lag_minutes(unique: pa.Table, previously_archived: pa.Array, archived_at: datetime) -> tuple[int, float]:
     """How long the oldest newly archived event waited between leaving SQS and reaching the archive.
 
-    Returns (newly archived events, lag in minutes); a re-run that adds nothing has no lag.
+    `previously_archived` holds the keys (`event_keys`) already in the hour. Returns (newly archived
+    events, lag in minutes); a re-run that adds nothing has no lag.
     """
-    new = unique.filter(pc.invert(pc.is_in(unique.column("event_id"), value_set=previously_archived)))
+    new = unique.filter(pc.invert(pc.is_in(event_keys(unique), value_set=previously_archived)))
     if new.num_rows == 0:
         return 0, 0.0
     oldest = pc.min(new.column("ingested_at")).as_py()
@@ -178,17 +227,17 @@ def archival_lag_minutes(unique: pa.Table, previously_archived: pa.Array, archiv
 
 
 def compact_hour(filesystem: fs.FileSystem, bucket: str, landing_prefix: str, hour: str, rows_per_file: int = ROWS_PER_FILE) -> CompactionResult:
-    """Rewrite one hour of the archive from all of its landing files, each event_id once.
+    """Rewrite one hour of the archive from all of its landing files, each (site_id, event_id) once.
 
     Files are written as events_0001.parquet, events_0002.parquet, ... of at most `rows_per_file`
     rows (so an hour is usually one file of analytics-friendly size), then files of an earlier, larger
     compaction are removed. Each S3 PUT replaces a whole object, so readers never see half a file.
     """
     landed, n_files = read_landing(filesystem, bucket, landing_prefix, hour)
-    unique = dedupe_by_event_id(landed).sort_by([("timestamp", "ascending"), ("event_id", "ascending")])
+    unique = dedupe_by_event_key(landed).sort_by([("timestamp", "ascending"), ("site_id", "ascending"), ("event_id", "ascending")])
     directory = archive_dir(bucket, hour)
     before = _list_parquet(filesystem, directory)
-    previously = _archived_ids(filesystem, before)
+    previously = _archived_keys(filesystem, before)
     written, total_bytes = [], 0
     if unique.num_rows:
         filesystem.create_dir(directory, recursive=True)
@@ -208,7 +257,7 @@ def compact_hour(filesystem: fs.FileSystem, bucket: str, landing_prefix: str, ho
         filesystem.delete_file(path)
     newly, lag = archival_lag_minutes(unique, previously, utc_now())
     return CompactionResult(
-        hour, n_files, landed.num_rows, unique.num_rows, written, stale, total_bytes, newly, lag, unique.column("event_id").combine_chunks()
+        hour, n_files, landed.num_rows, unique.num_rows, written, stale, total_bytes, newly, lag, event_keys(unique)
     )
 
 
@@ -218,15 +267,15 @@ class HourAudit:
 
     hour: str
     rows: int
-    distinct_event_ids: int
-    missing_ids: int  # expected (unique landed) but not archived
-    unexpected_ids: int  # archived but not among the unique landed ids
+    distinct_events: int  # distinct (site_id, event_id)
+    missing_events: int  # expected (unique landed) but not archived
+    unexpected_events: int  # archived but not among the unique landed events
     schema_problems: list[str]
     versions: dict[str, int]
 
     @property
-    def duplicate_event_ids(self) -> int:
-        return self.rows - self.distinct_event_ids
+    def duplicates(self) -> int:
+        return self.rows - self.distinct_events
 
     @property
     def unsupported_versions(self) -> list[str]:
@@ -238,8 +287,9 @@ def _supported_version(version: str) -> bool:
     return major.isdigit() and int(major) in SUPPORTED_MAJORS
 
 
-def audit_hour(filesystem: fs.FileSystem, bucket: str, hour: str, expected_ids: pa.Array | None = None) -> HourAudit:
-    """Read an archive hour back and compare it with what compaction meant to write."""
+def audit_hour(filesystem: fs.FileSystem, bucket: str, hour: str, expected_keys: pa.Array | None = None) -> HourAudit:
+    """Read an archive hour back and compare it with what compaction meant to write (`expected_keys`:
+    `event_keys` of the unique landed events)."""
     paths = _list_parquet(filesystem, archive_dir(bucket, hour))
     problems = []
     tables = []
@@ -248,14 +298,14 @@ def audit_hour(filesystem: fs.FileSystem, bucket: str, hour: str, expected_ids: 
         if not schema.remove_metadata().equals(ARCHIVE_SCHEMA):
             problems.append(f"{path}: schema differs from ARCHIVE_SCHEMA: {schema.remove_metadata()}")
             continue
-        tables.append(pq.read_table(path, columns=["event_id", "schema_version"], filesystem=filesystem))
-    table = pa.concat_tables(tables) if tables else pa.table({"event_id": pa.array([], pa.string()), "schema_version": pa.array([], pa.string())})
-    ids = table.column("event_id").combine_chunks()
-    distinct = pc.unique(ids)
+        tables.append(pq.read_table(path, columns=["site_id", "event_id", "schema_version"], filesystem=filesystem))
+    empty = pa.table({name: pa.array([], pa.string()) for name in ("site_id", "event_id", "schema_version")})
+    table = pa.concat_tables(tables) if tables else empty
+    distinct = pc.unique(event_keys(table))
     missing = unexpected = 0
-    if expected_ids is not None:
-        missing = int(pc.sum(pc.invert(pc.is_in(expected_ids, value_set=distinct))).as_py() or 0)
-        unexpected = int(pc.sum(pc.invert(pc.is_in(distinct, value_set=expected_ids))).as_py() or 0)
+    if expected_keys is not None:
+        missing = int(pc.sum(pc.invert(pc.is_in(expected_keys, value_set=distinct))).as_py() or 0)
+        unexpected = int(pc.sum(pc.invert(pc.is_in(distinct, value_set=expected_keys))).as_py() or 0)
     counts = pc.value_counts(table.column("schema_version").combine_chunks())
     versions = {row["values"]: row["counts"] for row in counts.to_pylist()}
     return HourAudit(hour, table.num_rows, len(distinct), missing, unexpected, problems, versions)

@@ -51,11 +51,15 @@ priority_handled = AssetSpec(
 )
 
 CHECKS = [
-    AssetCheckSpec("no_duplicate_event_ids", asset=ARCHIVE_ASSET, description="Each event_id appears once in the hour's archive files."),
+    AssetCheckSpec(
+        "no_duplicate_event_ids",
+        asset=ARCHIVE_ASSET,
+        description="Each event, (site_id, event_id), appears once in the hour's archive files (an event id is unique only within its site).",
+    ),
     AssetCheckSpec(
         "reconciles_with_landing",
         asset=ARCHIVE_ASSET,
-        description="Archived ids == the unique ids of the landing files, and landing rows cover what drain runs reported landing.",
+        description="Archived (site_id, event_id) == the unique ones of the landing files, and landing rows cover what drain runs reported landing.",
     ),
     AssetCheckSpec("schema_and_version", asset=ARCHIVE_ASSET, description="Files carry ARCHIVE_SCHEMA and only known envelope major versions."),
     AssetCheckSpec(
@@ -98,7 +102,7 @@ def events_archive(context: AssetExecutionContext, archive: ArchiveStore) -> Mat
     hour = context.partition_key
     filesystem = archive.filesystem()
     result = compact_hour(filesystem, archive.bucket, archive.landing_prefix, hour)
-    audit = audit_hour(filesystem, archive.bucket, hour, expected_ids=result.archived_ids)
+    audit = audit_hour(filesystem, archive.bucket, hour, expected_keys=result.archived_keys)
     reported = drained_rows_reported(context.instance, hour)
     context.log.info(
         f"hour {hour}: {result.archived_rows} events ({result.newly_archived} new) from {result.landing_files} landing files, "
@@ -116,18 +120,18 @@ def events_archive(context: AssetExecutionContext, archive: ArchiveStore) -> Mat
     checks = [
         AssetCheckResult(
             check_name="no_duplicate_event_ids",
-            passed=audit.duplicate_event_ids == 0,
-            metadata={"rows": audit.rows, "distinct_event_ids": audit.distinct_event_ids, "duplicate_event_ids": audit.duplicate_event_ids},
+            passed=audit.duplicates == 0,
+            metadata={"rows": audit.rows, "distinct_events": audit.distinct_events, "duplicates": audit.duplicates},
         ),
         AssetCheckResult(
             check_name="reconciles_with_landing",
-            passed=audit.missing_ids == 0 and audit.unexpected_ids == 0 and landing_covers_reports,
+            passed=audit.missing_events == 0 and audit.unexpected_events == 0 and landing_covers_reports,
             metadata={
                 "landing_rows": result.landing_rows,
-                "landing_unique_ids": result.archived_rows,
+                "landing_unique_events": result.archived_rows,
                 "archived_rows": audit.rows,
-                "missing_ids": audit.missing_ids,
-                "unexpected_ids": audit.unexpected_ids,
+                "missing_events": audit.missing_events,
+                "unexpected_events": audit.unexpected_events,
                 "rows_reported_by_drain_runs": reported if reported is not None else "unknown",
             },
         ),

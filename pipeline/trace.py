@@ -1,7 +1,9 @@
-"""Trace one event through the pipeline: `python -m pipeline.trace <event_id>`.
+"""Trace one event through the pipeline: `python -m pipeline.trace <site_id/event_id | event_id>`.
 
 An operator holding an event id (a partner's `webhook-id`, a log line, an analyst's row) wants to know
-where that event went. Each stage keeps its own durable record, so the trace reads them all and never
+where that event went. An event id is unique only within its site, so the trace takes the site too, as
+`site_id/event_id` (the partner's webhook-id has that form) or `--site`; given a bare id it shows
+every site's event of that id, each record naming its site where the record has one. Each stage keeps its own durable record, so the trace reads them all and never
 changes anything:
 
 - edge: the site's retry log and DLQ, through the edge service's admin API (the service alone owns
@@ -24,6 +26,7 @@ import json
 import logging
 import sys
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta, timezone
 
@@ -54,13 +57,14 @@ class Trace:
     event_id: str
     around: datetime | None
     stages: list[Stage]
+    site_id: str | None = None
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
 
     def render(self) -> str:
         when = f" (created around {self.around:%Y-%m-%d %H:%M:%S}Z)" if self.around else ""
-        out = [f"event {self.event_id}{when}"]
+        out = [f"event {self.site_id + '/' if self.site_id else ''}{self.event_id}{when}"]
         for stage in self.stages:
             out.append(f"  {stage.name:<9} {'found' if stage.found else '-':<6} " + (stage.lines[0] if stage.lines else ""))
             out += [f"  {'':<9} {'':<6} {line}" for line in stage.lines[1:]]
@@ -68,7 +72,7 @@ class Trace:
 
     def to_json(self) -> str:
         return json.dumps(
-            {"event_id": self.event_id, "around": self.around.isoformat() if self.around else None, "stages": [asdict(s) for s in self.stages]},
+            {"event_id": self.event_id, "site_id": self.site_id, "around": self.around.isoformat() if self.around else None, "stages": [asdict(s) for s in self.stages]},
             default=str,
             indent=2,
         )
@@ -86,8 +90,14 @@ def uuid7_time(event_id: str) -> datetime | None:
 
 
 # --- edge -----------------------------------------------------------------------------------------
+def split_event_ref(ref: str) -> tuple[str | None, str]:
+    """`site_id/event_id` -> (site_id, event_id); a bare event id -> (None, event_id)."""
+    site, slash, event_id = ref.strip().rpartition("/")
+    return (site or None) if slash else None, event_id
+
+
 def trace_edge(event_id: str, admin_urls: list[str], dlq_limit: int = 100_000) -> Stage:
-    """Ask each site's edge service whether the event sits in its DLQ."""
+    """Ask each site's edge service whether the event sits in its DLQ (the admin URLs name the sites)."""
     from edge_bridge.cli import AdminClient
 
     if not admin_urls:
@@ -136,14 +146,17 @@ def _parquet_files(filesystem: fs.FileSystem, directories: list[str]) -> list[st
     return files
 
 
-def find_rows(filesystem: fs.FileSystem, files: list[str], event_id: str) -> list[tuple[str, dict]]:
-    """(file, row) for every row with this event_id in the given Parquet files."""
+def find_rows(filesystem: fs.FileSystem, files: list[str], event_id: str, site_id: str | None = None) -> list[tuple[str, dict]]:
+    """(file, row) for every row with this event_id (and site, where the file has a site_id column)."""
     if not files:
         return []
     dataset = ds.dataset(files, filesystem=filesystem, format="parquet")
     found = []
     for fragment in dataset.get_fragments():
-        table: pa.Table = fragment.to_table(filter=ds.field("event_id") == event_id)
+        condition = ds.field("event_id") == event_id
+        if site_id is not None and "site_id" in fragment.physical_schema.names:
+            condition = condition & (ds.field("site_id") == site_id)
+        table: pa.Table = fragment.to_table(filter=condition)
         found += [(fragment.path, row) for row in table.to_pylist()]
     return found
 
@@ -155,24 +168,25 @@ def _dated_dirs(filesystem: fs.FileSystem, bucket: str, prefix: str, since: date
     return [d for d in dirs if d.rsplit("date=", 1)[-1] >= since.isoformat()]
 
 
-def trace_sqs(filesystem: fs.FileSystem, bucket: str, landing_prefix: str, event_id: str, around: datetime | None, sqs=None, dlq_url: str | None = None, peek_limit: int = 1000) -> Stage:
+def trace_sqs(filesystem: fs.FileSystem, bucket: str, landing_prefix: str, event_id: str, around: datetime | None, sqs=None, dlq_url: str | None = None, peek_limit: int = 1000, site_id: str | None = None) -> Stage:
     stage = Stage("sqs", False)
     hours = _subdirs(filesystem, f"{bucket}/{landing_prefix}")
     if around is not None:
         window = {f"hour={(around + timedelta(hours=h)):%Y-%m-%dT%H}" for h in range(-2, 3)}
         near = [d for d in hours if d.rsplit("/", 1)[-1] in window]
-        rows = find_rows(filesystem, _parquet_files(filesystem, near), event_id) or find_rows(filesystem, _parquet_files(filesystem, hours), event_id)
+        rows = find_rows(filesystem, _parquet_files(filesystem, near), event_id, site_id) or find_rows(filesystem, _parquet_files(filesystem, hours), event_id, site_id)
     else:
-        rows = find_rows(filesystem, _parquet_files(filesystem, hours), event_id)
+        rows = find_rows(filesystem, _parquet_files(filesystem, hours), event_id, site_id)
     for path, row in sorted(rows, key=lambda r: r[1]["ingested_at"]):
         stage.found = True
         run_id = path.rsplit("/", 1)[-1].removesuffix(".parquet")
-        stage.records.append({"landing_file": path, "drain_run": run_id, "ingested_at": row["ingested_at"], "received_at": row["received_at"]})
-        stage.lines.append(f"received from SQS by drain run {run_id} at {row['ingested_at']:%Y-%m-%d %H:%M:%S}Z (edge received it {row['received_at']:%H:%M:%S}Z)")
-    if len(rows) > 1:
-        stage.lines.append(f"received {len(rows)} times (SQS is at-least-once; the archive keeps it once)")
+        stage.records.append({"landing_file": path, "drain_run": run_id, "site_id": row["site_id"], "ingested_at": row["ingested_at"], "received_at": row["received_at"]})
+        stage.lines.append(f"{row['site_id']}: received from SQS by drain run {run_id} at {row['ingested_at']:%Y-%m-%d %H:%M:%S}Z (edge received it {row['received_at']:%H:%M:%S}Z)")
+    for site, count in sorted(Counter(row["site_id"] for _, row in rows).items()):
+        if count > 1:
+            stage.lines.append(f"{site}: received {count} times (SQS is at-least-once; the archive keeps it once)")
     if sqs is not None and dlq_url:
-        for message in peek_queue(sqs, dlq_url, event_id, peek_limit):
+        for message in peek_queue(sqs, dlq_url, event_id, peek_limit, site_id):
             stage.found = True
             receives = message.get("Attributes", {}).get("ApproximateReceiveCount", "?")
             stage.records.append({"events_dlq": dlq_url, "receive_count": receives})
@@ -182,7 +196,7 @@ def trace_sqs(filesystem: fs.FileSystem, bucket: str, landing_prefix: str, event
     return stage
 
 
-def peek_queue(sqs, queue_url: str, event_id: str, limit: int) -> list[dict]:
+def peek_queue(sqs, queue_url: str, event_id: str, limit: int, site_id: str | None = None) -> list[dict]:
     """Messages carrying this event id, seen without consuming anything: each received message is made
     visible again at once. Meant for a dead-letter queue (no redrive counts against it)."""
     matches, seen, handles = [], 0, []
@@ -198,7 +212,7 @@ def peek_queue(sqs, queue_url: str, event_id: str, limit: int) -> list[dict]:
                     body = json.loads(message["Body"])
                 except ValueError:
                     continue
-                if isinstance(body, dict) and body.get("event_id") == event_id:
+                if isinstance(body, dict) and body.get("event_id") == event_id and site_id in (None, body.get("site_id")):
                     matches.append(message)
     finally:
         for start in range(0, len(handles), 10):
@@ -207,8 +221,8 @@ def peek_queue(sqs, queue_url: str, event_id: str, limit: int) -> list[dict]:
     return matches
 
 
-def trace_partners(filesystem: fs.FileSystem, bucket: str, event_id: str, since: date | None) -> Stage:
-    rows = find_rows(filesystem, _parquet_files(filesystem, _dated_dirs(filesystem, bucket, DELIVERY_ATTEMPTS, since)), event_id)
+def trace_partners(filesystem: fs.FileSystem, bucket: str, event_id: str, since: date | None, site_id: str | None = None) -> Stage:
+    rows = find_rows(filesystem, _parquet_files(filesystem, _dated_dirs(filesystem, bucket, DELIVERY_ATTEMPTS, since)), event_id, site_id)
     stage = Stage("partners", bool(rows))
     for _, row in sorted(rows, key=lambda r: (r[1]["partner"], r[1]["attempted_at"], r[1]["attempt"])):
         stage.records.append(row)
@@ -220,8 +234,8 @@ def trace_partners(filesystem: fs.FileSystem, bucket: str, event_id: str, since:
     return stage
 
 
-def trace_priority(filesystem: fs.FileSystem, bucket: str, event_id: str, since: date | None) -> Stage:
-    rows = find_rows(filesystem, _parquet_files(filesystem, _dated_dirs(filesystem, bucket, PRIORITY_HANDLED, since)), event_id)
+def trace_priority(filesystem: fs.FileSystem, bucket: str, event_id: str, since: date | None, site_id: str | None = None) -> Stage:
+    rows = find_rows(filesystem, _parquet_files(filesystem, _dated_dirs(filesystem, bucket, PRIORITY_HANDLED, since)), event_id, site_id)
     stage = Stage("priority", bool(rows))
     for _, row in sorted(rows, key=lambda r: r[1]["handled_at"]):
         stage.records.append(row)
@@ -231,24 +245,25 @@ def trace_priority(filesystem: fs.FileSystem, bucket: str, event_id: str, since:
     return stage
 
 
-def trace_archive(filesystem: fs.FileSystem, bucket: str, event_id: str, around: datetime | None, hours_each_side: int = 3) -> Stage:
+def trace_archive(filesystem: fs.FileSystem, bucket: str, event_id: str, around: datetime | None, hours_each_side: int = 3, site_id: str | None = None) -> Stage:
     if around is not None:
         near = [archive_dir(bucket, hour_key(around + timedelta(hours=h))) for h in range(-hours_each_side, hours_each_side + 1)]
-        rows = find_rows(filesystem, _parquet_files(filesystem, near), event_id)
+        rows = find_rows(filesystem, _parquet_files(filesystem, near), event_id, site_id)
         searched = f"hours {hour_key(around - timedelta(hours=hours_each_side))} .. {hour_key(around + timedelta(hours=hours_each_side))}"
         if not rows:
-            rows = find_rows(filesystem, _parquet_files(filesystem, [d for d in _subdirs(filesystem, bucket) if d.rsplit("/", 1)[-1].startswith("year=")]), event_id)
+            rows = find_rows(filesystem, _parquet_files(filesystem, [d for d in _subdirs(filesystem, bucket) if d.rsplit("/", 1)[-1].startswith("year=")]), event_id, site_id)
             searched += ", then every hour"
     else:
-        rows = find_rows(filesystem, _parquet_files(filesystem, [d for d in _subdirs(filesystem, bucket) if d.rsplit("/", 1)[-1].startswith("year=")]), event_id)
+        rows = find_rows(filesystem, _parquet_files(filesystem, [d for d in _subdirs(filesystem, bucket) if d.rsplit("/", 1)[-1].startswith("year=")]), event_id, site_id)
         searched = "every hour"
     stage = Stage("archive", bool(rows))
     for path, row in rows:
         partition = archive_hour(row["timestamp"], row["received_at"])
         stage.records.append({"partition": partition, "file": f"s3://{path}", "event_type": row["event_type"], "site_id": row["site_id"], "timestamp": row["timestamp"]})
         stage.lines.append(f"partition {partition}: s3://{path} ({row['event_type']} at {row['site_id']}, event time {row['timestamp']:%Y-%m-%d %H:%M:%S}Z)")
-    if len(rows) > 1:
-        stage.lines.append(f"archived {len(rows)} times: run the events_archive checks for its hour")
+    for site, count in sorted(Counter(row["site_id"] for _, row in rows).items()):
+        if count > 1:
+            stage.lines.append(f"{site}: archived {count} times: run the events_archive checks for its hour")
     if not rows:
         stage.lines.append(f"not archived ({searched} searched): its hour may not be compacted yet")
     return stage
@@ -264,8 +279,12 @@ def trace_event(
     around: datetime | None = None,
     sqs=None,
     dlq_url: str | None = None,
+    site_id: str | None = None,
 ) -> Trace:
-    """Every stage's record of one event; read-only."""
+    """Every stage's record of one event (of every site's event with this id when `site_id` is None); read-only.
+
+    The edge and partner stages match the id alone: the edge DLQ and the delivery-attempt log carry no site.
+    """
     around = around or uuid7_time(event_id)
     since = (around - timedelta(days=1)).date() if around else None
     return Trace(
@@ -273,11 +292,12 @@ def trace_event(
         around,
         [
             trace_edge(event_id, edge_admin_urls or []),
-            trace_sqs(filesystem, bucket, landing_prefix, event_id, around, sqs=sqs, dlq_url=dlq_url),
-            trace_partners(filesystem, bucket, event_id, since),
-            trace_priority(filesystem, bucket, event_id, since),
-            trace_archive(filesystem, bucket, event_id, around),
+            trace_sqs(filesystem, bucket, landing_prefix, event_id, around, sqs=sqs, dlq_url=dlq_url, site_id=site_id),
+            trace_partners(filesystem, bucket, event_id, since, site_id=site_id),
+            trace_priority(filesystem, bucket, event_id, since, site_id=site_id),
+            trace_archive(filesystem, bucket, event_id, around, site_id=site_id),
         ],
+        site_id,
     )
 
 
@@ -292,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.stack import aws_client, load_stack_config, s3_filesystem
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.trace", description=__doc__.splitlines()[0])
-    parser.add_argument("event_id")
+    parser.add_argument("event_id", help="site_id/event_id (as a partner's webhook-id), or a bare event id (every site's event with it)")
+    parser.add_argument("--site", help="the event's site, when the id is given without one")
     parser.add_argument("--edge-admin", action="append", default=[], metavar="URL", help="an edge service's admin API (repeat per site; default $EDGE_ADMIN_URL)")
     parser.add_argument("--around", type=_parse_time, help="roughly when the event happened (UTC, ISO 8601), when its id is not a UUIDv7")
     parser.add_argument("--no-dlq", action="store_true", help="do not peek at events-dlq")
@@ -310,8 +331,10 @@ def main(argv: list[str] | None = None) -> int:
             dlq_url = sqs.get_queue_url(QueueName=stack.events_queue.dlq_name)["QueueUrl"]
         except Exception as exc:
             log.warning("events-dlq not found (%s); not peeking", exc)
+    site_id, event_id = split_event_ref(args.event_id)
     trace = trace_event(
-        args.event_id,
+        event_id,
+        site_id=site_id or args.site,
         filesystem=s3_filesystem(),
         bucket=bucket,
         landing_prefix=stack.archive.landing_prefix,

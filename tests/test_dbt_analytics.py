@@ -80,3 +80,19 @@ def test_the_asset_graph_runs_from_the_archive_through_staging_to_the_marts():
     assert {"fct_events_hourly", "dim_devices", "fct_edge_buffering"} <= {k.to_user_string() for k in graph.get(AssetKey("stg_events")).child_keys}
     assert parents("stg_delivery_attempts") == {"delivery_attempts"} and parents("fct_partner_delivery_sla") == {"stg_delivery_attempts"}
     assert parents("stg_priority_handled") == {"priority_handled"} and parents("fct_priority_latency") == {"stg_priority_handled"}
+
+
+def test_events_of_different_sites_sharing_an_event_id_are_all_counted_and_pass_the_uniqueness_tests(aws, analytics_db):
+    events = datagen.events_table(200, start=START, hours=1, sites=4, devices_per_site=5)
+    # Each site numbers its own events from 1: ids collide across sites, as publishers may choose them.
+    events = duckdb.sql("select * replace ('evt-' || row_number() over (partition by site_id order by timestamp) as event_id) from events").to_arrow_table()
+    assert len(set(events.column("event_id").to_pylist())) < 200
+    filesystem = s3_filesystem()
+    for hour in datagen.write_landing_batches(filesystem, "events-archive", "landing", events):
+        compact_hour(filesystem, "events-archive", "landing", hour)
+
+    result = dbt_build()
+
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    assert not [c.check_name for c in result.get_asset_check_evaluations() if not c.passed]
+    assert query(analytics_db, "select sum(events) from fct_events_hourly") == [(200,)]

@@ -140,3 +140,22 @@ def test_uuid7_ids_carry_their_creation_time_and_other_ids_none():
     assert before <= uuid7_time(sample_envelope().event_id) <= datetime.now(timezone.utc) + timedelta(seconds=1)
     assert uuid7_time("6f1b2c1e-9a4b-4c7e-8e2a-2b1c3d4e5f60") is None
     assert uuid7_time("not-a-uuid") is None
+
+
+def test_a_site_qualified_id_traces_only_that_sites_event_while_a_bare_id_shows_every_sites(aws):
+    now = datetime.now(timezone.utc)
+    ours = sample_envelope(site_id="site-a", event_id="door-event-1", timestamp=now - timedelta(seconds=5))
+    theirs = sample_envelope(site_id="site-b", event_id="door-event-1", device_id="door-9", timestamp=now - timedelta(seconds=5))
+    land_and_archive([ours, theirs], "run-both")
+
+    result = run_trace("site-b/door-event-1", "--json")
+
+    assert result.returncode == 0, result.stderr
+    traced = json.loads(result.stdout)
+    stages = {s["name"]: s for s in traced["stages"]}
+    assert traced["site_id"] == "site-b" and traced["event_id"] == "door-event-1"
+    assert [r["site_id"] for r in stages["archive"]["records"]] == ["site-b"]
+    assert [r["site_id"] for r in stages["sqs"]["records"]] == ["site-b"]
+    bare = trace_event("door-event-1", filesystem=s3_filesystem(), bucket=BUCKET)
+    assert sorted(r["site_id"] for r in bare.stage("archive").records) == ["site-a", "site-b"]
+    assert not any("archived 2 times" in line for line in bare.stage("archive").lines), "two sites' events are not one event archived twice"

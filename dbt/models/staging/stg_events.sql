@@ -1,4 +1,6 @@
 -- One row per archived event, with the edge buffering delay (received_at - timestamp) the marts use.
+-- An event is identified by (site_id, event_id): an event id is unique only within its site. event_key
+-- is that pair as one string, as the pipeline writes it (partners see it as the webhook-id).
 {% set archive = source('archive', 'events') %}
 {% set columns = [
     ('event_id', 'varchar'), ('idempotency_key', 'varchar'), ('schema_version', 'varchar'),
@@ -15,6 +17,7 @@ with archived as (
 )
 
 select
+    site_id || '/' || event_id as event_key,
     event_id,
     idempotency_key,
     schema_version,
