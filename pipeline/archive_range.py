@@ -4,8 +4,8 @@ A partner that was onboarded late wants history, or one that lost data must be m
 archive holds every event exactly once, so the range is read from it, hour by hour, filtered by the
 partner's subscriptions and transformed with the partner's *current* rules, and put on the partner's
 own queue in the message shape the drain writes. Delivery then happens as for live traffic (signed,
-backoff, DLQ, attempt log), with the original event id as `webhook-id`, so a partner that already has
-an event de-duplicates it.
+backoff, DLQ, attempt log), with the event's `site_id/event_id` as `webhook-id` (as the drain sends
+it), so a partner that already has an event de-duplicates it.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ from pyarrow import fs
 
 from edge_bridge.envelope import Envelope
 from pipeline.archive import hour_key, read_archive_hour
-from pipeline.routing.config import PartnerConfig
-from pipeline.routing.destinations import partner_message, send_all
-from pipeline.routing.transform import PartnerTransform
+from pipeline.routing.config import PartnerConfig, RoutingConfig
+from pipeline.routing.destinations import QueueLimits, Refused, partner_shares, send_all
 
 log = logging.getLogger(__name__)
 
@@ -59,23 +58,31 @@ def hours_in_range(start: datetime, end: datetime) -> list[str]:
     return hours
 
 
-def envelopes_from_archive(table: pa.Table) -> list[Envelope]:
-    """Archive rows back into envelopes (the payload column is JSON text)."""
-    return [
-        Envelope(
-            schema_version=row["schema_version"],
-            event_id=row["event_id"],
-            idempotency_key=row["idempotency_key"],
-            event_type=row["event_type"],
-            source=row["source"],
-            site_id=row["site_id"],
-            device_id=row["device_id"],
-            timestamp=row["timestamp"],
-            received_at=row["received_at"],
-            payload=json.loads(row["payload"]) if row["payload"] else {},
-        )
-        for row in table.to_pylist()
-    ]
+def envelopes_from_archive(table: pa.Table, skipped: list[str] | None = None) -> list[Envelope]:
+    """Archive rows back into envelopes (the payload column is JSON text); a row that is no longer a
+    valid envelope is reported in `skipped` (raised without it) instead of stopping the others."""
+    envelopes = []
+    for row in table.to_pylist():
+        try:
+            envelopes.append(
+                Envelope(
+                    schema_version=row["schema_version"],
+                    event_id=row["event_id"],
+                    idempotency_key=row["idempotency_key"],
+                    event_type=row["event_type"],
+                    source=row["source"],
+                    site_id=row["site_id"],
+                    device_id=row["device_id"],
+                    timestamp=row["timestamp"],
+                    received_at=row["received_at"],
+                    payload=json.loads(row["payload"]) if row["payload"] else {},
+                )
+            )
+        except Exception as exc:  # noqa: BLE001 - this row's fate alone
+            if skipped is None:
+                raise
+            skipped.append(f"{row.get('site_id')}/{row.get('event_id')}: unreadable archive row ({type(exc).__name__}: {str(exc)[:200]})")
+    return envelopes
 
 
 @dataclass
@@ -87,15 +94,21 @@ class RangeReplay:
     events_in_range: int = 0
     sent: int = 0
     by_event_type: dict[str, int] = field(default_factory=dict)
+    # Events that could not be queued for a reason of their own ("site/event_id: reason"), skipped
+    # so that one of them cannot stop the range.
+    skipped: list[str] = field(default_factory=list)
 
 
 def replay_range_to_partner(filesystem: fs.FileSystem, bucket: str, sqs, partner: PartnerConfig, partner_queue_url: str, start: datetime, end: datetime) -> RangeReplay:
     """Put every archived event of [start, end) that `partner` subscribes to on its queue, transformed now.
 
     Hour by hour, so memory holds one archive hour at a time; returns once SQS accepted every message
-    (a run that dies half-way can simply be run again: the partner de-duplicates by webhook-id).
+    (a run that dies half-way can simply be run again: the partner de-duplicates by webhook-id). An
+    event whose transform fails, whose body is too big, or that SQS refuses for its content is
+    skipped and reported, as the drain would quarantine it.
     """
-    transform = PartnerTransform(partner)
+    routing = RoutingConfig(partners=(partner,))
+    limits = QueueLimits.from_stack()
     report = RangeReplay(partner.name, start, end)
     for hour in hours_in_range(start, end):
         table = read_archive_hour(filesystem, bucket, hour)
@@ -105,12 +118,19 @@ def replay_range_to_partner(filesystem: fs.FileSystem, bucket: str, sqs, partner
         ts = table.column("timestamp")
         in_range = table.filter(pc.and_(pc.greater_equal(ts, pa.scalar(start, ts.type)), pc.less(ts, pa.scalar(end, ts.type))))
         report.events_in_range += in_range.num_rows
-        subscribed = in_range.filter(pc.is_in(in_range.column("event_type"), pa.array(sorted(transform.subscriptions), pa.string())))
-        messages = []
-        for event in envelopes_from_archive(subscribed):
-            messages.append(partner_message(partner.name, event, transform.apply(event.to_wire())))
-            report.by_event_type[event.event_type] = report.by_event_type.get(event.event_type, 0) + 1
-        send_all(sqs, {partner_queue_url: messages})
-        report.sent += len(messages)
-        log.info("replay to %s: hour %s, %d of %d events sent", partner.name, hour, len(messages), in_range.num_rows)
+        subscribed = in_range.filter(pc.is_in(in_range.column("event_type"), pa.array(sorted(partner.subscriptions), pa.string())))
+        refused: list[Refused] = []
+        messages = partner_shares(routing, envelopes_from_archive(subscribed, report.skipped), limits, refused)[partner.name]
+        refusals: list = []
+        send_all(sqs, {partner_queue_url: messages}, limits, refusals)
+        skipped = [(r.event, f"{r.reason} ({r.error_type}): {r.detail}") for r in refused] + [(event, f"refused_by_sqs ({code}): {text}") for event, code, text in refusals]
+        for event, why in skipped:
+            report.skipped.append(f"{event.dedupe_id}: {why}")
+            log.warning("replay to %s: skipped %s: %s", partner.name, event.dedupe_id, why)
+        refused_ids = {id(event) for event, _ in skipped}
+        for item in messages:
+            if id(item.tag) not in refused_ids:
+                report.by_event_type[item.tag.event_type] = report.by_event_type.get(item.tag.event_type, 0) + 1
+                report.sent += 1
+        log.info("replay to %s: hour %s, %d of %d events sent", partner.name, hour, len(messages) - len(refusals), in_range.num_rows)
     return report

@@ -1,18 +1,25 @@
 """Draining the SQS `events` queue: receive a bounded window, validate, de-duplicate, delete.
 
 Plain Python, no Dagster: the drain job's ops call these. Messages are deleted only after every
-destination has durably accepted them; until then SQS's visibility timeout keeps them safe.
+destination has durably accepted them (or durably quarantined what it could not take); until then
+SQS's visibility timeout keeps them safe.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import NamedTuple
 
+from edge_bridge.claim_check import verify_and_fetch
 from edge_bridge.envelope import Envelope, EnvelopeRejected, claim_check_pointer, parse_envelope
 
 log = logging.getLogger(__name__)
+
+QUARANTINE_PREFIX = "quarantine"  # in the archive bucket
 
 
 @dataclass(frozen=True)
@@ -33,13 +40,40 @@ class Window:
         return len(self.messages)
 
 
+class RejectedMessage(NamedTuple):
+    """A message the drain refused as input: kept in the quarantine with its reason, then deleted."""
+
+    message: QueueMessage
+    reason: str  # an `EnvelopeRejected` reason, or "unreadable" for anything unforeseen
+    detail: str
+    error_type: str = "EnvelopeRejected"
+
+
 @dataclass
 class ParsedWindow:
-    events: list[Envelope]
-    # Receipt handles of every message whose event is represented in `events` (duplicates included).
+    """A window's unique events, and what became of every other message.
+
+    Dagster hands this from op to op through its IO manager, which pickles it: its state is therefore
+    each event's wire text (flat strings, already validated), never the decoded payload trees, so no
+    event's shape can make that hand-over fail. `events` decodes the text again where it is used.
+    """
+
+    bodies: list[str]  # the JSON of each unique event, as received (claim checks resolved)
+    # Receipt handles of every message whose event is represented in `bodies` (duplicates included).
     receipts: list[str]
-    quarantined: list[tuple[QueueMessage, str, str]]  # (message, reason, detail)
+    quarantined: list[RejectedMessage]
     duplicates: int
+    held: int = 0  # messages left in SQS for redelivery (a claim check S3 could not serve)
+    _events: list[Envelope] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def events(self) -> list[Envelope]:
+        if self._events is None:
+            self._events = [parse_envelope(body) for body in self.bodies]
+        return self._events
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_events": None}
 
 
 def receive_window(sqs, queue_url: str, max_messages: int, wait_time_s: int = 1, max_seconds: float = 30.0) -> Window:
@@ -74,21 +108,25 @@ def receive_window(sqs, queue_url: str, max_messages: int, wait_time_s: int = 1,
 
 
 def parse_window(window: Window, s3_client=None, claim_check_bucket: str | None = None) -> ParsedWindow:
-    """Validate every message and keep one event per event_id; the rest are duplicates or quarantined.
+    """Validate every message and keep one event per (site_id, event_id); the rest are duplicates or quarantined.
+
+    The key includes the site because an event id is chosen by a site's publisher: keyed by the id
+    alone, one site could make another site's events vanish as "duplicates".
 
     A claim-check pointer (an event the edge stored in S3 because it exceeded the SQS size limit) is
-    resolved here, so nothing downstream ever sees one. If S3 cannot be read the message is left out
-    of `receipts` (not deleted), so SQS redelivers it later.
+    resolved here, so nothing downstream ever sees one; `verify_and_fetch` honours it only when the
+    edge made it (a bad pointer or a hash mismatch is quarantined). If S3 cannot be read the message is
+    left out of `receipts` (not deleted), so SQS redelivers it later. Whatever else goes wrong with one
+    message is quarantined as `unreadable`, with its exception type; its neighbours go on.
     """
-    events: dict[str, Envelope] = {}
-    receipts, quarantined, duplicates = [], [], 0
+    events: dict[tuple[str, str], str] = {}
+    parsed: list[Envelope] = []
+    receipts, quarantined, duplicates, held = [], [], 0, 0
     for msg in window.messages:
         try:
             body = msg.body
             pointer = claim_check_pointer(body)
             if pointer is not None:
-                from edge_bridge.claim_check import verify_and_fetch
-
                 if s3_client is None:
                     from pipeline.stack import aws_client
 
@@ -103,17 +141,37 @@ def parse_window(window: Window, s3_client=None, claim_check_bucket: str | None 
                     raise
                 except Exception as exc:  # noqa: BLE001 - S3 unavailable: leave the message for redelivery
                     log.warning("claim check s3://%s/%s unresolved (%s); leaving the message in SQS", pointer.bucket, pointer.key, exc)
+                    held += 1
                     continue
             env = parse_envelope(body)
         except EnvelopeRejected as exc:
-            quarantined.append((msg, exc.reason, exc.detail))
+            quarantined.append(RejectedMessage(msg, exc.reason, exc.detail))
+            continue
+        except Exception as exc:  # noqa: BLE001 - one message's fate alone, whatever it was
+            quarantined.append(RejectedMessage(msg, "unreadable", f"{type(exc).__name__}: {str(exc)[:200]}", type(exc).__name__))
             continue
         receipts.append(msg.receipt_handle)
-        if env.event_id in events:
+        if env.key in events:
             duplicates += 1
             continue
-        events[env.event_id] = env
-    return ParsedWindow(list(events.values()), receipts, quarantined, duplicates)
+        events[env.key] = body
+        parsed.append(env)
+    return ParsedWindow(list(events.values()), receipts, quarantined, duplicates, held, parsed)
+
+
+def quarantine_line(stage: str, reason: str, error_type: str, detail: str, body: str, **identity: str | None) -> str:
+    """One JSON line of the cloud quarantine: where it was found, why, and the body to release it with."""
+    return json.dumps({"stage": stage, **{k: v for k, v in identity.items() if v is not None}, "reason": reason, "error_type": error_type, "detail": detail, "body": body})
+
+
+def quarantine_key(run_id: str, stage: str, now: datetime) -> str:
+    """`quarantine/<date>/<run id>.<stage>.jsonl`: one object per run and stage that found something."""
+    return f"{QUARANTINE_PREFIX}/{now:%Y-%m-%d}/{run_id}.{stage}.jsonl"
+
+
+def write_quarantine(s3, bucket: str, key: str, lines: list[str]) -> None:
+    """One PutObject: once it returns, the lines are durable and their messages may leave SQS."""
+    s3.put_object(Bucket=bucket, Key=key, Body=("\n".join(lines) + "\n").encode("utf-8"), ContentType="application/x-ndjson")
 
 
 def delete_messages(sqs, queue_url: str, receipt_handles: list[str]) -> int:

@@ -54,7 +54,7 @@ def test_drain_run_lands_unique_events_quarantines_bad_ones_and_empties_the_queu
     assert result.success
     parsed = result.output_for_node("validate_and_dedupe")
     assert len(parsed.events) == 30 and parsed.duplicates == 2
-    assert sorted(reason for _, reason, _ in parsed.quarantined) == ["bad_json", "unsupported_major"]
+    assert sorted(r.reason for r in parsed.quarantined) == ["bad_json", "unsupported_major"]
     assert result.output_for_node("delete_from_events_queue") == 34
     assert queue_counts(url) == (0, 0)
     quarantine = aws_client("s3").list_objects_v2(Bucket="events-archive", Prefix="quarantine/")["Contents"]

@@ -189,7 +189,7 @@ def test_drain_run_killed_mid_window_loses_nothing_and_duplicates_no_side_effect
     duplicate_work = receiver.duplicates + sum(consumer.metrics.duplicates.labels(priority=p)._value.get() for p in ("high", "medium", "low"))
     assert duplicate_work > 0, "the kill made the redelivered window route some events twice"
 
-    subscribed = {e.event_id for e in events if e.event_type in partner.subscriptions}
+    subscribed = {e.dedupe_id for e in events if e.event_type in partner.subscriptions}
     assert set(receiver.accepted) == subscribed and stats.delivered >= len(subscribed)
     with duckdb.connect(str(tmp_path / "consumer.duckdb"), read_only=True) as con:
         assert con.sql("SELECT count(*), count(DISTINCT event_id) FROM events").fetchall() == [(600, 600)]

@@ -96,5 +96,34 @@ def test_partner_body_holds_only_whitelisted_renamed_fields_and_never_a_stripped
 @given(batch=st.lists(events(), max_size=8), partner=partner_configs())
 def test_only_subscribed_event_types_reach_a_partner(batch, partner):
     shares = partner_shares(RoutingConfig(partners=(partner,)), batch)
-    sent = [json.loads(m)["event_type"] for m in shares[partner.name]]
+    sent = [json.loads(m.body)["event_type"] for m in shares[partner.name]]
     assert sent == [e.event_type for e in batch if e.event_type in partner.subscriptions]
+
+
+def nested(depth, leaf):
+    """A JSON object `depth` levels deep, each level {"credential": ..., "inner": <next>} (built without recursion)."""
+    value = leaf
+    for level in range(depth):
+        value = {"credential": f"secret-{level}", "inner": value} if level % 2 else {"credential": f"secret-{level}", "inner": [value]}
+    return value
+
+
+def test_strip_fields_walk_a_payload_far_deeper_than_the_interpreters_stack_without_recursing():
+    import sys
+
+    depth = sys.getrecursionlimit() * 3
+    partner = PartnerConfig.model_validate(
+        {"name": "p", "webhook": "http://127.0.0.1:1/", "secret_env": "P_SECRET", "subscriptions": ["motion"], "allowed_fields": ["payload.zone"], "transform": {"strip_fields": ["credential"]}}
+    )
+    wire = {"event_type": "motion", "payload": {"zone": nested(depth, "bottom")}}
+
+    body = PartnerTransform(partner).apply(wire)
+
+    value, levels = body["payload"]["zone"], 0
+    while isinstance(value, (dict, list)):
+        if isinstance(value, list):
+            [value] = value
+            continue
+        assert set(value) == {"inner"}, "a stripped field survived at some depth"
+        value, levels = value["inner"], levels + 1
+    assert value == "bottom" and levels == depth

@@ -17,13 +17,32 @@ from edge_bridge.envelope import Envelope, utc_now
 log = logging.getLogger(__name__)
 
 
+MAX_LOKI_LINE_BYTES = 64 * 1024  # Loki refuses a push whose lines exceed its max_line_size (256 KiB by default)
+
+
+def loki_line(event: Envelope) -> str:
+    """One event's log line; a payload too big for a log line is replaced by its size, so one big event
+    cannot make Loki refuse the whole push."""
+    line = json.dumps({"event_id": event.event_id, "device_id": event.device_id, "payload": event.payload}, separators=(",", ":"), allow_nan=False)
+    if len(line) > MAX_LOKI_LINE_BYTES:
+        line = json.dumps({"event_id": event.event_id, "device_id": event.device_id, "payload_truncated_bytes": len(line)}, separators=(",", ":"))
+    return line
+
+
 def loki_streams(events: list[Envelope]) -> dict:
-    """Loki push body: one stream per (site, event type, source), values as [ns timestamp, JSON line]."""
+    """Loki push body: one stream per (site, event type, source), values as [ns timestamp, JSON line].
+
+    An event whose line cannot be built is left out (logged): monitoring must not fail on one event.
+    """
     streams: dict[tuple[str, str, str], list[list[str]]] = {}
     for event in events:
-        key = (event.site_id, event.event_type, event.source)
-        line = json.dumps({"event_id": event.event_id, "device_id": event.device_id, "payload": event.payload}, separators=(",", ":"))
-        streams.setdefault(key, []).append([str(int(event.timestamp.timestamp() * 1e9)), line])
+        try:
+            key = (event.site_id, event.event_type, event.source)
+            value = [str(int(event.timestamp.timestamp() * 1e9)), loki_line(event)]
+        except Exception as exc:  # noqa: BLE001 - one event's line, not the push
+            log.warning("no Loki line for event %r: %s: %s", getattr(event, "event_id", "?"), type(exc).__name__, exc)
+            continue
+        streams.setdefault(key, []).append(value)
     return {
         "streams": [
             {"stream": {"job": "edge-events", "site_id": s, "event_type": t, "source": src}, "values": sorted(values)}
@@ -38,9 +57,12 @@ def push_to_loki(url: str, events: list[Envelope], timeout_s: float = 5.0, attem
         return True
     endpoint = url.rstrip("/") + "/loki/api/v1/push"
     body = loki_streams(events)
+    if not body["streams"]:
+        return True
+    data = json.dumps(body, separators=(",", ":")).encode("utf-8")
     for attempt in range(1, attempts + 1):
         try:
-            response = requests.post(endpoint, json=body, timeout=timeout_s)
+            response = requests.post(endpoint, data=data, headers={"Content-Type": "application/json"}, timeout=timeout_s)
             if response.status_code < 300:
                 return True
             log.warning("Loki push attempt %d: HTTP %s %s", attempt, response.status_code, response.text[:200])
