@@ -16,7 +16,8 @@ import yaml
 
 RULES_DIR = Path(__file__).resolve().parent.parent / "config" / "prometheus"
 ALERTS = RULES_DIR / "alerts.yml"
-ALERTS_TEST = RULES_DIR / "alerts_test.yml"
+# Every `promtool test rules` file for alerts.yml (alerts_test.yml, and one per later group of rules).
+ALERTS_TESTS = sorted(RULES_DIR.glob("alerts*_test.yml"))
 
 
 def promtool(*args: str, cwd: Path = RULES_DIR) -> subprocess.CompletedProcess:
@@ -28,11 +29,12 @@ def promtool(*args: str, cwd: Path = RULES_DIR) -> subprocess.CompletedProcess:
 def test_promtool_check_rules_accepts_the_alert_rules():
     result = promtool("check", "rules", str(ALERTS))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 5 rules found" in result.stdout
+    assert "SUCCESS: 6 rules found" in result.stdout
 
 
 def test_promtool_unit_tests_of_the_alert_rules_pass():
-    result = promtool("test", "rules", str(ALERTS_TEST))
+    assert [p.name for p in ALERTS_TESTS] == ["alerts_quarantine_test.yml", "alerts_test.yml"]
+    result = promtool("test", "rules", *map(str, ALERTS_TESTS))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -70,6 +72,11 @@ MUTATIONS = [
     ("ArchivalLagHigh", "for", "5m", "6m"),
     ("ArchivalLagHigh", "expr", "> 90", ">= 90"),
     ("ArchivalLagHigh", "expr", "> 90", "> 91"),
+    ("EdgeQuarantineDropping", "expr", "[10m]) > 0", "[5m]) > 0"),
+    ("EdgeQuarantineDropping", "expr", "[10m]) > 0", "[15m]) > 0"),
+    ("EdgeQuarantineDropping", "expr", "> 0", ">= 0"),
+    ("EdgeQuarantineDropping", "expr", "> 0", "> 1"),
+    ("EdgeQuarantineDropping", "expr", "increase(edge_quarantine_dropped_total", "increase(edge_events_quarantined_total"),
 ]
 
 
@@ -80,7 +87,8 @@ def test_rule_unit_tests_reject_a_wrong_threshold_or_duration(tmp_path, alert, f
     assert old in str(rule[field]), f"{alert}.{field} no longer contains {old!r}: update this mutation"
     rule[field] = str(rule[field]).replace(old, new)
     (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules, sort_keys=False))
-    shutil.copy(ALERTS_TEST, tmp_path / "alerts_test.yml")
+    for tests in ALERTS_TESTS:
+        shutil.copy(tests, tmp_path / tests.name)
     assert promtool("check", "rules", "alerts.yml", cwd=tmp_path).returncode == 0, "the mutant must still be a valid rule"
-    result = promtool("test", "rules", "alerts_test.yml", cwd=tmp_path)
+    result = promtool("test", "rules", *(tests.name for tests in ALERTS_TESTS), cwd=tmp_path)
     assert result.returncode != 0, f"promtool test rules accepted {alert} with {field} {old!r} -> {new!r}"
