@@ -31,6 +31,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from edge_bridge.claim_check import verify_and_fetch
 from edge_bridge.envelope import EnvelopeRejected, claim_check_pointer, parse_envelope, utc_now
+from pipeline.drain import quarantine_key, quarantine_line, write_quarantine
 
 log = logging.getLogger(__name__)
 FAILURES_PREFIX = "drain_failures"
@@ -38,18 +39,6 @@ NO_RECORD = "no failure record: the drain run died before it could say why (kill
 STAGE = "events_dlq_replay"
 REPLAY_COUNT = "replay_count"  # message attribute: how many times the replay has sent this message back
 MAX_REPLAYS = 3
-
-
-def _quarantine_line(reason: str, error_type: str, detail: str, body: str, **identity: str | None) -> str:
-    """One line of the cloud quarantine, in the shape the drain's stages write (stage, ids, reason, body)."""
-    return json.dumps({"stage": STAGE, **{k: v for k, v in identity.items() if v is not None}, "reason": reason, "error_type": error_type, "detail": detail, "body": body})
-
-
-def _write_quarantine(s3, bucket: str, run_id: str, batch_no: int, lines: list[str]) -> str:
-    """One PutObject per batch: once it returns, that batch's poison may leave the DLQ."""
-    key = f"quarantine/{utc_now():%Y-%m-%d}/{run_id}-{batch_no:05d}.{STAGE}.jsonl"
-    s3.put_object(Bucket=bucket, Key=key, Body=("\n".join(lines) + "\n").encode("utf-8"), ContentType="application/x-ndjson")
-    return key
 
 
 @dataclass(frozen=True)
@@ -159,8 +148,9 @@ def replay_events_dlq(
         verdicts = [_judge(m, failure_reasons.get(m["MessageId"]), s3, claim_check_bucket, max_replays) for m in batch]
         skipped = [v for v in verdicts if v.skip]
         if skipped:
-            lines = [_quarantine_line(*v.skip, v.message["Body"], message_id=v.message["MessageId"], site_id=v.site_id, event_id=v.event_id) for v in skipped]
-            key = _write_quarantine(s3, archive_bucket, run_id, batch_no, lines)  # durable before anything leaves the DLQ
+            lines = [quarantine_line(STAGE, *v.skip, v.message["Body"], message_id=v.message["MessageId"], site_id=v.site_id, event_id=v.event_id) for v in skipped]
+            key = quarantine_key(f"{run_id}-{batch_no:05d}", STAGE, utc_now())
+            write_quarantine(s3, archive_bucket, key, lines)  # durable before anything leaves the DLQ
             _delete(sqs, dlq_url, [v.message for v in skipped])
             report.quarantine_keys.append(key)
             for v in skipped:
