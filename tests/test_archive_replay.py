@@ -85,7 +85,7 @@ def test_a_replayed_range_reaches_the_partner_once_per_subscribed_event_id(archi
 
     queued = replay_and_deliver()
 
-    expected = {e.event_id for e in inside if e.event_type != "motion"}
+    expected = {e.dedupe_id for e in inside if e.event_type != "motion"}
     assert queued == len(expected)
     assert set(newco.accepted) == expected
     assert newco.duplicates == 0 and newco.rejected_signatures == 0
@@ -99,7 +99,7 @@ def test_replayed_bodies_follow_the_partners_current_transform(archived, newco):
     for e in inside:
         if e.event_type == "motion":
             continue
-        assert newco.accepted[e.event_id] == {
+        assert newco.accepted[e.dedupe_id] == {
             "event_id": e.event_id,
             "event_type": e.event_type,
             "event_time": e.timestamp.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -114,7 +114,7 @@ def test_replaying_a_range_twice_is_absorbed_by_the_partners_webhook_id_dedupe(a
 
     replay_and_deliver()
 
-    expected = {e.event_id for e in inside if e.event_type != "motion"}
+    expected = {e.dedupe_id for e in inside if e.event_type != "motion"}
     assert set(newco.accepted) == expected
     assert newco.duplicates == len(expected), "the second replay carries the same webhook-ids"
 
