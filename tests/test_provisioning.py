@@ -85,3 +85,15 @@ def test_fifo_priority_queues_get_fifo_dead_letter_queues_with_the_configured_re
         assert policies[name]["deadLetterTargetArn"].endswith(f":{dlq}") and int(policies[name]["maxReceiveCount"]) == 2
     attrs = sqs.get_queue_attributes(QueueUrl=queues["urgent-dlq.fifo"], AttributeNames=["FifoQueue"])["Attributes"]
     assert attrs["FifoQueue"] == "true"
+
+
+def test_every_queue_the_drain_feeds_takes_no_bigger_message_than_the_drain_packs_for(aws):
+    """The drain sends a claim-check pointer beyond events_queue.max_message_bytes; the queues agree."""
+    from pipeline.stack import load_stack_config
+
+    sqs, limit = aws_client("sqs"), str(load_stack_config().events_queue.max_message_bytes)
+    fed = [name for name in aws.provisioned.queues if name.startswith(("events-high", "events-medium", "events-low", "partner-")) and "dlq" not in name]
+    assert len(fed) >= 4
+    for name in fed:
+        attrs = sqs.get_queue_attributes(QueueUrl=aws.provisioned.queues[name], AttributeNames=["MaximumMessageSize"])["Attributes"]
+        assert attrs["MaximumMessageSize"] == limit, name

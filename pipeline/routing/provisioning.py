@@ -23,15 +23,17 @@ def provision_routing(sqs, routing: RoutingConfig | None = None, stack: StackCon
     routing = routing or load_routing_config()
     stack = stack or load_stack_config()
     queues: dict[str, str] = {}
+    # The drain packs what it sends to the events queue's size limit; the queues it feeds take no more.
+    size = {"MaximumMessageSize": stack.events_queue.max_message_bytes}
     for priority in PRIORITIES:
         name = routing.priority.queue_for(priority)
         dlq_name = dead_letter_queue_name(name)
-        url, dlq = ensure_queue_with_dlq(sqs, name, dlq_name, stack.priority_queues.dead_letter.max_receive_count, PRIORITY_QUEUE_ATTRIBUTES)
+        url, dlq = ensure_queue_with_dlq(sqs, name, dlq_name, stack.priority_queues.dead_letter.max_receive_count, {**PRIORITY_QUEUE_ATTRIBUTES, **size})
         queues[name], queues[dlq_name] = url, dlq
     for partner in routing.partners:
         # Retries are counted by the delivery run; the redrive is only a backstop for a message
         # that crashes every run that receives it.
-        url, dlq = ensure_queue_with_dlq(sqs, partner.queue_name, partner.dlq_name, routing.max_attempts + 3, PARTNER_QUEUE_ATTRIBUTES)
+        url, dlq = ensure_queue_with_dlq(sqs, partner.queue_name, partner.dlq_name, routing.max_attempts + 3, {**PARTNER_QUEUE_ATTRIBUTES, **size})
         queues[partner.queue_name], queues[partner.dlq_name] = url, dlq
     log.info("provisioned routing queues %s", sorted(queues))
     return queues
