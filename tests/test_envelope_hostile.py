@@ -224,3 +224,32 @@ def test_nesting_is_measured_before_any_decoder_sees_the_text(monkeypatch):
     monkeypatch.setattr(envelope_module.Envelope, "model_validate_json", NoDecoding.loads)
     assert reason_of(just_over) == "too_deep"
     assert reason_of(far_over) == "too_deep"
+
+
+rfc3339_texts = st.builds(
+    lambda moment, offset_minutes, sep, zulu: (
+        moment.replace(tzinfo=timezone(timedelta(minutes=offset_minutes))).isoformat(sep=sep).replace("+00:00", "Z" if zulu else "+00:00")
+    ),
+    st.datetimes(min_value=datetime(1970, 1, 1), max_value=datetime(2200, 1, 1)),
+    st.integers(-12 * 60, 14 * 60),
+    st.sampled_from(["T", "t", " "]),
+    st.booleans(),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    field=st.sampled_from(["schema_version", "event_id", "idempotency_key", "event_type", "source", "site_id", "device_id", "timestamp", "received_at", "payload"]),
+    value=json_values | st.text(max_size=40) | st.from_regex(r"\A\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})?\Z") | rfc3339_texts,
+)
+def test_the_hot_path_never_accepts_what_the_reasoned_path_refuses(field, value):
+    """The edge's cheap path is a subset of the contract: whatever it accepts, full validation accepts
+    identically; whatever it refuses is decided by the reasoned path."""
+    from edge_bridge.envelope import _fast_parse
+
+    text = json.dumps(wire(**{field: value}))
+    fast = _fast_parse(text)
+    if fast is None:
+        return
+    slow = Envelope.model_validate(json.loads(text, parse_constant=lambda c: pytest.fail(f"fast path took {c}")))
+    assert fast == slow and fast.model_fields_set == slow.model_fields_set
