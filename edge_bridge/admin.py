@@ -6,6 +6,9 @@ GET  /status       counts as JSON (the CLI's `status`)
 GET  /dlq?limit=N  dead letters (event id, attempts, last error); N from 1 to MAX_DLQ_LIMIT, default 100
 POST /dlq/replay   move the DLQ back for delivery (the 02:00 schedule and the CLI call this)
 POST /events       an internal event {"event_type", "payload", "device_id"}; 202 once persisted
+GET  /quarantine?limit=N&reason=R   quarantined messages, newest first, each with its `ref`
+POST /quarantine/release {"ref"}   send one back through the intake, once the cause is fixed: 200 once
+                   it is in SQS or the retry log; 409 when it would still be refused (the reason says why)
 
 It listens on loopback by default: it is for the site's own tools, not the network. Loopback is still
 reachable from any browser on the machine, so:
@@ -22,6 +25,7 @@ Every refusal is a JSON object with an `error` that says what was wrong.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
 import logging
@@ -114,18 +118,62 @@ class _Handler(BaseHTTPRequestHandler):
             limit = _dlq_limit(url.query)
             letters = self.service.retry_log.dead_letters(limit)
             self._reply(200, [letter.__dict__ for letter in letters])
+        elif url.path == "/quarantine":
+            from edge_bridge.quarantine import read_entries
+
+            limit, reason = _quarantine_query(url.query)
+            quarantine = self.service.quarantine
+            self._reply(200, read_entries(quarantine.path, quarantine.keep_files, limit, reason))
         else:
             raise Refused(404, f"no such endpoint {url.path}")
 
     def _post(self, url) -> None:
-        if url.path not in ("/dlq/replay", "/events"):
+        if url.path not in ("/dlq/replay", "/events", "/quarantine/release"):
             raise Refused(404, f"no such endpoint {url.path}")
         self._authorize()
-        body = self._read_json_body(required=url.path == "/events")
+        body = self._read_json_body(required=url.path != "/dlq/replay")
         if url.path == "/dlq/replay":
             self._reply(200, {"replayed": self.service.replay_dlq()})
+        elif url.path == "/quarantine/release":
+            self._release(body)
         else:
             self._post_event(body)
+
+    def _release(self, data: object) -> None:
+        """Put a quarantined message back through the intake, only if it would now pass (a fix shipped).
+
+        It is checked first, so a release that would only be quarantined again says why instead; then
+        it goes the way every message goes and the answer waits until it is in SQS or the retry log.
+        """
+        from edge_bridge.quarantine import find_entry, record_release, released_ids
+        from edge_bridge.send_workers import validate
+        from edge_bridge.service import Received
+
+        if not isinstance(data, dict) or not isinstance(data.get("ref"), str):
+            raise Refused(400, "expected a JSON object with a string ref (as GET /quarantine lists it)")
+        quarantine = self.service.quarantine
+        try:
+            entry, entry_id = find_entry(quarantine.path, quarantine.keep_files, data["ref"])
+        except (LookupError, ValueError) as exc:
+            raise Refused(404, str(exc)[:300]) from None
+        with _RELEASES:
+            if entry_id in released_ids(quarantine.path):
+                raise Refused(409, f"{data['ref']} was released already")
+            payload = base64.b64decode(entry.get("payload_b64", ""))
+            if entry.get("payload_bytes", 0) > len(payload):
+                raise Refused(422, f"only the first {len(payload)} of {entry['payload_bytes']} bytes were kept; send it again from its source")
+            topic = entry.get("topic", "")
+            items, result = validate([(0, topic, payload)])
+            if result.rejected:
+                _, reason, detail = result.rejected[0]
+                self._reply(409, {"error": f"it would be refused again: {reason}: {detail}"[:500], "reason": reason})
+                return
+            persisted = threading.Event()
+            self.service.inbox.put(Received(topic, payload, persisted=persisted))
+            if not persisted.wait(REQUEST_TIMEOUT_S):
+                raise Refused(503, "not persisted in time; it stays quarantined (nothing was recorded as released)")
+            record_release(quarantine.path, entry_id, data["ref"], items[0].event_id)
+        self._reply(200, {"released": data["ref"], "event_id": items[0].event_id, "site_id": items[0].site_id})
 
     def _refuse_cross_origin(self) -> None:
         """A browser tags what a page makes it send; the site's own tools are not browsers, so refuse those."""
@@ -220,6 +268,27 @@ def _dlq_limit(query: str) -> int:
     if not _DIGITS.fullmatch(value) or not 1 <= int(value) <= MAX_DLQ_LIMIT:
         raise Refused(400, f"limit must be a whole number from 1 to {MAX_DLQ_LIMIT}, not {value[:40]!r}")
     return int(value)
+
+
+def _quarantine_query(query: str) -> tuple[int, str | None]:
+    """`limit` (1 to 10,000, default 50) and an optional `reason` of GET /quarantine; anything else is a 400."""
+    try:
+        params = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query), max_num_fields=10)
+    except ValueError as exc:
+        raise Refused(400, f"malformed query string: {str(exc)[:100]}") from None
+    unknown = sorted(set(params) - {"limit", "reason"})
+    if unknown or any(len(v) != 1 for v in params.values()):
+        raise Refused(400, "/quarantine takes limit and reason, each at most once")
+    limit = params.get("limit", ["50"])[0]
+    if not _DIGITS.fullmatch(limit) or not 1 <= int(limit) <= 10_000:
+        raise Refused(400, f"limit must be a whole number from 1 to 10000, not {limit[:40]!r}")
+    reason = params.get("reason", [None])[0]
+    if reason is not None and not re.fullmatch(r"[a-z_]{1,64}", reason):
+        raise Refused(400, "reason is a quarantine reason such as too_deep")
+    return int(limit), reason
+
+
+_RELEASES = threading.Lock()  # one release at a time: its check and its record must not interleave
 
 
 class AdminServer:

@@ -1,4 +1,4 @@
-"""`python -m edge_bridge.cli status | dlq list | dlq replay | emit`: operate a running edge service.
+"""`python -m edge_bridge.cli status | dlq list | dlq replay | quarantine list | quarantine release | emit`: operate a running edge service.
 
 Everything goes through the service's admin API (`EDGE_ADMIN_URL`, default http://127.0.0.1:9108),
 because the service alone may write its DuckDB retry log. `dlq replay` and `emit` change the service's
@@ -62,6 +62,14 @@ class AdminClient:
     def dlq_replay(self) -> int:
         return int(self._post("/dlq/replay").json()["replayed"])
 
+    def quarantine_list(self, limit: int = 50, reason: str | None = None) -> list[dict]:
+        response = self._get("/quarantine", limit=limit, **({"reason": reason} if reason else {}))
+        self._raise_for_status(response)
+        return response.json()
+
+    def quarantine_release(self, ref: str) -> dict:
+        return self._post("/quarantine/release", {"ref": ref}).json()
+
     def emit(self, event_type: str, payload: dict, device_id: str = "edge-service") -> dict:
         return self._post("/events", {"event_type": event_type, "payload": payload, "device_id": device_id}).json()
 
@@ -75,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     dlq_list = dlq.add_parser("list", help="dead letters with their last error")
     dlq_list.add_argument("--limit", type=int, default=100)
     dlq.add_parser("replay", help="put every dead letter back in line for delivery")
+    quarantine = commands.add_parser("quarantine", help="what the service refused, and why").add_subparsers(dest="quarantine_command", required=True)
+    quarantine_list = quarantine.add_parser("list", help="newest first: ref, time, reason, topic, detail")
+    quarantine_list.add_argument("--limit", type=int, default=50)
+    quarantine_list.add_argument("--reason")
+    quarantine_release = quarantine.add_parser("release", help="send entries back through the intake once their cause is fixed")
+    quarantine_release.add_argument("refs", nargs="+", help="as `quarantine list` prints them, e.g. quarantine.jsonl:12")
     emit = commands.add_parser("emit", help="an internal event (check-in, job, robot action)")
     emit.add_argument("event_type")
     emit.add_argument("--payload", default="{}", help="JSON object")
@@ -97,6 +111,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "emit":
             print(json.dumps(client.emit(args.event_type, json.loads(args.payload), args.device_id)))
             return 0
+        if args.command == "quarantine" and args.quarantine_command == "list":
+            for entry in client.quarantine_list(args.limit, args.reason):
+                state = "released" if entry.get("released") else "held"
+                print(f"{entry['ref']}\t{entry.get('quarantined_at', '-')}\t{entry.get('reason', '-')}\t{state}\t{entry.get('topic', '-')}\t{entry.get('detail', '')[:100]}")
+            return 0
+        if args.command == "quarantine" and args.quarantine_command == "release":
+            refused = 0
+            for ref in args.refs:
+                try:
+                    done = client.quarantine_release(ref)
+                    print(f"released {ref}: event {done['site_id']}/{done['event_id']} is in SQS or the retry log")
+                except requests.HTTPError as exc:
+                    refused += 1
+                    print(f"not released {ref}: {exc}", file=sys.stderr)
+            return 1 if refused else 0
     except requests.HTTPError as exc:
         print(f"edge service admin API refused: {exc}", file=sys.stderr)
         return 2

@@ -155,3 +155,70 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --- for operators: reading entries back, and releasing one -----------------------------------------
+RELEASED_SUFFIX = ".released"  # beside the quarantine file: one line per released entry
+
+
+def entry_id(line: bytes | str) -> str:
+    """A released entry is recognised by its content (rotation renames files, so line numbers move)."""
+    import hashlib
+
+    return hashlib.sha256(line.encode("utf-8") if isinstance(line, str) else line).hexdigest()[:24]
+
+
+def read_entries(path: Path, keep_files: int, limit: int, reason: str | None = None) -> list[dict]:
+    """Newest first, across the rotated files: each entry with `ref` (`<file>:<line>`) and `released`."""
+    released = released_ids(path)
+    files = [path] + [path.with_name(f"{path.name}.{i}") for i in range(1, keep_files + 1)]
+    found: list[dict] = []
+    for file in files:
+        try:
+            lines = file.read_bytes().splitlines()
+        except FileNotFoundError:
+            continue
+        for number in range(len(lines), 0, -1):
+            line = lines[number - 1]
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry = {"reason": "unreadable_entry"}
+            if reason and entry.get("reason") != reason:
+                continue
+            entry["ref"] = f"{file.name}:{number}"
+            entry["released"] = entry_id(line) in released
+            found.append(entry)
+            if len(found) >= limit:
+                return found
+    return found
+
+
+def find_entry(path: Path, keep_files: int, ref: str) -> tuple[dict, str]:
+    """The entry a `ref` names, and its id; LookupError when there is none."""
+    name, _, number = ref.rpartition(":")
+    allowed = {path.name} | {f"{path.name}.{i}" for i in range(1, keep_files + 1)}
+    if name not in allowed or not number.isdigit():
+        raise LookupError(f"{ref!r} is not <quarantine file>:<line> (files: {', '.join(sorted(allowed))})")
+    try:
+        lines = path.with_name(name).read_bytes().splitlines()
+    except FileNotFoundError:
+        raise LookupError(f"no file {name}") from None
+    if not 1 <= int(number) <= len(lines):
+        raise LookupError(f"{name} has no line {number}")
+    line = lines[int(number) - 1]
+    return json.loads(line), entry_id(line)
+
+
+def released_ids(path: Path) -> set[str]:
+    try:
+        return {json.loads(line)["entry"] for line in path.with_name(path.name + RELEASED_SUFFIX).read_text().splitlines() if line.strip()}
+    except FileNotFoundError:
+        return set()
+
+
+def record_release(path: Path, entry: str, ref: str, event_id: str) -> None:
+    with open(path.with_name(path.name + RELEASED_SUFFIX), "a", encoding="utf-8") as file:
+        file.write(json.dumps({"entry": entry, "ref": ref, "event_id": event_id, "released_at": format_ts(utc_now())}) + "\n")
+        file.flush()
+        os.fsync(file.fileno())
