@@ -52,11 +52,11 @@ def code_table() -> list:
     """Every code, field and state each adapter knows, as a native message of its family."""
     messages = [ajax_code(code) for code in ajax.EVENT_TYPES]
     messages += [nvr_kind(kind, state) for kind in nvr.EVENT_TYPES for state in ("active", "inactive")]
-    messages += [idp_decision(decision) for decision in idp.DECISIONS]
+    messages += [idp_decision(decision) for decision in sorted(idp.DECISIONS)]
     messages += [zigbee_state({field: value}) for field, _ in zigbee.ALARMS for value in (True, False)]
     messages += [zigbee_state({field: 1}) for field, _ in zigbee.FACTS]
     messages += [zigbee_state({field: 1}) for field in sorted(zigbee.HEARTBEAT_FIELDS - {field for field, _ in zigbee.ALARMS})]
-    messages += [zigbee_availability(state) for state in zigbee.AVAILABILITY]
+    messages += [zigbee_availability(state) for state in sorted(zigbee.AVAILABILITY)]
     return messages
 
 
