@@ -1,7 +1,8 @@
 """A partner's webhook endpoint, as a partner would write one: verify, de-duplicate, record.
 
 It verifies every request with the `standardwebhooks` library (independent of our signing code),
-keeps each webhook-id once, and can be told to fail (`fail_first` answers 500 that many times, then
+keeps each webhook-id once (with the exact bytes it got and the `X-Contract-Version` it was sent under,
+so a test can compare them with the delivery audit), and can be told to fail (`fail_first` answers 500 that many times, then
 recovers; `always_fail`) or to answer with a body that never ends (`stream_body`), as a hostile or
 broken partner might. The demo runs it as a process that prints what it got; tests run it in a
 thread and look at what it recorded.
@@ -29,6 +30,7 @@ class Request:
     webhook_id: str | None
     status: int
     verified: bool
+    contract_version: str | None = None  # the X-Contract-Version header
 
 
 @dataclass
@@ -39,6 +41,7 @@ class PartnerReceiver:
     port: int = 0
     requests: list[Request] = field(default_factory=list)
     accepted: dict[str, dict] = field(default_factory=dict)  # webhook-id -> body: the side effect, once per event
+    raw: dict[str, bytes] = field(default_factory=dict)  # webhook-id -> the exact bytes of the body it accepted
     duplicates: int = 0
     rejected_signatures: int = 0
     echo: bool = False
@@ -56,24 +59,24 @@ class PartnerReceiver:
 
     def handle(self, headers: dict[str, str], body: bytes) -> int:
         with self._lock:
-            webhook_id = headers.get("webhook-id")
+            webhook_id, contract = headers.get("webhook-id"), headers.get("x-contract-version")
             try:
                 data = self._webhook.verify(body, headers)
             except WebhookVerificationError:
                 self.rejected_signatures += 1
-                self.requests.append(Request(time.time(), webhook_id, 401, False))
+                self.requests.append(Request(time.time(), webhook_id, 401, False, contract))
                 return 401
             if self.always_fail or self.fail_first > 0:
                 self.fail_first -= 1
-                self.requests.append(Request(time.time(), webhook_id, 500, True))
+                self.requests.append(Request(time.time(), webhook_id, 500, True, contract))
                 return 500
             if webhook_id in self.accepted:
                 self.duplicates += 1
             else:
-                self.accepted[webhook_id] = data
+                self.accepted[webhook_id], self.raw[webhook_id] = data, bytes(body)
                 if self.echo:
-                    print(f"partner received {webhook_id}: {json.dumps(data, sort_keys=True)}", flush=True)
-            self.requests.append(Request(time.time(), webhook_id, 200, True))
+                    print(f"partner received {webhook_id} (contract {contract}): {json.dumps(data, sort_keys=True)}", flush=True)
+            self.requests.append(Request(time.time(), webhook_id, 200, True, contract))
             return 200
 
     def _stream(self, out, give_up_after_s: float = 60.0) -> None:

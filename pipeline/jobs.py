@@ -16,6 +16,7 @@ from dagster import (
     AssetMaterialization,
     Config,
     In,
+    MetadataValue,
     Nothing,
     OpExecutionContext,
     Out,
@@ -30,6 +31,7 @@ from pipeline.metrics import push_gauges
 from pipeline.partitions import archive_hourly_partitions
 from pipeline.resources import ArchiveStore, DrainSettings, RoutingSettings, SQSResource
 from pipeline.routing import destinations, monitoring
+from pipeline.routing.contracts import ContractHistory
 from pipeline.routing.dlq_replay import record_drain_failure
 from edge_bridge.claim_check import check_in_downstream
 from edge_bridge.envelope import Envelope, format_ts, utc_now
@@ -138,7 +140,7 @@ class _DestinationStep:
         return False
 
 
-def _hand_over(context: OpExecutionContext, window: drain.Window, parsed: drain.ParsedWindow, sqs: SQSResource, archive: ArchiveStore, routing: RoutingSettings, route, **extra) -> None:
+def _hand_over(context: OpExecutionContext, window: drain.Window, parsed: drain.ParsedWindow, sqs: SQSResource, archive: ArchiveStore, routing: RoutingSettings, route, **extra) -> destinations.HandOver:
     """One SQS destination's share of the window. Events it refuses for their own reasons are quarantined
     before the op returns; a shared failure is recorded for the events-dlq replay and fails the run."""
     stage = context.op.name
@@ -154,12 +156,16 @@ def _hand_over(context: OpExecutionContext, window: drain.Window, parsed: drain.
         _quarantine(context, archive, stage, _refused_lines(handed.refused, stage))
     refused = Counter(r.reason for r in handed.refused)
     context.log.info(f"{stage}: accepted {handed.accepted}" + (f", quarantined {dict(refused)}" if refused else ""))
+    return handed
 
 
 @op(out=Out(Nothing))
 def route_to_partner_queues(context: OpExecutionContext, window: drain.Window, parsed: drain.ParsedWindow, sqs: SQSResource, archive: ArchiveStore, routing: RoutingSettings) -> None:
-    """Subscribed events only, already transformed to each partner's schema, into each partner's queue."""
-    _hand_over(context, window, parsed, sqs, archive, routing, destinations.route_to_partner_queues)
+    """Subscribed events only, already transformed to each partner's contract (recorded in the contract
+    history before its first body is queued), into each partner's queue; the metadata names each contract."""
+    history = ContractHistory(archive.get_client(), archive.bucket)
+    handed = _hand_over(context, window, parsed, sqs, archive, routing, destinations.route_to_partner_queues, history=history)
+    context.add_output_metadata({"contract_versions": MetadataValue.json(handed.contracts), "queued": MetadataValue.json(handed.accepted)})
 
 
 @op(out=Out(Nothing))

@@ -2,6 +2,9 @@
 
 A run delivers a single partner's queue (pipeline.routing.delivery), so a partner that is down or
 slow occupies only its own run; the sensor never starts a second run for a partner that has one.
+Each run is tagged with the partner's current contract version (`pipeline/contract_version`), and its
+metadata counts what was delivered under each version, so a contract change shows in the run list and
+a queue still holding bodies made under the previous contract shows in the run.
 """
 
 from dagster import (
@@ -29,6 +32,7 @@ from pipeline.routing.logs import AttemptLog
 from pipeline.sensors import IN_PROGRESS
 
 PARTNER_TAG = "pipeline/partner"
+CONTRACT_TAG = "pipeline/contract_version"
 
 
 class PartnerRunConfig(Config):
@@ -55,6 +59,8 @@ def deliver_partner_queue(context: OpExecutionContext, config: PartnerRunConfig,
     )
     context.add_output_metadata(
         {
+            "contract_version": partner.contract_version,
+            "delivered_by_contract": MetadataValue.json(stats.delivered_by_contract),
             "delivered": stats.delivered,
             "failed_attempts": stats.failed,
             "dead_lettered": stats.dead_lettered,
@@ -87,7 +93,7 @@ def partner_queues_sensor(context: SensorEvaluationContext, sqs: SQSResource, ro
             waiting.append(partner.name)
             continue
         requests.append(
-            RunRequest(run_config={"ops": {"deliver_partner_queue": {"config": {"partner": partner.name}}}}, tags={PARTNER_TAG: partner.name, "pipeline/partner_queue_depth": str(visible)})
+            RunRequest(run_config={"ops": {"deliver_partner_queue": {"config": {"partner": partner.name}}}}, tags={PARTNER_TAG: partner.name, CONTRACT_TAG: partner.contract_version, "pipeline/partner_queue_depth": str(visible)})
         )
     if requests:
         return requests

@@ -1,4 +1,4 @@
-"""`archive_replay_job` re-sends an archive time range to one partner, transformed with its current rules.
+"""`archive_replay_job` re-sends an archive time range to one partner, under its current contract.
 
 Real parts: the archive is written by the pipeline's own landing + compaction code into the local S3,
 the job runs through the code location's Definitions, delivery is the partner's usual
@@ -117,6 +117,21 @@ def test_replaying_a_range_twice_is_absorbed_by_the_partners_webhook_id_dedupe(a
     expected = {e.dedupe_id for e in inside if e.event_type != "motion"}
     assert set(newco.accepted) == expected
     assert newco.duplicates == len(expected), "the second replay carries the same webhook-ids"
+
+
+def test_a_replay_states_the_contract_it_used_records_it_and_delivers_under_it(archived, newco):
+    from pipeline.routing.config import contract_version
+
+    version = load_routing_config().partner("newco").contract_version
+    replay = run_job("archive_replay_job", "replay_archive_range_to_partner", {"partner": "newco", "start": START, "end": END})
+    [output] = [e for e in replay.all_events if e.event_type_value == "STEP_OUTPUT"]
+    assert output.event_specific_data.metadata["contract_version"].value == version
+
+    run_job("partner_delivery_job", "deliver_partner_queue", {"partner": "newco"})
+
+    assert {r.contract_version for r in newco.requests} == {version}
+    recorded = aws_client("s3").get_object(Bucket="events-archive", Key=f"partner_contracts/newco/{version}.json")["Body"].read().decode()
+    assert contract_version(recorded) == version
 
 
 def test_an_unknown_partner_fails_the_run_naming_the_known_ones(archived, newco):

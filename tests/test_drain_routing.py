@@ -46,7 +46,7 @@ def routed(tmp_path, aws, monkeypatch):
         "webhook": receiver.url,
         "secret_env": "PARTNER_ACME_SECRET",
         "subscriptions": ["door_access", "intrusion_alert"],
-        "allowed_fields": ["event_id", "event_type", "timestamp", "site_id", "payload.door"],
+        "allowed_fields": ["event_id", "event_type", "timestamp", "site_id", "payload.door.*"],
         "transform": {"strip_fields": ["credential"], "rename": {"timestamp": "event_time", "site_id": "location_id"}},
     }
     path = routing_file(tmp_path, [partner], priority={"rules": {"intrusion_alert": "high", "door_access": "medium"}, "default": "low"}, monitoring={"event_types": ["device_heartbeat"]}, automation={"rules": [{"event_type": "intrusion_alert", "incident": True}]})

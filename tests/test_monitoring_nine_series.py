@@ -49,7 +49,7 @@ def resources():
 def partner(tmp_path, aws, monkeypatch):
     receiver = PartnerReceiver("whsec_" + base64.b64encode(os.urandom(24)).decode()).start()
     monkeypatch.setenv("PARTNER_WATCHER_SECRET", receiver.secret)
-    path = routing_file(tmp_path, [{"name": "watcher", "webhook": receiver.url, "secret_env": "PARTNER_WATCHER_SECRET", "subscriptions": ["door_access"], "timeout_s": 5}])
+    path = routing_file(tmp_path, [{"name": "watcher", "webhook": receiver.url, "secret_env": "PARTNER_WATCHER_SECRET", "subscriptions": ["door_access"], "allowed_fields": ["event_id", "event_type", "site_id"], "timeout_s": 5}])
     monkeypatch.setenv("PIPELINE_ROUTING_CONFIG", str(path))
     provision_routing(aws_client("sqs"), load_routing_config(path))
     yield receiver

@@ -1,9 +1,11 @@
 """Partner webhooks against real local HTTP receivers: signing, retries held by SQS, DLQ, redelivery."""
 
 import base64
+import hashlib
 import json
 import os
 import threading
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
@@ -20,6 +22,7 @@ from tests.conftest import queue_counts, sample_envelope, wait_until
 from tests.test_routing_config import routing_file
 
 DELAYS = (1, 1, 2)
+ALLOWED = ["event_id", "event_type", "site_id", "payload.door", "payload.result"]  # sample_envelope's payload also has a credential
 
 
 def new_secret() -> str:
@@ -38,7 +41,7 @@ def partners(tmp_path, aws, monkeypatch):
     for name, receiver in receivers.items():
         env = f"PARTNER_{name.upper()}_SECRET"
         monkeypatch.setenv(env, receiver.secret)
-        config.append({"name": name, "webhook": receiver.url, "secret_env": env, "subscriptions": ["door_access", "intrusion_alert"], "timeout_s": 3})
+        config.append({"name": name, "webhook": receiver.url, "secret_env": env, "subscriptions": ["door_access", "intrusion_alert"], "allowed_fields": ALLOWED, "timeout_s": 3})
     routing = load_routing_config(routing_file(tmp_path, config, delays=DELAYS))
     queues = provision_routing(aws_client("sqs"), routing)
     yield routing, receivers, {p.name: PartnerQueues(queues[p.queue_name], queues[p.dlq_name]) for p in routing.partners}
@@ -101,6 +104,7 @@ def test_down_partner_does_not_slow_others_and_recovering_partner_gets_every_eve
 
     dlq = [json.loads(b) for b in _drain_bodies(queues["down"].dlq_url)]
     assert sorted(m["webhook_id"] for m in dlq) == sorted(ids)
+    assert all(set(json.loads(m["body"])) == {"event_id", "event_type", "site_id", "payload"} and set(json.loads(m["body"])["payload"]) == {"door", "result"} for m in dlq), "the DLQ keeps only whitelisted fields"
     assert queue_counts(queues["down"].url) == (0, 0)
     first_wave = {e.dedupe_id for e in events}
     for webhook_id in first_wave:
@@ -120,6 +124,48 @@ def test_every_attempt_is_logged_as_parquet_with_the_contract_columns(partners):
     outcomes = sorted({(r["attempt"], r["outcome"]) for r in table})
     assert outcomes == [(1, "failed"), (2, "failed"), (3, "failed"), (4, "dead_lettered")]
     assert all(r["status_code"] == 500 and r["partner"] == "down" and r["latency_ms"] >= 0 for r in table)
+
+
+def test_every_delivery_carries_its_contract_version_and_its_attempt_row_says_exactly_what_was_sent(partners):
+    routing, receivers, queues = partners
+    events = [sample_envelope(site_id=f"site-{i % 2}", device_id=f"door-{i}") for i in range(4)]
+    route(routing, events)
+    started = datetime.now(timezone.utc).replace(microsecond=0)
+
+    run_delivery(routing, queues, "healthy")
+
+    healthy, version = receivers["healthy"], routing.partner("healthy").contract_version
+    assert {r.contract_version for r in healthy.requests} == {version}
+    rows = [r for r in read_log(s3_filesystem(), "events-archive", "delivery_attempts").to_pylist() if r["partner"] == "healthy"]
+    assert sorted(r["webhook_id"] for r in rows) == sorted(e.dedupe_id for e in events)
+    for row in rows:
+        sent = healthy.raw[row["webhook_id"]]
+        assert row["body_sha256"] == hashlib.sha256(sent).hexdigest() and row["body_bytes"] == len(sent)
+        assert row["contract_version"] == version and row["site_id"] == row["webhook_id"].split("/")[0]
+        assert started <= row["webhook_timestamp"] <= row["attempted_at"] + timedelta(seconds=1)
+        assert row["archive_hour"] == "2024-01-15-10:00"
+
+
+def test_a_message_transformed_before_a_contract_change_is_delivered_and_logged_under_its_own_version(partners, tmp_path):
+    routing, receivers, queues = partners
+    old_version = routing.partner("healthy").contract_version
+    before = sample_envelope(device_id="door-before")
+    route(routing, [before])
+    (tmp_path / "changed").mkdir()
+    changed = [p.model_dump(mode="json") | ({"allowed_fields": ALLOWED + ["device_id"]} if p.name == "healthy" else {}) for p in routing.partners]
+    routing = load_routing_config(routing_file(tmp_path / "changed", changed, delays=DELAYS))
+    new_version = routing.partner("healthy").contract_version
+    after = sample_envelope(device_id="door-after")
+    route(routing, [after])
+
+    run_delivery(routing, queues, "healthy")
+
+    healthy = receivers["healthy"]
+    assert new_version != old_version
+    assert {r.webhook_id: r.contract_version for r in healthy.requests} == {before.dedupe_id: old_version, after.dedupe_id: new_version}
+    assert "device_id" not in healthy.accepted[before.dedupe_id] and healthy.accepted[after.dedupe_id]["device_id"] == "door-after"
+    logged = {r["webhook_id"]: r["contract_version"] for r in read_log(s3_filesystem(), "events-archive", "delivery_attempts").to_pylist()}
+    assert logged == {before.dedupe_id: old_version, after.dedupe_id: new_version}
 
 
 def test_redelivery_moves_the_dlq_back_once_the_partner_answers_again(partners):
@@ -150,7 +196,7 @@ def _drain_bodies(url):
 def test_partner_sensor_requests_one_run_per_partner_with_waiting_events(partners, tmp_path):
     from dagster import DagsterInstance, build_sensor_context
 
-    from pipeline.partner_jobs import PARTNER_TAG, partner_queues_sensor
+    from pipeline.partner_jobs import CONTRACT_TAG, PARTNER_TAG, partner_queues_sensor
     from pipeline.resources import RoutingSettings, SQSResource
 
     routing, _, _ = partners
@@ -159,6 +205,7 @@ def test_partner_sensor_requests_one_run_per_partner_with_waiting_events(partner
     with DagsterInstance.ephemeral() as instance:
         requests = partner_queues_sensor(build_sensor_context(instance=instance, resources=resources))
     assert sorted(r.tags[PARTNER_TAG] for r in requests) == ["down", "healthy", "recovering"]
+    assert {r.tags[PARTNER_TAG]: r.tags[CONTRACT_TAG] for r in requests} == {p.name: p.contract_version for p in routing.partners}
     assert {r.run_config["ops"]["deliver_partner_queue"]["config"]["partner"] for r in requests} == {"down", "healthy", "recovering"}
 
 
@@ -173,6 +220,10 @@ def test_partner_delivery_job_delivers_one_partner_and_reports_its_success_rate(
         resources={"sqs": SQSResource(events_queue="events"), "archive": ArchiveStore(bucket="events-archive"), "routing": RoutingSettings(config_path=str(tmp_path / "routing.yaml"), delivery_run_seconds=20)},
     )
     assert result.output_for_node("deliver_partner_queue") == {"delivered": 3, "failed": 0, "dead_lettered": 0, "malformed": 0}
+    [materialization] = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
+    metadata = materialization.event_specific_data.metadata
+    version = routing.partner("healthy").contract_version
+    assert metadata["contract_version"].value == version and metadata["delivered_by_contract"].value == {version: 3}
     assert len(receivers["healthy"].accepted) == 3 and not receivers["down"].requests, "other partners' queues untouched"
 
 

@@ -9,7 +9,7 @@ import yaml
 from edge_bridge.catalog import load_event_catalog
 from pipeline.routing.config import RoutingConfigError, load_routing_config, parse_routing_config
 
-PARTNER = {"name": "acme", "webhook": "http://127.0.0.1:1/events", "secret_env": "ACME_SECRET", "subscriptions": ["door_access"]}
+PARTNER = {"name": "acme", "webhook": "http://127.0.0.1:1/events", "secret_env": "ACME_SECRET", "subscriptions": ["door_access"], "allowed_fields": ["event_id", "event_type"]}
 
 
 def routing_file(tmp_path, partners, delays=(1, 1, 2), **extra):
@@ -23,6 +23,7 @@ def test_shipped_routing_config_loads_with_the_seed_backoff_list():
     config = load_routing_config()
     assert config.retry_delays_s == (1, 5, 15, 60, 300) and config.max_attempts == 6
     assert config.partners and config.priority.for_event_type("intrusion_alert") == "high"
+    assert all(p.allowed_fields for p in config.partners)
 
 
 def test_misspelled_transform_key_is_named_in_the_error(tmp_path):
@@ -44,6 +45,55 @@ def test_whitelisting_a_field_the_envelope_does_not_have_is_refused():
 def test_renaming_onto_a_field_the_partner_already_gets_is_refused():
     with pytest.raises(RoutingConfigError, match="collide"):
         parse_routing_config({"partners": [{**PARTNER, "allowed_fields": ["site_id", "device_id"], "transform": {"rename": {"site_id": "device_id"}}}]})
+
+
+def test_renaming_a_path_the_whitelist_does_not_name_is_refused():
+    with pytest.raises(RoutingConfigError, match=r"partners\[0\]: .*rename sources \['payload.zone'\] are not in allowed_fields"):
+        parse_routing_config({"partners": [{**PARTNER, "transform": {"rename": {"payload.zone": "zone"}}}]})
+
+
+def contract_version(**changes):
+    return parse_routing_config({"partners": [{**PARTNER, **changes}]}).partners[0].contract_version
+
+
+def test_a_contract_version_changes_with_subscriptions_whitelist_or_transform_and_with_nothing_else():
+    base = contract_version()
+    assert len(base) == 12 and int(base, 16) >= 0
+    assert contract_version(allowed_fields=["event_type", "event_id", "event_id"]) == base, "order and repeats do not make a new contract"
+    assert contract_version(webhook="http://127.0.0.1:2/x", secret_env="OTHER", timeout_s=3) == base, "where and how it is sent is not the contract"
+    changed = [
+        contract_version(subscriptions=["door_access", "motion"]),
+        contract_version(allowed_fields=["event_id", "event_type", "payload.zone"]),
+        contract_version(allowed_fields=["event_id", "event_type", "payload.zone.*"]),
+        contract_version(transform={"strip_fields": ["credential"]}),
+        contract_version(transform={"rename": {"event_id": "id"}}),
+    ]
+    assert len({base, *changed}) == 1 + len(changed)
+
+
+def test_config_check_prints_each_partners_contract_version(tmp_path):
+    import subprocess
+    import sys
+
+    path = routing_file(tmp_path, [PARTNER, {**PARTNER, "name": "globex", "allowed_fields": ["site_id", "payload.zone.*"]}])
+    routing = load_routing_config(path)
+
+    out = subprocess.run([sys.executable, "-m", "pipeline.routing.config", "--check", str(path)], capture_output=True, text=True, timeout=60)
+
+    assert out.returncode == 0, out.stderr
+    for partner in routing.partners:
+        assert f"{partner.name}: contract {partner.contract_version}" in out.stdout
+
+
+def test_config_check_fails_on_a_partner_without_a_whitelist_naming_its_key_path(tmp_path):
+    import subprocess
+    import sys
+
+    path = routing_file(tmp_path, [{k: v for k, v in PARTNER.items() if k != "allowed_fields"}])
+
+    out = subprocess.run([sys.executable, "-m", "pipeline.routing.config", "--check", str(path)], capture_output=True, text=True, timeout=60)
+
+    assert out.returncode == 1 and "partners[0].allowed_fields" in out.stderr
 
 
 def test_missing_partner_secret_names_the_environment_variable(monkeypatch):

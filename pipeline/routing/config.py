@@ -6,12 +6,22 @@ instead of silently routing nothing. Every event type it names must be in the ev
 whether it is operational; the file adds only what is routing's own (partners, queue names, webhooks)
 and, rarely, an override. Secrets are never in the file: a partner names the environment variable that
 holds its signing secret, read only when a delivery run needs it.
+
+A partner's contract (its subscriptions, whitelist and transform: everything that decides the bodies it
+gets) is versioned by content: `PartnerConfig.contract_version` is the first 12 hex digits of the
+SHA-256 of the contract's canonical JSON, so any change to what a partner receives is a new version and
+no one has to remember to bump one. `python -m pipeline.routing.config --check` validates a file and
+prints each partner's version.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -54,9 +64,21 @@ EventTypeName = Annotated[str, AfterValidator(_known_event_type)]
 
 
 def _field_path(path: str) -> str:
-    top, dot, key = path.partition(".")
-    if top not in ENVELOPE_FIELDS or (dot and (top != "payload" or not key)) or "." in key:
-        raise ValueError(f"{path!r} is neither an envelope field ({', '.join(ENVELOPE_FIELDS)}) nor 'payload.<key>'")
+    """A whitelist path: an envelope field (`site_id`), one payload value (`payload.zone.name`, sent only
+    when it is a scalar), or a payload subtree sent whole (`payload.zone.*`, `payload.*`)."""
+    parts = path.split(".")
+    top = parts[0]
+    if len(parts) == 1:
+        if top == "payload":
+            raise ValueError("'payload' is an object: name its values ('payload.zone.name') or send it whole with 'payload.*'")
+        if top not in ENVELOPE_FIELDS:
+            raise ValueError(f"{path!r} is neither an envelope field ({', '.join(f for f in ENVELOPE_FIELDS if f != 'payload')}) nor 'payload.<key>[.<key>...][.*]'")
+        return path
+    if top != "payload":
+        raise ValueError(f"{path!r}: only payload paths have several parts ('payload.<key>[.<key>...][.*]')")
+    keys, last = parts[1:-1], parts[-1]
+    if any(not key or "*" in key for key in keys) or not last or ("*" in last and last != "*"):
+        raise ValueError(f"{path!r}: keys must be non-empty, and '*' may only end a path ('payload.zone.*')")
     return path
 
 
@@ -83,33 +105,91 @@ class TransformConfig(_Strict):
         return self
 
 
+CONTRACT_RULES = 2  # the meaning PartnerTransform gives a contract; bump it when that meaning changes
+
+
+class PartnerContract(_Strict):
+    """Everything that decides the bodies a partner gets, and nothing else: its version is its content's hash.
+
+    The canonical JSON is what the drain keeps in the contract history (s3://<archive bucket>/
+    partner_contracts/<partner>/<version>.json), so an audit can re-create a body under an older contract.
+    """
+
+    subscriptions: tuple[str, ...] = Field(min_length=1)
+    allowed_fields: tuple[str, ...] = Field(min_length=1)
+    transform: TransformConfig = TransformConfig()
+    rules: int = CONTRACT_RULES
+
+    @field_validator("allowed_fields")
+    @classmethod
+    def _paths(cls, fields: tuple[str, ...]) -> tuple[str, ...]:
+        for path in fields:
+            _field_path(path)
+        return fields
+
+    def canonical_json(self) -> str:
+        """Order-free and spelling-free: the same contract always gives the same text, hence version."""
+        return json.dumps(
+            {
+                "rules": self.rules,
+                "subscriptions": sorted(set(self.subscriptions)),
+                "allowed_fields": sorted(set(self.allowed_fields)),
+                "transform": {"strip_fields": sorted(set(self.transform.strip_fields)), "rename": dict(sorted(self.transform.rename.items()))},
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=True,
+        )
+
+    @property
+    def version(self) -> str:
+        return contract_version(self.canonical_json())
+
+
+def contract_version(canonical_json: str) -> str:
+    return hashlib.sha256(canonical_json.encode("utf-8")).hexdigest()[:12]
+
+
 class PartnerConfig(_Strict):
     name: str = Field(pattern=_NAME)
     webhook: str = Field(pattern=r"^https?://")
     webhook_env: str | None = Field(None, pattern=_ENV)  # when set in the environment, overrides `webhook`
     secret_env: str = Field(pattern=_ENV)
     subscriptions: tuple[EventTypeName, ...] = Field(min_length=1)
-    allowed_fields: tuple[str, ...] | None = None
+    # Mandatory: a partner receives exactly these paths and nothing else (see pipeline.routing.transform).
+    allowed_fields: tuple[str, ...] | None = Field(None, validate_default=True)
     transform: TransformConfig = TransformConfig()
     timeout_s: float = Field(10.0, gt=0, le=60)
 
     @field_validator("allowed_fields")
     @classmethod
-    def _paths(cls, fields: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        if fields is not None:
-            if not fields:
-                raise ValueError("an empty whitelist sends nothing; drop the partner or list fields")
-            for path in fields:
-                _field_path(path)
+    def _paths(cls, fields: tuple[str, ...] | None) -> tuple[str, ...]:
+        if fields is None:
+            raise ValueError("required: list the fields this partner may receive (envelope fields, 'payload.<key>...', or 'payload.<key>.*' for a whole object)")
+        if not fields:
+            raise ValueError("an empty whitelist sends nothing; drop the partner or list fields")
+        for path in fields:
+            _field_path(path)
         return fields
 
     @model_validator(mode="after")
-    def _no_rename_collisions(self) -> "PartnerConfig":
-        kept = {path.partition(".")[0] for path in (self.allowed_fields or ENVELOPE_FIELDS) if path not in self.transform.rename}
+    def _rename_sources_and_collisions(self) -> "PartnerConfig":
+        unknown = sorted(set(self.transform.rename) - set(self.allowed_fields or ()))
+        if unknown:
+            raise ValueError(f"transform.rename sources {unknown} are not in allowed_fields (rename names whitelisted paths exactly)")
+        kept = {path.partition(".")[0] for path in self.allowed_fields or () if path not in self.transform.rename}
         clash = sorted(kept & set(self.transform.rename.values()))
         if clash:
             raise ValueError(f"transform.rename targets {clash} collide with fields the partner already receives")
         return self
+
+    @property
+    def contract(self) -> PartnerContract:
+        return PartnerContract(subscriptions=self.subscriptions, allowed_fields=self.allowed_fields, transform=self.transform)
+
+    @property
+    def contract_version(self) -> str:
+        return self.contract.version
 
     @property
     def queue_name(self) -> str:
@@ -260,3 +340,25 @@ def load_routing_config(path: str | Path | None = None) -> RoutingConfig:
     except (OSError, yaml.YAMLError) as exc:
         raise RoutingConfigError(f"{path}: {exc}") from None
     return parse_routing_config(data, str(path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipeline.routing.config --check [PATH]`: validate, and print each partner's contract version."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.routing.config", description="Validate a routing config and print each partner's contract version.")
+    parser.add_argument("--check", action="store_true", help="validate (the only action; accepted for readability)")
+    parser.add_argument("path", nargs="?", help="the routing config (default: $PIPELINE_ROUTING_CONFIG or config/routing.yaml)")
+    args = parser.parse_args(argv)
+    try:
+        routing = load_routing_config(args.path)
+    except RoutingConfigError as exc:
+        print(f"invalid: {exc}", file=sys.stderr)
+        return 1
+    print(f"{routing_config_path(args.path)}: valid, {len(routing.partners)} partners")
+    for partner in routing.partners:
+        contract = partner.contract
+        print(f"  {partner.name}: contract {contract.version} (subscriptions {', '.join(contract.subscriptions)}; allowed_fields {', '.join(contract.allowed_fields)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,16 +9,22 @@ A message that cannot be delivered for its own reason (not JSON, a field missing
 a header value the HTTP library refuses, any exception while it is handled) is poison: it goes to the
 DLQ at once with `failure_reason` (one of `POISON_REASONS`) and `failure_detail` (the exception type
 and message), is counted, and is never sent back by redelivery; its batch-mates are delivered as usual.
+
+Every attempt is logged with what exactly was sent (the body's SHA-256 and size, the webhook-id, site,
+signature timestamp and the contract version the message was transformed under, which also goes out
+as the `X-Contract-Version` header), so `pipeline.audit` can later prove what a partner received.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import requests
 from botocore.exceptions import ClientError
@@ -50,11 +56,14 @@ def _described(exc: BaseException) -> str:
 
 @dataclass(frozen=True)
 class PartnerMessage:
-    """What a drain run puts in a partner queue: the event's id, its dedupe id and the partner's body."""
+    """What a drain run puts in a partner queue: the event's identity, the contract and the partner's body."""
 
     event_id: str
     webhook_id: str  # the Standard Webhooks id: the drain's dedupe id when it sent one, else the event_id
     body: str
+    site_id: str | None = None
+    contract_version: str | None = None  # the contract the body was made under (absent in older messages)
+    archive_hour: str | None = None
 
     @classmethod
     def from_sqs(cls, raw: object) -> "PartnerMessage":
@@ -71,13 +80,31 @@ class PartnerMessage:
         for name, value in (("event_id", item["event_id"]), ("webhook_id", webhook_id), ("body", item["body"])):
             if not isinstance(value, str) or not value:
                 raise PoisonMessage("bad_field", f"{name} is {type(value).__name__} {str(value)[:60]!r}, not a non-empty string")
-        return cls(item["event_id"], webhook_id, item["body"])
+        for name in ("site_id", "contract_version", "archive_hour"):
+            value = item.get(name)
+            if value is not None and not isinstance(value, str):
+                raise PoisonMessage("bad_field", f"{name} is {type(value).__name__}, not a string")
+        return cls(item["event_id"], webhook_id, item["body"], item.get("site_id"), item.get("contract_version"), item.get("archive_hour"))
 
     def request(self, session: requests.Session, url: str, secret: str) -> requests.PreparedRequest:
         try:
-            return prepare_signed(session, url, secret, self.webhook_id, self.body)
+            return prepare_signed(session, url, secret, self.webhook_id, self.body, self.contract_version)
         except Exception as exc:  # noqa: BLE001 - the endpoint was checked; what is left is this message's
             raise PoisonMessage("request_refused", _described(exc)) from None
+
+    def audit_fields(self, request: requests.PreparedRequest) -> dict:
+        """The attempt-log columns that say exactly what was sent: body hash and size, ids, contract, signature time."""
+        sent = request.body if isinstance(request.body, bytes) else str(request.body or "").encode("utf-8")
+        return {
+            "event_id": self.event_id,
+            "webhook_id": self.webhook_id,
+            "site_id": self.site_id,
+            "contract_version": self.contract_version,
+            "body_sha256": hashlib.sha256(sent).hexdigest(),
+            "body_bytes": len(sent),
+            "webhook_timestamp": datetime.fromtimestamp(int(request.headers["webhook-timestamp"]), timezone.utc),
+            "archive_hour": self.archive_hour,
+        }
 
 
 def poison_reason(message: dict, session: requests.Session, url: str, secret: str) -> tuple[str, str] | None:
@@ -122,6 +149,7 @@ class DeliveryStats:
     malformed: int = 0  # poison: dead-lettered at once for its own fault, never attempted again
     malformed_reasons: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
+    delivered_by_contract: dict[str, int] = field(default_factory=dict)  # contract version -> bodies delivered under it
 
     @property
     def attempts(self) -> int:
@@ -216,6 +244,7 @@ class PartnerDelivery:
         try:
             item = PartnerMessage.from_sqs(message["Body"])
             request = item.request(self.session, self.url, self.secret)
+            sent = item.audit_fields(request)
             attempted_at = utc_now()
             result = send_signed(self.session, request, self.partner.timeout_s)
         except Exception as exc:  # noqa: BLE001 - whatever it is, it is this message's alone
@@ -239,12 +268,14 @@ class PartnerDelivery:
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
         if result.error:
             self._count("errors", result.error.split(":")[0])
-        self._record(item.event_id, attempt, attempted_at, result, outcome)
+        if result.ok:
+            self._count("delivered_by_contract", item.contract_version or "unknown")
+        self._record(sent, attempt, attempted_at, result, outcome)
 
-    def _record(self, event_id: str, attempt: int, attempted_at, result: WebhookResult, outcome: str) -> None:
+    def _record(self, sent: dict, attempt: int, attempted_at, result: WebhookResult, outcome: str) -> None:
         if self.attempt_log:
             self.attempt_log.record(
-                event_id=event_id,
+                **sent,
                 partner=self.partner.name,
                 attempt=attempt,
                 attempted_at=attempted_at,
@@ -316,7 +347,9 @@ def _probe_and_move(partner, sqs, queues, attempt_log, max_messages, session, ur
         item = PartnerMessage.from_sqs(message["Body"])
         attempted_at = utc_now()
         try:
-            result = send_signed(session, item.request(session, url, secret), partner.timeout_s)
+            request = item.request(session, url, secret)
+            sent = item.audit_fields(request)
+            result = send_signed(session, request, partner.timeout_s)
         except Exception as exc:  # noqa: BLE001 - the probe failed on this message, not on the partner
             found = exc if isinstance(exc, PoisonMessage) else PoisonMessage("unexpected_error", _described(exc))
             log.warning("%s: probe message %s set aside in the DLQ: %s", partner.name, message["MessageId"], found)
@@ -327,7 +360,7 @@ def _probe_and_move(partner, sqs, queues, attempt_log, max_messages, session, ur
         break
     if attempt_log:
         outcome = "delivered" if result.ok else "failed"
-        attempt_log.record(event_id=item.event_id, partner=partner.name, attempt=0, attempted_at=attempted_at, status_code=result.status_code, latency_ms=result.latency_ms, outcome=outcome, error=result.error)
+        attempt_log.record(**sent, partner=partner.name, attempt=0, attempted_at=attempted_at, status_code=result.status_code, latency_ms=result.latency_ms, outcome=outcome, error=result.error)
         attempt_log.flush()
     if not result.ok:
         _release(sqs, queues.dlq_url, [message["ReceiptHandle"]])

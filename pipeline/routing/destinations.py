@@ -20,12 +20,13 @@ import logging
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Iterable, TypeVar
+from typing import Callable, Generic, Iterable, Protocol, TypeVar
 
 from botocore.exceptions import ClientError
 
 from edge_bridge.envelope import Envelope
-from pipeline.routing.config import RoutingConfig
+from pipeline.archive import archive_hour
+from pipeline.routing.config import PartnerContract, RoutingConfig
 from pipeline.routing.transform import PartnerTransform
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class HandOver:
 
     accepted: dict[str, int] = field(default_factory=dict)
     refused: list[Refused] = field(default_factory=list)
+    contracts: dict[str, str] = field(default_factory=dict)  # partner -> contract version its bodies were made under
 
 
 @dataclass(frozen=True)
@@ -169,16 +171,33 @@ def send_all(sqs, batches: dict[str, list[Outgoing[T]] | list[str]], limits: Que
         refusals.extend(refused)
 
 
-def partner_message(partner: str, event: Envelope, body: dict) -> str:
+def partner_body_text(body: dict) -> str:
+    """The exact text a partner is sent and that is signed: canonical, so an audit can re-create it byte
+    for byte from the archive and the contract (`pipeline.audit`)."""
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, sort_keys=True, allow_nan=False)
+
+
+def partner_message(partner: str, event: Envelope, body: dict, contract_version: str | None = None) -> str:
     """What a partner queue holds: the transformed body (signed as-is on delivery) and the event's identity.
 
     `webhook_id` is the id partners de-duplicate by: `site_id/event_id`, because an event id alone is
     chosen by a site's publisher and one site must not make a partner drop another site's event. It is
     kept readable (not hashed) so an operator can trace a partner's webhook-id straight to the event.
+    `contract_version` is the contract the body was made under, so a message transformed before a
+    config change is delivered and logged under its own version; `archive_hour` is where the event is
+    archived, so an audit finds it without a scan.
     """
-    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False, sort_keys=True, allow_nan=False)
     return json.dumps(
-        {"event_id": event.event_id, "site_id": event.site_id, "webhook_id": event.dedupe_id, "event_type": event.event_type, "partner": partner, "body": text}
+        {
+            "event_id": event.event_id,
+            "site_id": event.site_id,
+            "webhook_id": event.dedupe_id,
+            "event_type": event.event_type,
+            "partner": partner,
+            "contract_version": contract_version,
+            "archive_hour": archive_hour(event.timestamp, event.received_at),
+            "body": partner_body_text(body),
+        }
     )
 
 
@@ -208,7 +227,7 @@ def partner_shares(routing: RoutingConfig, events: Iterable[Envelope], limits: Q
                 refused.append(Refused(event, f"partner:{name}", "transform_failed", type(exc).__name__, described(exc)))
                 continue
             try:
-                message = partner_message(name, event, body)
+                message = partner_message(name, event, body, transform.version)
             except Exception as exc:  # noqa: BLE001 - this event's fate alone
                 if refused is None:
                     raise
@@ -224,10 +243,24 @@ def partner_shares(routing: RoutingConfig, events: Iterable[Envelope], limits: Q
     return shares
 
 
-def route_to_partner_queues(sqs, routing: RoutingConfig, events: list[Envelope], queue_url: Callable[[str], str], limits: QueueLimits = QueueLimits()) -> HandOver:
-    """Each partner's share, transformed, into its queue; refused events come back for quarantine."""
-    result = HandOver()
+class ContractRecorder(Protocol):
+    def record(self, partner: str, contract: PartnerContract) -> bool: ...
+
+
+def route_to_partner_queues(
+    sqs, routing: RoutingConfig, events: list[Envelope], queue_url: Callable[[str], str], limits: QueueLimits = QueueLimits(), history: ContractRecorder | None = None
+) -> HandOver:
+    """Each partner's share, transformed, into its queue; refused events come back for quarantine.
+
+    With a contract `history`, each partner's contract is recorded before any body made under it is
+    queued (a failure there is shared and raises), so every delivered body can later be re-created.
+    """
+    result = HandOver(contracts={p.name: p.contract_version for p in routing.partners})
     shares = partner_shares(routing, events, limits, result.refused)
+    if history is not None:
+        for partner in routing.partners:
+            if shares[partner.name]:
+                history.record(partner.name, partner.contract)
     names = {p.name: p.queue_name for p in routing.partners}
     batches = {queue_url(names[name]): [Outgoing((name, item.tag), item.body) for item in items] for name, items in shares.items() if items}
     refusals: list = []

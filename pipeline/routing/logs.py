@@ -26,6 +26,14 @@ DELIVERY_ATTEMPT_SCHEMA = pa.schema(
         ("latency_ms", pa.float64()),
         ("outcome", pa.string()),  # delivered | failed | dead_lettered
         ("error", pa.string()),
+        # The audit trail: what exactly was sent, under which contract (null in files older than these columns).
+        ("webhook_id", pa.string()),  # the Standard Webhooks id sent: site_id/event_id
+        ("site_id", pa.string()),
+        ("contract_version", pa.string()),  # the partner contract the body was made under
+        ("body_sha256", pa.string()),  # hex SHA-256 of the exact bytes POSTed
+        ("body_bytes", pa.int64()),
+        ("webhook_timestamp", TS),  # the signed webhook-timestamp header (whole seconds)
+        ("archive_hour", pa.string()),  # the event's archive partition, where an audit re-reads it
     ]
 )
 

@@ -19,11 +19,26 @@ log = logging.getLogger(__name__)
 
 MAX_LOKI_LINE_BYTES = 64 * 1024  # Loki refuses a push whose lines exceed its max_line_size (256 KiB by default)
 
+# What an operational line may carry from an event's payload: device-health facts, as scalars, and
+# nothing else. Loki is read by more people than any partner and keeps lines for weeks, so it gets a
+# whitelist like a partner does: a payload key outside this set (a user name, a credential, a nested
+# object) never reaches it, whatever the event type. Add a key here only if an operator needs it.
+LOKI_PAYLOAD_FIELDS = frozenset({"state", "battery", "battery_low", "voltage", "linkquality", "tamper", "event_code", "device_type", "channel"})
+LOKI_LINE_FIELDS = ("event_id", "device_id", "payload")  # the line's own keys (site, type and source are stream labels)
+
+
+def loki_payload(payload: object) -> dict:
+    """The declared device-health fields of a payload, scalars only."""
+    if not isinstance(payload, dict):
+        return {}
+    return {key: value for key, value in payload.items() if key in LOKI_PAYLOAD_FIELDS and (value is None or isinstance(value, (str, int, float, bool)))}
+
 
 def loki_line(event: Envelope) -> str:
-    """One event's log line; a payload too big for a log line is replaced by its size, so one big event
-    cannot make Loki refuse the whole push."""
-    line = json.dumps({"event_id": event.event_id, "device_id": event.device_id, "payload": event.payload}, separators=(",", ":"), allow_nan=False)
+    """One event's log line: its ids and its declared payload fields. A line too big for Loki (a huge
+    string in a declared field) keeps only the ids and the size, so one event cannot make Loki refuse
+    the whole push."""
+    line = json.dumps({"event_id": event.event_id, "device_id": event.device_id, "payload": loki_payload(event.payload)}, separators=(",", ":"), allow_nan=False)
     if len(line) > MAX_LOKI_LINE_BYTES:
         line = json.dumps({"event_id": event.event_id, "device_id": event.device_id, "payload_truncated_bytes": len(line)}, separators=(",", ":"))
     return line

@@ -31,17 +31,27 @@ class WebhookResult:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
-def signed_headers(secret: str, msg_id: str, body: str, now: datetime | None = None) -> dict[str, str]:
+CONTRACT_VERSION_HEADER = "x-contract-version"
+
+
+def signed_headers(secret: str, msg_id: str, body: str, now: datetime | None = None, contract_version: str | None = None) -> dict[str, str]:
+    """Standard Webhooks headers, plus the partner contract version the body was made under (when known).
+
+    The version header is not part of the signature (the standard signs id, timestamp and body); it
+    tells the partner which schema to expect and is logged with the attempt on our side."""
     now = now or datetime.now(timezone.utc)
-    return {
+    headers = {
         "content-type": "application/json",
         "webhook-id": msg_id,
         "webhook-timestamp": str(int(now.timestamp())),
         "webhook-signature": Webhook(secret).sign(msg_id, now, body),
     }
+    if contract_version is not None:
+        headers[CONTRACT_VERSION_HEADER] = contract_version
+    return headers
 
 
-def prepare_signed(session: requests.Session, url: str, secret: str, msg_id: str, body: str) -> requests.PreparedRequest:
+def prepare_signed(session: requests.Session, url: str, secret: str, msg_id: str, body: str, contract_version: str | None = None) -> requests.PreparedRequest:
     """The signed request, ready to send; raises when this message cannot make one (never for the network).
 
     A webhook-id or body of the wrong type, or a header value the HTTP library refuses (CR/LF in an id),
@@ -51,7 +61,7 @@ def prepare_signed(session: requests.Session, url: str, secret: str, msg_id: str
         raise TypeError(f"webhook id must be a non-empty string, not {type(msg_id).__name__}")
     if not isinstance(body, str):
         raise TypeError(f"webhook body must be a string, not {type(body).__name__}")
-    headers = signed_headers(secret, msg_id, body)
+    headers = signed_headers(secret, msg_id, body, contract_version=contract_version)
     return session.prepare_request(requests.Request("POST", url, data=body.encode(), headers=headers))
 
 
