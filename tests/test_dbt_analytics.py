@@ -1,14 +1,17 @@
 """dbt over the archive, run through the Dagster assets (dagster-dbt) on generated data."""
 
-from datetime import datetime, timezone
+import hashlib
+from datetime import datetime, timedelta, timezone
 
 import duckdb
+import pyarrow as pa
 import pytest
 from dagster import AssetKey, materialize
 
 from pipeline.analytics import analytics_dbt_models
 from pipeline.archive import compact_hour
 from pipeline.resources import RESOURCES
+from pipeline.routing.logs import AttemptLog
 from pipeline.stack import s3_filesystem
 from tests import datagen
 
@@ -79,6 +82,7 @@ def test_the_asset_graph_runs_from_the_archive_through_staging_to_the_marts():
     assert parents("stg_events") == {"events_archive"}
     assert {"fct_events_hourly", "dim_devices", "fct_edge_buffering"} <= {k.to_user_string() for k in graph.get(AssetKey("stg_events")).child_keys}
     assert parents("stg_delivery_attempts") == {"delivery_attempts"} and parents("fct_partner_delivery_sla") == {"stg_delivery_attempts"}
+    assert parents("fct_partner_deliveries") == {"stg_delivery_attempts"}
     assert parents("stg_priority_handled") == {"priority_handled"} and parents("fct_priority_latency") == {"stg_priority_handled"}
 
 
@@ -96,3 +100,48 @@ def test_events_of_different_sites_sharing_an_event_id_are_all_counted_and_pass_
     assert result.success, [e.message for e in result.all_events if e.is_failure]
     assert not [c.check_name for c in result.get_asset_check_evaluations() if not c.passed]
     assert query(analytics_db, "select sum(events) from fct_events_hourly") == [(200,)]
+
+
+def attempt(partner, webhook_id, n, at, outcome, version, body=None):
+    site, event_id = webhook_id.split("/")
+    sent = body or f"body of {webhook_id} under {version}".encode()
+    return {
+        "event_id": event_id, "webhook_id": webhook_id, "site_id": site, "partner": partner, "attempt": n, "attempted_at": at,
+        "status_code": 200 if outcome == "delivered" else 503, "latency_ms": 10.0, "outcome": outcome, "error": None if outcome == "delivered" else "HTTP 503",
+        "contract_version": version, "body_sha256": hashlib.sha256(sent).hexdigest(), "body_bytes": len(sent), "webhook_timestamp": at.replace(microsecond=0), "archive_hour": "2024-03-04-00:00",
+    }
+
+
+def test_fct_partner_deliveries_has_one_row_per_delivered_webhook_id_per_partner_with_its_contract_and_body_hash(aws, analytics_db):
+    filesystem, _ = archive_generated_events(100, hours=1)
+    t0 = START + timedelta(hours=10)
+    rows = [
+        attempt("acme", "site-a/evt-1", 1, t0, "failed", "v1aaaaaaaaaa"),
+        attempt("acme", "site-a/evt-1", 2, t0 + timedelta(seconds=1), "delivered", "v1aaaaaaaaaa"),
+        attempt("acme", "site-b/evt-1", 1, t0, "delivered", "v1aaaaaaaaaa"),  # another site, the same event id
+        attempt("acme", "site-a/evt-2", 1, t0, "failed", "v1aaaaaaaaaa"),
+        attempt("acme", "site-a/evt-2", 2, t0 + timedelta(seconds=5), "dead_lettered", "v1aaaaaaaaaa"),
+        attempt("acme", "site-a/evt-1", 1, t0 + timedelta(hours=1), "delivered", "v2bbbbbbbbbb"),  # an archive-range replay under a new contract
+        attempt("globex", "site-a/evt-1", 1, t0, "delivered", "v9cccccccccc"),
+    ]
+    log = AttemptLog(filesystem, "events-archive")
+    for row in rows:
+        log.record(**row)
+    log.flush()
+    legacy = {"event_id": "evt-0", "partner": "acme", "attempt": 1, "attempted_at": t0, "status_code": 200, "latency_ms": 9.0, "outcome": "delivered", "error": None}
+    datagen.write_daily_log(filesystem, "events-archive", "delivery_attempts", pa.Table.from_pylist([legacy], schema=datagen.DELIVERY_SCHEMA), "attempted_at")
+
+    result = dbt_build()
+
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    assert not [c.check_name for c in result.get_asset_check_evaluations() if not c.passed]
+    got = query(analytics_db, "select partner, webhook_id, contract_version, attempts, deliveries, contract_versions, distinct_bodies, body_sha256, first_attempt_at, last_attempt_at from fct_partner_deliveries order by partner, webhook_id")
+    first = attempt("acme", "site-a/evt-1", 2, t0, "delivered", "v1aaaaaaaaaa")["body_sha256"]
+    assert [g[:7] for g in got] == [
+        ("acme", "evt-0", None, 1, 1, 0, 0),  # logged before the audit columns: keyed by its event id
+        ("acme", "site-a/evt-1", "v1aaaaaaaaaa", 3, 2, 2, 2),
+        ("acme", "site-b/evt-1", "v1aaaaaaaaaa", 1, 1, 1, 1),
+        ("globex", "site-a/evt-1", "v9cccccccccc", 1, 1, 1, 1),
+    ]
+    assert got[1][7] == first and got[1][8] == t0 and got[1][9] == t0 + timedelta(hours=1)
+    assert query(analytics_db, "select events, delivered_events, dead_lettered_events from fct_partner_delivery_sla where partner = 'acme'") == [(4, 3, 1)]

@@ -1,17 +1,17 @@
 -- Partner delivery SLA and success rate per partner and day (UTC) of the first attempt.
--- An event is a success if any attempt delivered it, and on time if that was within partner_sla_seconds
--- of its first attempt.
-with per_event as (
+-- A delivery is one webhook-id (site_id/event_id: two sites may share an event id); it is a success if
+-- any attempt delivered it, and on time if that was within partner_sla_seconds of its first attempt.
+with per_webhook as (
     select
         partner,
-        event_id,
+        webhook_id,
         min(attempted_at) as first_attempt_at,
         min(attempted_at) filter (where outcome = 'delivered') as delivered_at,
         count(*) as attempts,
         bool_or(outcome = 'dead_lettered') as dead_lettered,
         avg(latency_ms) as avg_latency_ms
     from {{ ref('stg_delivery_attempts') }}
-    group by partner, event_id
+    group by partner, webhook_id
 )
 
 select
@@ -25,5 +25,5 @@ select
     count(delivered_at) / count(*) as success_rate,
     count(*) filter (where date_diff('second', first_attempt_at, delivered_at) <= {{ var('partner_sla_seconds') }}) / count(*) as sla_met_rate,
     avg(avg_latency_ms) as avg_latency_ms
-from per_event
+from per_webhook
 group by all
