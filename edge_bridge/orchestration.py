@@ -8,7 +8,7 @@ needs the service's token, which the resource takes from `EDGE_ADMIN_TOKEN` when
 
 import os
 
-from dagster import ConfigurableResource, Definitions, EnvVar, OpExecutionContext, ScheduleDefinition, definitions, job, op
+from dagster import ConfigurableResource, DefaultScheduleStatus, Definitions, EnvVar, OpExecutionContext, ScheduleDefinition, definitions, job, op
 
 from edge_bridge.cli import AdminClient
 
@@ -46,6 +46,7 @@ def edge_dlq_replay_schedule(timezone: str) -> ScheduleDefinition:
         job=edge_dlq_replay_job,
         cron_schedule="0 2 * * *",
         execution_timezone=timezone,
+        default_status=DefaultScheduleStatus.RUNNING,  # the site's nightly replay must not wait for someone to switch it on
         description=(
             "Daily at 02:00 site time: events that failed three SQS attempts get another chance, "
             "at the quietest hour, after any overnight outage has usually cleared."

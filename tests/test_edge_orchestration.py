@@ -6,7 +6,7 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import pytest
-from dagster import DagsterInvalidConfigError, build_schedule_context
+from dagster import DagsterInvalidConfigError, DefaultScheduleStatus, build_schedule_context
 
 from edge_bridge.orchestration import EdgeAdminResource, defs, edge_dlq_replay_job, edge_dlq_replay_schedule
 from tests.conftest import publish, wait_until
@@ -20,6 +20,11 @@ def test_replay_schedule_fires_at_two_in_the_morning_site_time(monkeypatch):
     context = build_schedule_context(scheduled_execution_time=datetime(2024, 1, 15, 2, 0, tzinfo=ZoneInfo("Europe/Berlin")))
     [request] = list(schedule.evaluate_tick(context).run_requests)
     assert schedule.job_name == "edge_dlq_replay_job" and request.tags["dagster/schedule_name"] == "edge_dlq_replay_0200"
+
+
+def test_replay_schedule_is_on_without_anyone_switching_it_on():
+    """A site's nightly replay that waits for someone to find it in the UI never runs (the daemon's view: tests/test_dagster_operations.py)."""
+    assert defs().get_schedule_def("edge_dlq_replay_0200").default_status == DefaultScheduleStatus.RUNNING
 
 
 def test_replay_job_delivers_the_dlq_of_a_running_service_with_the_token_from_the_environment(edge_factory, mosquitto, aws, monkeypatch):
