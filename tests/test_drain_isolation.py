@@ -318,8 +318,9 @@ def test_an_event_that_cannot_become_an_archive_row_is_refused_alone_and_the_hou
 
 def test_a_loki_line_an_event_cannot_make_is_left_out_and_a_huge_payload_is_cut_short():
     good = sample_envelope(event_type="device_heartbeat")
-    huge = sample_envelope(event_type="device_heartbeat", device_id="cam-1", payload={"frame": "x" * (MAX_LOKI_LINE_BYTES * 2)})
-    bad = unencodable(sample_envelope(event_type="device_heartbeat", device_id="door-bad"))
+    # Loki lines carry only declared device-health fields, so the hostile values sit in those.
+    huge = sample_envelope(event_type="device_heartbeat", device_id="cam-1", payload={"state": "x" * (MAX_LOKI_LINE_BYTES * 2)})
+    bad = sample_envelope(event_type="device_heartbeat", device_id="door-bad").model_copy(update={"payload": {"battery": float("nan")}})
 
     body = loki_streams([good, bad, huge])
 
