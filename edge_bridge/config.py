@@ -46,6 +46,12 @@ class EdgeConfig:
     # Edge quarantine: rotated at this size, keeping this many rotated files; what rotation drops is counted.
     quarantine_max_bytes: int = 64 * 1024 * 1024
     quarantine_keep_files: int = 4
+    # The express lane: high-priority events are also sent to this queue (the cloud's fast path to the
+    # priority consumer and partners); unset: no express lane. Best effort, never instead of `events`.
+    express_queue_url: str | None = None
+    # How the retry log hands out due jobs: "priority" (high first, oldest first within a priority) or
+    # "fifo" (oldest first, as before priorities; for comparison).
+    retry_order: str = "priority"
 
     @classmethod
     def from_env(cls) -> "EdgeConfig":
@@ -75,6 +81,8 @@ class EdgeConfig:
             admin_token=_env("EDGE_ADMIN_TOKEN"),
             quarantine_max_bytes=int(_env("EDGE_QUARANTINE_MAX_BYTES", str(64 * 1024 * 1024))),
             quarantine_keep_files=int(_env("EDGE_QUARANTINE_KEEP_FILES", "4")),
+            express_queue_url=_env("EDGE_EXPRESS_QUEUE_URL"),
+            retry_order=_env("EDGE_RETRY_ORDER", "priority"),
         )
 
     def queue_url(self) -> str:

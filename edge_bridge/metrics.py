@@ -57,6 +57,11 @@ class EdgeMetrics:
             "edge_quarantine_dropped", "Quarantine entries deleted unread: the oldest rotated file, at the quarantine's byte bound", registry=r
         )
         self.claim_checks = Counter("edge_claim_checks", "Oversized events sent to S3 with a pointer in SQS", registry=r)
+        self.express_sent = Counter("edge_express_sent", "High-priority events also sent to the express queue", registry=r)
+        self.express_failed = Counter(
+            "edge_express_failed", "Express sends that failed (ignored: the event still goes through the events queue and the drain)", registry=r
+        )
+        self.express_calls = Counter("edge_express_calls", "SendMessageBatch calls to the express queue (SQS bills per call)", registry=r)
         self.send_latency = Histogram(
             "edge_sqs_send_seconds",
             "SendMessageBatch latency",

@@ -8,6 +8,12 @@ per second (row-by-row `executemany` is orders of magnitude slower in DuckDB).
 
 Lifecycle: `jobs` (attempts counts the poller's failed retries) → after `max_attempts` failures the
 row moves to `dlq` with its last error → a replay moves DLQ rows back to `jobs` with a fresh count.
+
+Each job keeps its event's priority from the catalog as it was when the job was committed, and `due()`
+hands out high before medium before low, oldest first within a priority: after an outage the alarms
+buffered behind a large backlog go out first, and a site's events of one priority keep their order. A
+file written before jobs had a priority gets the column when it is opened, filled from each body's
+event type.
 """
 
 from __future__ import annotations
@@ -21,9 +27,15 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from edge_bridge.priorities import UNKNOWN_PRIORITY, priority_name, priority_rank
+
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+# A job's priority is stored as its rank (0 high, 1 medium, 2 low: `edge_bridge.priorities`), which is
+# also the order `due()` hands jobs out in.
+# `due()` orders: by priority, then age (the default), or by age alone as before priorities existed.
+ORDERS = ("priority", "fifo")
 
 _JOBS_SCHEMA = pa.schema(
     [
@@ -34,6 +46,7 @@ _JOBS_SCHEMA = pa.schema(
         ("next_attempt_at", pa.float64()),
         ("last_error", pa.string()),
         ("created_at", pa.float64()),
+        ("priority", pa.int8()),
     ]
 )
 
@@ -44,6 +57,7 @@ class Job:
     event_id: str
     body: str
     attempts: int
+    priority: str = UNKNOWN_PRIORITY
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,8 @@ class RetryLog:
 
     `max_events` bounds jobs + DLQ rows: `has_room()` turns false at the bound, and the service then
     stops acknowledging MQTT messages so the broker keeps the backlog instead of the disk filling up.
+    `priorities` (event type -> priority, the catalog's) fills the priority of jobs in a file written
+    before jobs had one; `order` is how `due()` hands jobs out (see ORDERS).
     """
 
     def __init__(
@@ -70,12 +86,17 @@ class RetryLog:
         backoff_s: float = 5.0,
         max_attempts: int = MAX_ATTEMPTS,
         memory_limit: str = "32MB",
+        priorities: dict[str, str] | None = None,
+        order: str = "priority",
     ) -> None:
+        if order not in ORDERS:
+            raise ValueError(f"retry log order {order!r}: expected one of {', '.join(ORDERS)}")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.max_events = max_events
         self.backoff_s = backoff_s
         self.max_attempts = max_attempts
+        self.order = order
         self._lock = threading.Lock()
         # A small buffer pool keeps a million buffered events on disk rather than in RSS. String
         # compression (dictionary, FSST) is off: at each checkpoint it took memory DuckDB never gave
@@ -87,13 +108,14 @@ class RetryLog:
             """
             CREATE TABLE IF NOT EXISTS jobs (
                 job_id BIGINT, event_id VARCHAR, body VARCHAR, attempts INTEGER,
-                next_attempt_at DOUBLE, last_error VARCHAR, created_at DOUBLE);
+                next_attempt_at DOUBLE, last_error VARCHAR, created_at DOUBLE, priority TINYINT);
             CREATE TABLE IF NOT EXISTS dlq (
                 event_id VARCHAR, body VARCHAR, attempts INTEGER, last_error VARCHAR,
-                created_at DOUBLE, failed_at DOUBLE);
+                created_at DOUBLE, failed_at DOUBLE, priority TINYINT);
             CREATE TABLE IF NOT EXISTS probe (written_at DOUBLE);
             """
         )
+        self._add_priority_column(priorities or {})
         self.pending = self._scalar("SELECT count(*) FROM jobs")
         self.dlq_size = self._scalar("SELECT count(*) FROM dlq")
         self._next_id = self._scalar("SELECT coalesce(max(job_id), 0) FROM jobs") + 1
@@ -103,11 +125,36 @@ class RetryLog:
     def _scalar(self, sql: str) -> int:
         return int(self._con.execute(sql).fetchall()[0][0])
 
+    def _add_priority_column(self, priorities: dict[str, str]) -> None:
+        """Migrate a file from before priorities: add the column, filled from each body's event type."""
+        for table in ("jobs", "dlq"):
+            columns = {row[0] for row in self._con.execute(f"SELECT column_name FROM information_schema.columns WHERE table_name = '{table}'").fetchall()}
+            if "priority" in columns:
+                continue
+            ranks = pa.table({"event_type": pa.array(list(priorities), pa.string()), "rank": pa.array([priority_rank(p) for p in priorities.values()], pa.int8())})
+            self._con.execute("BEGIN")
+            try:
+                self._con.execute(f"ALTER TABLE {table} ADD COLUMN priority TINYINT DEFAULT {priority_rank(UNKNOWN_PRIORITY)}")
+                self._con.register("catalog_ranks", ranks)
+                self._con.execute(
+                    f"""UPDATE {table} SET priority = r.rank FROM catalog_ranks r
+                        WHERE json_extract_string(CASE WHEN json_valid({table}.body) THEN {table}.body ELSE '{{}}' END, '$.event_type') = r.event_type"""
+                )
+                self._con.unregister("catalog_ranks")
+                self._con.execute("COMMIT")
+            except BaseException:
+                self._con.execute("ROLLBACK")
+                raise
+            log.info("retry log %s: %s now records each job's priority (taken from its event type)", self.path, table)
+
     def has_room(self, extra: int = 0) -> bool:
         return self.pending + self.dlq_size + extra < self.max_events
 
-    def add(self, events: list[tuple[str, str, str]], now: float | None = None) -> None:
-        """Commit new jobs `(event_id, body, error)`, due at once, in one transaction."""
+    def add(self, events: list[tuple[str, str, str] | tuple[str, str, str, str]], now: float | None = None) -> None:
+        """Commit new jobs `(event_id, body, error[, priority])`, due at once, in one transaction.
+
+        The priority is the event type's in the catalog at commit time (without one: `UNKNOWN_PRIORITY`).
+        """
         if not events:
             return
         now = time.time() if now is None else now
@@ -123,12 +170,13 @@ class RetryLog:
                     pa.array([now] * len(events), pa.float64()),
                     pa.array([e[2] for e in events], pa.string()),
                     pa.array([now] * len(events), pa.float64()),
+                    pa.array([priority_rank(e[3] if len(e) > 3 else None) for e in events], pa.int8()),
                 ],
                 schema=_JOBS_SCHEMA,
             )
             self._con.register("new_jobs", table)
             try:
-                self._con.execute("INSERT INTO jobs SELECT * FROM new_jobs")
+                self._con.execute("INSERT INTO jobs BY NAME SELECT * FROM new_jobs")
             finally:
                 self._con.unregister("new_jobs")
             self.pending += len(events)
@@ -155,13 +203,19 @@ class RetryLog:
         return True
 
     def due(self, limit: int, now: float | None = None) -> list[Job]:
+        """Up to `limit` jobs whose next attempt is due: high first, then medium, then low, each oldest first.
+
+        Oldest means committed first (`created_at`, then `job_id`, the commit order), so one site's
+        events of a priority go out in the order they came in. With `order="fifo"`, by due time alone.
+        """
         now = time.time() if now is None else now
+        order = "priority, created_at, job_id" if self.order == "priority" else "next_attempt_at, job_id"
         with self._lock:
             rows = self._con.execute(
-                "SELECT job_id, event_id, body, attempts FROM jobs WHERE next_attempt_at <= ? ORDER BY next_attempt_at, job_id LIMIT ?",
+                f"SELECT job_id, event_id, body, attempts, priority FROM jobs WHERE next_attempt_at <= ? ORDER BY {order} LIMIT ?",
                 [now, limit],
             ).fetchall()
-        return [Job(*row) for row in rows]
+        return [Job(job_id, event_id, body, attempts, priority_name(rank)) for job_id, event_id, body, attempts, rank in rows]
 
     def record(self, done: list[int], failed: list[tuple[int, str]], now: float | None = None) -> int:
         """Close the jobs SQS took; count a failure on the others, moving exhausted ones to the DLQ.
@@ -192,7 +246,8 @@ class RetryLog:
                     moved = self._scalar(f"SELECT count(*) FROM jobs WHERE attempts >= {int(self.max_attempts)}")
                     if moved:
                         self._con.execute(
-                            f"""INSERT INTO dlq SELECT event_id, body, attempts, last_error, created_at, {float(now)}
+                            f"""INSERT INTO dlq (event_id, body, attempts, last_error, created_at, failed_at, priority)
+                                SELECT event_id, body, attempts, last_error, created_at, {float(now)}, priority
                                 FROM jobs WHERE attempts >= {int(self.max_attempts)};
                                 DELETE FROM jobs WHERE attempts >= {int(self.max_attempts)}"""
                         )
@@ -226,8 +281,9 @@ class RetryLog:
             self._con.execute("BEGIN")
             try:
                 self._con.execute(
-                    f"""INSERT INTO jobs SELECT {first} + row_number() OVER (ORDER BY failed_at, event_id) - 1,
-                            event_id, body, 0, {float(now)}, last_error, created_at FROM dlq;
+                    f"""INSERT INTO jobs (job_id, event_id, body, attempts, next_attempt_at, last_error, created_at, priority)
+                        SELECT {first} + row_number() OVER (ORDER BY failed_at, event_id) - 1,
+                            event_id, body, 0, {float(now)}, last_error, created_at, priority FROM dlq;
                         DELETE FROM dlq"""
                 )
                 self._con.execute("COMMIT")

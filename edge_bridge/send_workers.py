@@ -14,6 +14,12 @@ the chunk, whose messages were never acknowledged.
 
 Whatever one message raises, foreseen or not, is that message's fate: it comes back `rejected` as a
 `processing_error` (stage and exception type in the detail) and the rest of its chunk goes on.
+
+The express lane: with an express queue configured, an event of a high-priority type (the catalog's)
+is also sent there, in the same round and before the chunk's sends to the events queue, so an alarm
+reaches the cloud's fast path without waiting for the drain. That send is extra and best effort: it
+never decides whether a message is acknowledged (only the events queue does), a failure is counted
+and ignored (the drain brings the event anyway), and the cloud de-duplicates the two copies.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from dataclasses import dataclass, field
 from edge_bridge.claim_check import ClaimChecker, s3_client
 from edge_bridge.envelope import EnvelopeRejected, parse_envelope
 from edge_bridge.quarantine import PROCESSING_ERROR, error_detail
+from edge_bridge.priorities import EXPRESS_PRIORITY, UNKNOWN_PRIORITY
 from edge_bridge.sqs_sender import SQS_BATCH_MAX, Outgoing, SqsBatchSender, sqs_client
 
 log = logging.getLogger(__name__)
@@ -46,6 +53,10 @@ class WorkerSettings:
     fifo: bool
     claim_check_bucket: str
     max_message_bytes: int
+    express_queue_url: str | None = None  # None: no express lane
+    # (event type, priority) pairs from the catalog: which events take the express lane, and the
+    # priority a failed one is committed to the retry log with.
+    priorities: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -58,6 +69,10 @@ class ChunkResult:
     call_error: str | None = None  # a call failed outright (network, throttling): SQS may be down
     claim_checks: int = 0
     send_seconds: list[float] = field(default_factory=list)
+    priorities: dict[int, str] = field(default_factory=dict)  # token -> priority, for the failed ones (retry log)
+    express_sent: int = 0  # events the express queue took as well
+    express_failed: int = 0  # express sends that failed (ignored: the events queue decides)
+    express_calls: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,7 @@ class _Item:
     event_id: str
     site_id: str
     body: str
+    priority: str = UNKNOWN_PRIORITY
 
 
 class _Worker:
@@ -74,20 +90,23 @@ class _Worker:
         self.endpoint = os.environ.get("AWS_ENDPOINT_URL")
         self.sqs = sqs_client()
         self.claim_checker = ClaimChecker(s3_client(), settings.claim_check_bucket, settings.max_message_bytes)
+        self.priorities = dict(settings.priorities)
 
     def prepare_and_send(self, messages: list[tuple[int, str, bytes]], queue_url: str) -> ChunkResult:
         """Validate raw MQTT messages, then send them."""
-        items, result = validate(messages)
+        items, result = validate(messages, self.priorities)
         self._send_all(items, queue_url, result)
         return result
 
-    def send_jobs(self, jobs: list[tuple[int, str, str]], queue_url: str) -> ChunkResult:
-        """Send retry-log jobs (token, event_id, body): bodies were validated when they came in."""
+    def send_jobs(self, jobs: list[tuple[int, str, str] | tuple[int, str, str, str]], queue_url: str) -> ChunkResult:
+        """Send retry-log jobs (token, event_id, body[, priority]): bodies were validated when they came in."""
         result = ChunkResult()
-        self._send_all([_Item(token, event_id, "", body) for token, event_id, body in jobs], queue_url, result)
+        self._send_all([_Item(job[0], job[1], "", job[2], *job[3:4]) for job in jobs], queue_url, result)
         return result
 
     def _send_all(self, items: list[_Item], queue_url: str, result: ChunkResult) -> None:
+        if self.settings.express_queue_url:
+            self._send_express([item for item in items if item.priority == EXPRESS_PRIORITY], result)
         sender = SqsBatchSender(self.sqs, queue_url, fifo=self.settings.fifo)
         for batch in self._batches(items):
             if result.call_error:
@@ -114,6 +133,39 @@ class _Worker:
                         self._send(sender, [event], result)
                     except Exception as exc:  # noqa: BLE001 - it raises alone: its own fate
                         result.rejected.append((event.key.token, PROCESSING_ERROR, error_detail("send", exc)))
+        if result.failed:
+            by_token = {item.token: item.priority for item in items}
+            result.priorities.update((token, by_token[token]) for token, _, _ in result.failed)
+
+    def _send_express(self, items: list[_Item], result: ChunkResult) -> None:
+        """Best effort: the high-priority events of the chunk to the express queue too, never instead.
+
+        A body over the SQS limit is left to the drain (the express lane carries no claim checks).
+        Whatever fails here is counted and forgotten; it changes nothing about the message's fate. A
+        call that fails outright ends the express sends of this chunk, so an unreachable express queue
+        costs a chunk at most one timeout before its sends to the events queue.
+        """
+        url = self.settings.express_queue_url
+        items = [item for item in items if not self.claim_checker.needs_claim_check(item.body)]
+        if not items:
+            return
+        sender = SqsBatchSender(self.sqs, url, fifo=url.endswith(".fifo"))
+        batches = self._batches(items)
+        for i, batch in enumerate(batches):
+            result.express_calls += 1
+            try:
+                outcome = sender.send([Outgoing(key=item, event_id=item.event_id, site_id=_group_of(item, sender.fifo), body=item.body) for item in batch])
+            except Exception as exc:  # noqa: BLE001 - best effort, whatever it was
+                log.warning("express send of %d events raised %s: ignored, the drain brings them", len(batch), type(exc).__name__)
+                result.express_failed += len(batch)
+                continue
+            result.express_sent += len(outcome.sent)
+            result.express_failed += len(outcome.failed)
+            if outcome.call_error:
+                # The express queue does not answer: the rest of the chunk does not wait for it.
+                log.warning("express send failed (%s): ignored, the drain brings the events", outcome.call_error)
+                result.express_failed += sum(len(rest) for rest in batches[i + 1 :])
+                return
 
     @staticmethod
     def _send(sender: SqsBatchSender, outgoing: list[Outgoing], result: ChunkResult) -> None:
@@ -155,9 +207,13 @@ class _Worker:
         return batches
 
 
-def validate(messages: list[tuple[int, str, bytes]]) -> tuple[list[_Item], ChunkResult]:
-    """Envelopes that parse and match their topic's site; the others as `rejected`, with the reason."""
+def validate(messages: list[tuple[int, str, bytes]], priorities: dict[str, str] | None = None) -> tuple[list[_Item], ChunkResult]:
+    """Envelopes that parse and match their topic's site; the others as `rejected`, with the reason.
+
+    `priorities` (event type -> priority, the catalog's) gives each item its priority.
+    """
     result, items = ChunkResult(), []
+    priorities = priorities or {}
     for token, topic, payload in messages:
         try:
             envelope = parse_envelope(payload)
@@ -165,7 +221,8 @@ def validate(messages: list[tuple[int, str, bytes]]) -> tuple[list[_Item], Chunk
             if len(parts) < 2 or parts[0] != "sites" or parts[1] != envelope.site_id:
                 result.rejected.append((token, "site_mismatch", f"topic {topic!r} carries an event of site {envelope.site_id!r}"))
                 continue
-            items.append(_Item(token, envelope.event_id, envelope.site_id, payload.decode("utf-8")))
+            priority = priorities.get(envelope.event_type, UNKNOWN_PRIORITY)
+            items.append(_Item(token, envelope.event_id, envelope.site_id, payload.decode("utf-8"), priority))
         except EnvelopeRejected as exc:
             result.rejected.append((token, exc.reason, exc.detail))
         except Exception as exc:  # noqa: BLE001 - whatever else one message raises is its fate, not its chunk's
@@ -173,11 +230,17 @@ def validate(messages: list[tuple[int, str, bytes]]) -> tuple[list[_Item], Chunk
     return items, result
 
 
-def not_sent(messages: list[tuple[int, str, bytes]], reason: str) -> ChunkResult:
+def not_sent(messages: list[tuple[int, str, bytes]], reason: str, priorities: dict[str, str] | None = None) -> ChunkResult:
     """With SQS down: validated messages, all failed with `reason`, for the retry log."""
-    items, result = validate(messages)
+    items, result = validate(messages, priorities)
     result.failed = [(i.token, i.event_id, reason) for i in items]
+    result.priorities = {i.token: i.priority for i in items}
     return result
+
+
+def _group_of(item: _Item, fifo: bool) -> str:
+    """A FIFO queue's MessageGroupId is the site; a standard queue needs none."""
+    return (item.site_id or _site_of(item.body)) if fifo else ""
 
 
 def _site_of(body: str) -> str:
@@ -219,7 +282,7 @@ def prepare_and_send(messages: list[tuple[int, str, bytes]], queue_url: str) -> 
     return _worker.prepare_and_send(messages, queue_url)
 
 
-def send_jobs(jobs: list[tuple[int, str, str]], queue_url: str) -> ChunkResult:
+def send_jobs(jobs: list[tuple[int, str, str] | tuple[int, str, str, str]], queue_url: str) -> ChunkResult:
     return _worker.send_jobs(jobs, queue_url)
 
 

@@ -10,6 +10,11 @@ When a call to SQS fails outright, a circuit breaker sends new events straight t
 (no per-event timeout) and a probe checks SQS every `probe_interval_s` until it answers again.
 At the retry log's size bound the service stops acknowledging: the broker keeps the backlog.
 
+An event's priority (the catalog's) decides two things here: with an express queue configured, a
+high-priority event is also sent there in the same sender round (best effort, never instead of the
+events queue, so the acknowledgement still waits for `events` or the retry log), and the retry log
+replays high-priority jobs before the rest, so an alarm buffered during an outage goes out first.
+
 One bad message never holds up another. Whatever a message raises at any stage (intake, a sender,
 settling, the retry log writer, a retry) is its own fate: a chunk or group that raises is split until
 the message at fault is alone, and that one is quarantined as `processing_error` and acknowledged,
@@ -35,6 +40,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_bridge.config import EdgeConfig
 from edge_bridge.envelope import Envelope, make_idempotency_key, utc_now
 from edge_bridge.metrics import EdgeMetrics
+from edge_bridge.priorities import UNKNOWN_PRIORITY, catalog_priorities
 from edge_bridge.mqtt_client import Client
 from edge_bridge.quarantine import PROCESSING_ERROR, Quarantine, error_detail
 from edge_bridge.retry_log import Job, RetryLog
@@ -70,6 +76,7 @@ class Received:
 class Ready:
     received: Received
     event_id: str
+    priority: str = UNKNOWN_PRIORITY  # the catalog's, recorded with the job so high is replayed first
 
     @property
     def body(self) -> str:
@@ -137,6 +144,9 @@ class EdgeService:
     def __init__(self, config: EdgeConfig) -> None:
         self.config = config
         self.metrics = EdgeMetrics()
+        # Read once at start: a broken catalog is a deployment error, and the service says so at once.
+        self.priorities = catalog_priorities()
+        self._priority_of = dict(self.priorities)
         self.sqs = sqs_client()
         self.queue_url = self._lookup_queue_url()
         self.quarantine = Quarantine(
@@ -150,6 +160,8 @@ class EdgeService:
             max_events=config.retry_log_max_events,
             backoff_s=config.retry_backoff_s,
             max_attempts=config.retry_max_attempts,
+            priorities=self._priority_of,
+            order=config.retry_order,
         )
         self.metrics.jobs_pending.set_function(lambda: self.retry_log.pending)
         self.metrics.dlq_size.set_function(lambda: self.retry_log.dlq_size)
@@ -290,7 +302,7 @@ class EdgeService:
             if holds_slot:
                 self._slots.release()
             try:
-                result = not_sent(messages, reason)
+                result = not_sent(messages, reason, self._priority_of)
             except Exception as exc:  # noqa: BLE001 - not one message's own (those are rejected): halve the chunk anyway
                 self._split(batch, False, exc, "validate")
                 return
@@ -356,6 +368,7 @@ class EdgeService:
             self.metrics.send_latency.observe(seconds)
         if result.claim_checks:
             self.metrics.claim_checks.inc(result.claim_checks)
+        self._count_express(result)
         if result.sent:
             self._acknowledge([batch[token] for token in result.sent])
             self.metrics.delivered.labels("realtime").inc(len(result.sent))
@@ -367,9 +380,18 @@ class EdgeService:
                 log.warning("SQS refused %d events (%s); committing them to the retry log", len(result.failed), result.failed[0][2])
             elif cause == "call_failed":
                 self.breaker.trip(result.failed[0][2])
-            self._spill_q.put([(Ready(batch[token], event_id), error, cause) for token, event_id, error in result.failed])
+            priority = result.priorities.get
+            self._spill_q.put([(Ready(batch[token], event_id, priority(token, UNKNOWN_PRIORITY)), error, cause) for token, event_id, error in result.failed])
         if result.rejected:
             self._quarantine([(batch[token], reason, detail) for token, reason, detail in result.rejected])
+
+    def _count_express(self, result: ChunkResult) -> None:
+        if result.express_sent:
+            self.metrics.express_sent.inc(result.express_sent)
+        if result.express_failed:
+            self.metrics.express_failed.inc(result.express_failed)
+        if result.express_calls:
+            self.metrics.express_calls.inc(result.express_calls)
 
     def _quarantine(self, entries: list[tuple[Received, str, str]]) -> None:
         """Quarantine durably, then acknowledge: acking those loses nothing and unblocks the stream."""
@@ -455,7 +477,7 @@ class EdgeService:
         return kept
 
     def _add(self, group: list[tuple[Ready, str, str]]) -> None:
-        self.retry_log.add([(r.event_id, r.body, error) for r, error, _ in group])
+        self.retry_log.add([(r.event_id, r.body, error, r.priority) for r, error, _ in group])
         # Committed: from here on nothing may send the group to the retry log again.
         try:
             self._acknowledge([r.received for r, _, _ in group])
@@ -504,7 +526,7 @@ class EdgeService:
             log.warning("retry of %d jobs failed (%s); %d moved to the DLQ", len(outcome.failed), outcome.failed[0][1], moved)
 
     def _submit_jobs(self, chunk: list[Job]) -> Future:
-        return self.senders.submit(send_jobs, [(j.job_id, j.event_id, j.body) for j in chunk], self.queue_url)
+        return self.senders.submit(send_jobs, [(j.job_id, j.event_id, j.body, j.priority) for j in chunk], self.queue_url)
 
     def _retry_outcome(self, chunk: list[Job], future: Future, outcome: "_RetryOutcome") -> None:
         """Collect a retried chunk's outcome; a chunk that raised is retried in halves until the job at fault is alone."""
@@ -531,6 +553,7 @@ class EdgeService:
         for seconds in result.send_seconds:
             self.metrics.send_latency.observe(seconds)
         self.metrics.claim_checks.inc(result.claim_checks)
+        self._count_express(result)
 
     def _poller(self) -> None:
         while not self._stop.is_set():
@@ -571,11 +594,13 @@ class EdgeService:
             "sender_pids": self.senders.pids if self.senders else [],
             "mqtt_connections": self._session,
             "quarantine_dropped": self.quarantine.dropped,
+            "express_lane": self.config.express_queue_url is not None,
+            "retry_order": self.retry_log.order,
         }
 
     # --- lifecycle ------------------------------------------------------------------------------
     def start(self) -> "EdgeService":
-        settings = WorkerSettings(self.config.fifo, self.config.claim_check_bucket, self.config.max_message_bytes)
+        settings = WorkerSettings(self.config.fifo, self.config.claim_check_bucket, self.config.max_message_bytes, self.config.express_queue_url, self.priorities)
         self.senders = SenderPool(settings, self.config.sender_processes, self.config.sender_threads)
         self._slots = threading.Semaphore(2 * self.senders.size)  # chunks in flight: every sender busy, one more queued each
         targets = [("dispatcher", self._dispatcher), ("completer", self._completer)]

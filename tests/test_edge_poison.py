@@ -203,7 +203,7 @@ def test_a_replayed_dlq_job_whose_retry_raises_is_quarantined_and_the_others_are
     real_send_jobs, poisoned_chunks = service_module.send_jobs, []
 
     def send_jobs(jobs, queue_url):
-        if any(is_poison(body) for _, _, body in jobs):
+        if any(is_poison(job[2]) for job in jobs):  # (job_id, event_id, body, priority)
             poisoned_chunks.append(len(jobs))
             raise RecursionError("unforeseen")
         return real_send_jobs(jobs, queue_url)

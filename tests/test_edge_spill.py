@@ -27,10 +27,10 @@ def spilling_service(tmp_path, mosquitto, aws, monkeypatch):
     real_add, real_ack_many = service.retry_log.add, service.client.ack_many
 
     def add(events, now=None):
-        service.calls.append([event_id for event_id, _, _ in events])
+        service.calls.append([event_id for event_id, *_ in events])
         service.fault(events)
         real_add(events, now)
-        service.committed.extend(event_id for event_id, _, _ in events)
+        service.committed.extend(event_id for event_id, *_ in events)
 
     def ack_many(mids):
         mids = [m for m in mids if m]
@@ -103,7 +103,7 @@ def test_an_event_the_retry_log_cannot_write_is_quarantined_alone_and_its_group_
     good = [sample_envelope(device_id=f"d{i}") for i in range(9)]
 
     def refuse_the_poison(events):
-        if any(event_id == poison.event_id for event_id, _, _ in events):
+        if any(event_id == poison.event_id for event_id, *_ in events):
             raise ValueError("this row cannot be stored")
 
     service.fault = refuse_the_poison
