@@ -99,7 +99,7 @@ def test_every_event_reaches_sqs_although_the_edge_service_is_killed_repeatedly(
     ids = {e.event_id for e in events}
     url = aws.provisioned.queues["events"]
     edge = edge_factory()
-    publisher = run_publisher(mosquitto.port, events, pace_s=0.3)  # ~9 s of traffic
+    publisher = run_publisher(mosquitto.port, events, pace_s=0.6)  # ~18 s of traffic: three restarts fit in it on a loaded machine
     for threshold in (300, 900, 1500):
         wait_until(lambda: sum(queue_counts(url)) >= threshold, 60, message=f"{threshold} events in SQS")
         assert publisher.is_alive(), "the kill must land while events flow"
