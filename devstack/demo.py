@@ -13,13 +13,18 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import requests
 
 from devstack.processes import AwsEmulator, Mosquitto, MqttUser, Prometheus, Pushgateway, aws_env, free_port, stop_process, wait_for_port
 
@@ -28,6 +33,10 @@ STATE = Path(os.environ.get("DEMO_STATE_DIR", ROOT / ".demo"))
 PIDS = STATE / "pids.json"
 log = logging.getLogger("demo")
 DEMO_SITES = ["site-001", "site-002", "site-003"]
+# Every schedule and sensor of every code location, as the Dagster instance has them (on/off, next tick).
+INSTIGATORS_QUERY = """{ repositoriesOrError { ... on RepositoryConnection { nodes {
+  schedules { name executionTimezone scheduleState { status nextTick { timestamp } } }
+  sensors { name sensorState { status } } } } } }"""
 
 
 def _port(name: str, default: int) -> int:
@@ -44,6 +53,20 @@ def _port_or_free(name: str, default: int) -> int:
             return default
         except OSError:
             return free_port()
+
+
+def _next_tick(schedule: dict) -> float:
+    """Sort key: the soonest tick first, schedules that are off ahead of all (they need someone)."""
+    tick = schedule["scheduleState"]["nextTick"] if schedule["scheduleState"]["status"] == "RUNNING" else None
+    return tick["timestamp"] if tick else 0.0
+
+
+def _demo_running(pid: int) -> bool:
+    """The recorded demo process still runs (and the pid was not reused by something else)."""
+    try:
+        return b"devstack.demo" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 class Demo:
@@ -100,12 +123,33 @@ class Demo:
                 pids[name] = part.proc.pid
         PIDS.write_text(json.dumps({"demo": os.getpid(), "children": pids}, indent=2))
 
+    def fresh_dagster_home(self) -> None:
+        """Empty Dagster's storage, as the emulator's queues and buckets start empty at every demo.
+
+        Run history, sensor cursors and partitions of an earlier demo would describe data that no longer
+        exists, and a run caught in flight by the last stop would hold its concurrency slot. Only a home
+        whose dagster.yaml is this project's (linked here) is emptied; any other is refused.
+        """
+        link = self.dagster_home / "dagster.yaml"
+        ours = link.is_symlink() and link.resolve() == (ROOT / "dagster.yaml").resolve()
+        if (link.exists() or link.is_symlink()) and not ours:
+            raise SystemExit(f"{self.dagster_home} has a dagster.yaml of its own; the demo empties its Dagster home at every start, so give it a DAGSTER_HOME of its own")
+        self.dagster_home.mkdir(parents=True, exist_ok=True)
+        for entry in self.dagster_home.iterdir():
+            if entry == link:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        if not ours:
+            link.symlink_to(ROOT / "dagster.yaml")
+
     def start(self) -> None:
         STATE.mkdir(parents=True, exist_ok=True)
-        self.dagster_home.mkdir(parents=True, exist_ok=True)
-        link = self.dagster_home / "dagster.yaml"
-        if not link.exists():
-            link.symlink_to(ROOT / "dagster.yaml")
+        if PIDS.exists() and _demo_running(json.loads(PIDS.read_text())["demo"]):
+            raise SystemExit("a demo is already running here; `make demo-stop` stops it")
+        self.fresh_dagster_home()
 
         # Per-site MQTT credentials, generated for this run (or taken from MQTT_PASSWORD_<USER>) and
         # handed to the children by environment only; the ACL lets each site write only its own topics.
@@ -208,7 +252,30 @@ events_archive partitions about 30 s later. Ctrl-C (or `make demo-stop`) stops e
             value = f"{float(result[0]['value'][1]):g}" if result else "-"
             parts.append(f"{label} {value}")
         running = ", ".join(name for name, proc in self.children.items() if proc.poll() is None)
-        return f"running: {running} | " + " | ".join(parts)
+        return f"running: {running} | " + " | ".join(parts) + " | " + self.schedules()
+
+    def schedules(self) -> str:
+        """Each schedule's next tick, or OFF, and how many sensors are on: what runs by itself from here."""
+        try:
+            response = requests.post(f"http://127.0.0.1:{self.dagster_port}/graphql", json={"query": INSTIGATORS_QUERY}, timeout=5)
+            nodes = response.json()["data"]["repositoriesOrError"]["nodes"]
+        except Exception as exc:  # the webserver still loading, or busy: the next line will tell
+            log.debug("schedules query failed: %s", exc)
+            return "schedules -"
+        ticks, sensors = [], [s for node in nodes for s in node["sensors"]]
+        for schedule in sorted((s for node in nodes for s in node["schedules"]), key=_next_tick):
+            state = schedule["scheduleState"]
+            if state["status"] != "RUNNING" or not state["nextTick"]:
+                ticks.append(f"{schedule['name']} OFF")
+                continue
+            zone = ZoneInfo(schedule["executionTimezone"] or "UTC")
+            at = datetime.fromtimestamp(state["nextTick"]["timestamp"], zone)
+            minutes = max(0, round((at.timestamp() - time.time()) / 60))
+            wait = f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
+            ticks.append(f"{schedule['name']} {at:%H:%M} {zone.key} (in {wait})")
+        off = [s["name"] for s in sensors if s["sensorState"]["status"] != "RUNNING"]
+        on = f"sensors on {len(sensors) - len(off)}/{len(sensors)}" + (f" (OFF: {', '.join(off)})" if off else "")
+        return "next: " + ", ".join(ticks) + " | " + on
 
     def wait(self) -> None:
         next_progress = time.monotonic() + 15
