@@ -21,8 +21,10 @@ GRPC_INFO_TAG = ".dagster/grpc_info"
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 # The run worker announces itself with this engine event, its pid in the metadata.
 WORKER_STARTED = "Started process for"
-# /proc gives boot time in whole seconds: a process started this much after its announcement is another one.
-START_TIME_SLACK_S = 2.0
+# A process that started this long after the worker announced that pid is another one (the pid was reused,
+# after a reboot or a wrap of the pid space). Generous, because the start time is derived from the boot
+# time, which moves when the wall clock is stepped (NTP): a healthy run must not be failed for that.
+START_TIME_SLACK_S = 60.0
 
 
 def process_start_time(pid: int) -> float | None:

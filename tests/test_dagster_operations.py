@@ -276,9 +276,17 @@ def test_a_process_started_after_the_worker_announced_its_pid_is_not_taken_for_t
     """Pids are reused (after a reboot, or a long time): the process holding it now must be at least as old as the run's worker."""
     checker, started_run = launcher
     run = started_run(os.getpid())
-    monkeypatch.setattr(run_launcher, "process_start_time", lambda pid: time.time() + 60)
+    monkeypatch.setattr(run_launcher, "process_start_time", lambda pid: time.time() + 600)
     health = checker.check_run_worker_health(run)
     assert health.status == WorkerStatus.FAILED and "later process" in health.msg
+
+
+def test_a_wall_clock_stepped_forward_a_little_does_not_fail_a_healthy_run(launcher, monkeypatch):
+    """The start time is derived from the boot time, which moves with a clock step (NTP): seconds of it are not a new process."""
+    checker, started_run = launcher
+    run = started_run(os.getpid())
+    monkeypatch.setattr(run_launcher, "process_start_time", lambda pid: time.time() + 10)
+    assert checker.check_run_worker_health(run).status == WorkerStatus.RUNNING
 
 
 def test_a_worker_on_another_host_or_not_yet_announced_is_not_judged_from_here(launcher, dead_pid):
