@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 
+import uuid
+
 import pytest
+from pysiaalarm import SIAAccount, SIAEvent
 
 from edge_bridge.adapters import ADAPTERS, AdapterRejected, ajax, idp, nvr, zigbee
+from edge_bridge.catalog import load_event_catalog
+from edge_bridge.ingress.sia import HUB_EVENT_SIA_CODES, build_frame
 
 SITE = "site-123"
 RECEIVED = datetime(2024, 1, 15, 10, 30, 5, tzinfo=timezone.utc)
@@ -49,6 +54,108 @@ def test_ajax_intrusion_becomes_an_intrusion_alert_at_the_hub_time():
 )
 def test_every_ajax_event_family_maps_to_its_event_type(code, event_type):
     assert ajax.adapt(SITE, "ajax/events", raw({**AJAX_INTRUSION, "eventCode": code})).event_type == event_type
+
+
+FRAME_TIME = datetime(2024, 1, 15, 10, 30, 0, tzinfo=timezone.utc)
+
+
+def sia_event(code: str, zone: int = 0, seq: int = 42, account: str = "A1B2C3", area: int = 1):
+    """A hub's DC-09 frame (SIA-DCS for a two-letter code, ADM-CID for a Contact ID code) as the receiver parses it."""
+    frame = build_frame(account, code, zone=zone, seq=seq, timestamp=FRAME_TIME, area=area)
+    return SIAEvent.from_line(frame.strip().decode("ascii"), {account: SIAAccount(account)})
+
+
+def adapt_frame(code: str, **kwargs):
+    return ajax.adapt_sia(SITE, sia_event(code, **kwargs), RECEIVED)
+
+
+def test_ajax_sia_burglary_frame_becomes_an_intrusion_alert_of_its_zone_at_the_frame_time():
+    env = adapt_frame("BA", zone=3)
+    assert (env.source, env.event_type, env.device_id) == ("ajax", "intrusion_alert", "ajax-A1B2C3-zone-3")
+    assert env.timestamp == FRAME_TIME and env.received_at == RECEIVED
+    assert {k: env.payload[k] for k in ("protocol", "account", "sequence", "code", "area", "zone", "restore")} == {
+        "protocol": "SIA-DCS", "account": "A1B2C3", "sequence": "0042", "code": "BA", "area": 1, "zone": 3, "restore": False,
+    }
+
+
+def test_ajax_periodic_test_report_is_a_heartbeat_of_the_hub():
+    env = adapt_frame("RP")
+    assert (env.event_type, env.device_id) == ("device_heartbeat", "ajax-A1B2C3")
+
+
+def test_ajax_closing_report_arms_and_names_the_user_not_a_zone():
+    env = adapt_frame("CL", zone=5)
+    assert (env.event_type, env.device_id, env.payload["user"], env.payload["zone"]) == ("arm", "ajax-A1B2C3", 5, None)
+
+
+@pytest.mark.parametrize(
+    "code,event_type",
+    [
+        ("BA", "intrusion_alert"), ("BV", "intrusion_alert"), ("BT", "intrusion_alert"), ("FA", "fire_alarm"), ("PA", "panic_button"),
+        ("HA", "panic_button"), ("WA", "water_leak"), ("TA", "tamper"), ("YT", "battery_low"), ("YM", "battery_low"),
+        ("RP", "device_heartbeat"), ("RX", "device_heartbeat"), ("YS", "device_offline"), ("YC", "device_offline"),
+        ("YK", "device_online"), ("CL", "arm"), ("OP", "disarm"),
+        # Contact ID: qualifier 1 a new event, 3 its restore (an opening/closing: 1 disarmed, 3 armed)
+        ("1130", "intrusion_alert"), ("1110", "fire_alarm"), ("1120", "panic_button"), ("1154", "water_leak"),
+        ("1383", "tamper"), ("1144", "tamper"), ("1302", "battery_low"), ("1384", "battery_low"), ("1602", "device_heartbeat"),
+        ("1381", "device_offline"), ("3381", "device_online"), ("1401", "disarm"), ("3401", "arm"),
+    ],
+)
+def test_every_sia_and_contact_id_code_maps_to_its_event_type(code, event_type):
+    assert adapt_frame(code, zone=2).event_type == event_type
+
+
+@pytest.mark.parametrize("code,restores", [("BR", "intrusion_alert"), ("FH", "fire_alarm"), ("WH", "water_leak"), ("TR", "tamper"), ("3130", "intrusion_alert"), ("3110", "fire_alarm")])
+def test_an_alarm_restoral_is_a_heartbeat_naming_the_condition_it_ends(code, restores):
+    env = adapt_frame(code, zone=4)
+    assert (env.event_type, env.device_id, env.payload["restore"], env.payload["restores"]) == ("device_heartbeat", "ajax-A1B2C3-zone-4", True, restores)
+
+
+def sia_code_table() -> list[str]:
+    return sorted(ajax.SIA_EVENT_TYPES) + sorted(ajax.SIA_RESTORALS) + [
+        f"{q}{e}" for e in sorted(set(ajax.CID_EVENT_TYPES) | ajax.CID_OPEN_CLOSE) for q in (ajax.CID_NEW, ajax.CID_RESTORE)
+    ]
+
+
+def test_every_sia_and_contact_id_code_is_a_catalog_type_of_the_ajax_family_and_covers_all_of_them():
+    catalog = load_event_catalog()
+    produced = {adapt_frame(code, zone=1).event_type for code in sia_code_table()}
+    assert produced <= set(catalog.names), f"not in config/events.yaml: {sorted(produced - set(catalog.names))}"
+    assert produced == catalog.produced_by("ajax")
+
+
+def test_every_code_in_the_tables_is_one_the_sia_library_knows_so_it_is_never_answered_duh():
+    for code in sia_code_table():
+        event = sia_event(code, zone=1)
+        assert event.valid_message and not event.code_not_found, code
+
+
+def test_a_resent_frame_is_the_same_event_and_the_next_frame_is_another():
+    first, resent, following = adapt_frame("BA", zone=3), adapt_frame("BA", zone=3), adapt_frame("BA", zone=3, seq=43)
+    assert (resent.idempotency_key, resent.event_id) == (first.idempotency_key, first.event_id)
+    assert first.idempotency_key == "site-123-ajax-A1B2C3-0042-2024-01-15T10:30:00Z"
+    assert following.idempotency_key != first.idempotency_key and following.event_id != first.event_id
+
+
+def test_a_frame_event_id_sorts_by_the_frame_time():
+    early = ajax.frame_event_id("k", FRAME_TIME)
+    late = ajax.frame_event_id("k", FRAME_TIME.replace(minute=31))
+    assert uuid.UUID(early).version == 7 and early < late
+
+
+def test_every_hub_event_the_simulator_plays_has_a_sia_code_of_the_same_event_type():
+    for hub_code, (sia_code, is_zone) in HUB_EVENT_SIA_CODES.items():
+        env = adapt_frame(sia_code, zone=7 if is_zone else 0)
+        assert env.event_type == ajax.EVENT_TYPES[hub_code], hub_code
+        assert env.device_id == ("ajax-A1B2C3-zone-7" if is_zone else "ajax-A1B2C3"), hub_code
+    assert set(HUB_EVENT_SIA_CODES) == set(ajax.EVENT_TYPES)
+
+
+@pytest.mark.parametrize("code", ["GA", "1151", "6130"])
+def test_a_valid_sia_code_no_catalog_type_fits_is_refused_as_unknown_event_type(code):
+    with pytest.raises(AdapterRejected) as refused:
+        adapt_frame(code)
+    assert refused.value.reason == "unknown_event_type"
 
 
 def test_zigbee_contact_state_becomes_a_contact_event_keeping_every_field():
