@@ -1,6 +1,5 @@
 """The drain run's routing destinations: partners, priority queues, monitoring; failures, replay, kill -9."""
 
-import base64
 import json
 import os
 import subprocess
@@ -11,18 +10,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import duckdb
 import pytest
 
-from devstack.partner_receiver import PartnerReceiver
 from devstack.processes import kill9
 from pipeline.consumers.service import ConsumerSettings, PriorityConsumer
 from pipeline.jobs import drain_events_job
 from pipeline.replay import events_dlq_replay_job
 from pipeline.resources import ArchiveStore, DrainSettings, RoutingSettings, SQSResource
-from pipeline.routing.config import load_routing_config
 from pipeline.routing.delivery import PartnerDelivery, PartnerQueues
-from pipeline.routing.provisioning import provision_routing
 from pipeline.stack import aws_client
 from tests.conftest import PROJECT_ROOT, queue_counts, receive_all, sample_envelope, wait_until
 from tests.test_drain_and_archive import send_bodies
+from tests.helpers.routing import partner_routing
 from tests.test_routing_config import routing_file
 
 
@@ -38,23 +35,12 @@ def resources(config_path):
 @pytest.fixture
 def routed(tmp_path, aws, monkeypatch):
     """A routing config with one partner (a live, verifying receiver), provisioned on the test endpoint."""
-    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
-    receiver = PartnerReceiver(secret).start()
-    monkeypatch.setenv("PARTNER_ACME_SECRET", secret)
-    partner = {
-        "name": "acme",
-        "webhook": receiver.url,
-        "secret_env": "PARTNER_ACME_SECRET",
-        "subscriptions": ["door_access", "intrusion_alert"],
-        "allowed_fields": ["event_id", "event_type", "timestamp", "site_id", "payload.door.*"],
-        "transform": {"strip_fields": ["credential"], "rename": {"timestamp": "event_time", "site_id": "location_id"}},
-    }
-    path = routing_file(tmp_path, [partner], priority={"rules": {"intrusion_alert": "high", "door_access": "medium"}, "default": "low"}, monitoring={"event_types": ["device_heartbeat"]}, automation={"rules": [{"event_type": "intrusion_alert", "incident": True}]})
-    monkeypatch.setenv("PIPELINE_ROUTING_CONFIG", str(path))
-    routing = load_routing_config(path)
-    urls = provision_routing(aws_client("sqs"), routing)
-    yield routing, path, urls, receiver
-    receiver.stop()
+    with partner_routing(
+        tmp_path, monkeypatch, ["door_access", "intrusion_alert"], ["event_id", "event_type", "timestamp", "site_id", "payload.door.*"],
+        priority={"rules": {"intrusion_alert": "high", "door_access": "medium"}, "default": "low"},
+        monitoring={"event_types": ["device_heartbeat"]}, automation={"rules": [{"event_type": "intrusion_alert", "incident": True}]},
+    ) as routed:
+        yield routed
 
 
 def mixed_events(n):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -26,19 +25,16 @@ import requests
 from dagster import materialize
 from paho.mqtt.enums import CallbackAPIVersion
 
-from devstack.partner_receiver import PartnerReceiver
 from edge_bridge.envelope import MAX_PAYLOAD_DEPTH, new_event_id
 from pipeline.archive import archive_dir, hour_key
 from pipeline.assets import events_archive
 from pipeline.consumers.service import ConsumerSettings, PriorityConsumer
 from pipeline.jobs import drain_events_job
 from pipeline.resources import ArchiveStore, DrainSettings, RoutingSettings, SQSResource
-from pipeline.routing.config import load_routing_config
 from pipeline.routing.delivery import PartnerDelivery, PartnerQueues
-from pipeline.routing.provisioning import provision_routing
 from pipeline.stack import aws_client, s3_filesystem
 from tests.conftest import queue_counts, sample_envelope, wait_until
-from tests.test_routing_config import routing_file
+from tests.helpers.routing import partner_routing
 
 SITES = ("site-a", "site-b", "site-c")
 SUBSCRIBED = ("door_access", "intrusion_alert")
@@ -124,23 +120,12 @@ class MqttPublisher:
 
 @pytest.fixture
 def routed(tmp_path, aws, monkeypatch):
-    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
-    receiver = PartnerReceiver(secret).start()
-    monkeypatch.setenv("PARTNER_ACME_SECRET", secret)
-    partner = {
-        "name": "acme",
-        "webhook": receiver.url,
-        "secret_env": "PARTNER_ACME_SECRET",
-        "subscriptions": list(SUBSCRIBED),
-        "allowed_fields": ALLOWED,
-        "transform": {"strip_fields": ["credential"], "rename": {"timestamp": "event_time", "site_id": "location_id"}},
-    }
-    path = routing_file(tmp_path, [partner], priority={"rules": {"intrusion_alert": "high", "door_access": "medium"}, "default": "low"}, automation={"rules": [{"event_type": "intrusion_alert", "incident": True}]})
-    monkeypatch.setenv("PIPELINE_ROUTING_CONFIG", str(path))
-    routing = load_routing_config(path)
-    urls = provision_routing(aws_client("sqs"), routing)
-    yield routing, path, urls, receiver
-    receiver.stop()
+    with partner_routing(
+        tmp_path, monkeypatch, list(SUBSCRIBED), ALLOWED,
+        priority={"rules": {"intrusion_alert": "high", "door_access": "medium"}, "default": "low"},
+        automation={"rules": [{"event_type": "intrusion_alert", "incident": True}]},
+    ) as routed:
+        yield routed
 
 
 def drain_resources(config_path):
