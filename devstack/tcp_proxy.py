@@ -1,15 +1,19 @@
-"""A TCP proxy that fault tests and benchmarks open and close to cut a real connection (e.g. to SQS)."""
+"""A TCP proxy that fault tests and benchmarks open and close to cut a real connection (e.g. to SQS),
+or slow down, so work piles up in whatever waits on the other side."""
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 
 from devstack.processes import free_port
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:`port` to `target`. `cut()` drops every live connection and refuses new ones."""
+    """Forwards 127.0.0.1:`port` to `target`. `cut()` drops every live connection and refuses new ones;
+    `slow(seconds)` holds every read from the target that long before passing it on (a request/response
+    protocol such as HTTP then takes that much longer per call), `slow(0)` ends it."""
 
     def __init__(self, target_port: int, port: int | None = None, target_host: str = "127.0.0.1") -> None:
         self.target = (target_host, target_port)
@@ -18,6 +22,7 @@ class TcpProxy:
         self._conns: set[socket.socket] = set()
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
+        self.latency_s = 0.0
 
     @property
     def url(self) -> str:
@@ -58,6 +63,11 @@ class TcpProxy:
 
     close = cut
 
+    def slow(self, latency_s: float) -> "TcpProxy":
+        """Delay each read from the target by `latency_s` (applies to live connections at once)."""
+        self.latency_s = max(0.0, latency_s)
+        return self
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
@@ -78,12 +88,14 @@ class TcpProxy:
                     upstream.close()
                     return
                 self._conns.update((client, upstream))
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, from_target: bool = False) -> None:
         try:
             while data := src.recv(65536):
+                if from_target and self.latency_s:
+                    time.sleep(self.latency_s)  # the latency itself, not a wait for anything
                 dst.sendall(data)
         except OSError:
             pass

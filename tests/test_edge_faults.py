@@ -1,26 +1,31 @@
-"""Fault tests with real processes: every published id ends in SQS, whatever is killed or cut.
+"""Fault tests with real processes: every event the broker acknowledged ends in SQS, whatever is killed or cut.
 
-Each test publishes a few thousand envelopes with known event ids, breaks one real part while they
-flow, and then drains SQS until every id is there. Duplicates are allowed (the cloud removes them by
-event_id); each test prints how many there were.
+The kills land while events are inside the service (received from MQTT, not yet in SQS or the retry
+log): a publisher keeps the broker busy for as long as a test needs, SQS is slowed (or cut) by a TCP
+proxy so work piles up in the service, and each kill waits, after a seeded random moment, until the
+service's own counters show events in flight, which the test then reports. A service that
+acknowledged too early would lose exactly those events. Duplicates are allowed (the cloud removes
+them by (site_id, event_id)); each test prints how many there were.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import threading
 import time
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 
-import pytest
-
 from devstack.tcp_proxy import TcpProxy
 from edge_bridge.cli import AdminClient
 from tests.conftest import alive, publish, queue_counts, receive_all, sample_envelope, wait_until
+from tests.helpers.edge_flow import ContinuousPublisher, fault_with_events_inside
 
 T0 = datetime(2024, 1, 15, 10, 30, tzinfo=timezone.utc)
+SEED = int(os.environ.get("EDGE_FAULT_SEED", "14"))
+SQS_LATENCY_S = 0.05  # per SQS call: a 250-event chunk takes over a second, so events pile up inside the service
 
 
 def make_events(n: int, site: str = "site-123", tag: str = "e", payload_bytes: int = 0) -> list:
@@ -35,7 +40,7 @@ def make_events(n: int, site: str = "site-123", tag: str = "e", payload_bytes: i
     ]
 
 
-def publish_resilient(port: int, events: list, chunk: int = 100, deadline_s: float = 90, pace_s: float = 0.0) -> None:
+def publish_resilient(port: int, events: list, chunk: int = 100, deadline_s: float = 90) -> None:
     """Publish in chunks, re-publishing a chunk whose connection broke (duplicates are allowed)."""
     deadline = time.monotonic() + deadline_s
     for start in range(0, len(events), chunk):
@@ -48,8 +53,6 @@ def publish_resilient(port: int, events: list, chunk: int = 100, deadline_s: flo
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
-        if pace_s:
-            time.sleep(pace_s)
 
 
 class Collector:
@@ -73,45 +76,108 @@ class Collector:
         print(f"\n{name}: published {len(ids)}, distinct in SQS {len(set(self.seen) & ids)}, duplicates {duplicates}")
 
 
-def run_publisher(port: int, events: list, **kwargs) -> threading.Thread:
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            publish_resilient(port, events, **kwargs)
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.errors = errors
-    thread.start()
-    return thread
-
-
-def finish(publisher: threading.Thread, timeout: float = 90) -> None:
-    publisher.join(timeout)
-    assert not publisher.is_alive(), "publisher did not finish"
-    assert not publisher.errors, publisher.errors
-
-
-def test_every_event_reaches_sqs_although_the_edge_service_is_killed_repeatedly(edge_factory, mosquitto, aws):
-    events = make_events(3000)
-    ids = {e.event_id for e in events}
-    url = aws.provisioned.queues["events"]
-    edge = edge_factory()
-    publisher = run_publisher(mosquitto.port, events, pace_s=0.6)  # ~18 s of traffic: three restarts fit in it on a loaded machine
-    for threshold in (300, 900, 1500):
-        wait_until(lambda: sum(queue_counts(url)) >= threshold, 60, message=f"{threshold} events in SQS")
-        assert publisher.is_alive(), "the kill must land while events flow"
-        senders = AdminClient(edge.admin_url).status()["sender_pids"]
-        edge.kill9_service_only()  # its sender processes are not killed with it: they must leave on their own
-        wait_until(lambda: not any(alive(pid) for pid in senders), 10, message="the killed service's sender processes to exit")
-        edge = edge_factory()
-    finish(publisher)
+def expect_every_acknowledged_event_in_sqs(name: str, url: str, acked: set[str], faults: list, timeout: float = 120) -> None:
     collector = Collector(url)
-    wait_until(lambda: collector.has_all(ids), 60, interval=0.5, message="every id in SQS")
-    collector.report("kill -9 x3", ids)
-    assert ids <= set(collector.seen)
+    wait_until(lambda: collector.has_all(acked), timeout, interval=0.5, message=f"every acknowledged id in SQS ({len(acked)})")
+    collector.report(name, acked)
+    print("  at each fault, inside the service: " + ", ".join(f"{f.inside} (received {f.received}, in SQS {f.delivered}, in the retry log {f.spilled})" for f in faults))
+
+
+def test_every_acknowledged_event_reaches_sqs_although_the_edge_service_is_killed_with_events_inside(edge_factory, mosquitto, aws):
+    url = aws.provisioned.queues["events"]
+    rng = random.Random(SEED)
+    proxy = TcpProxy(aws.port).open().slow(SQS_LATENCY_S)
+    publisher = ContinuousPublisher(mosquitto.port)
+    try:
+        edge = edge_factory(sqs_endpoint=proxy.url)
+        publisher.start()
+        kills = []
+        for _ in range(3):
+            senders = AdminClient(edge.admin_url).status()["sender_pids"]
+            # Its sender processes are not killed with it, as with the OOM killer: they must leave on their own.
+            kills.append(fault_with_events_inside(edge.admin_url, edge.kill9_service_only, rng, minimum=100))
+            wait_until(lambda: not any(alive(pid) for pid in senders), 15, message="the killed service's sender processes to exit")
+            edge = edge_factory(sqs_endpoint=proxy.url)
+        acked = publisher.stop()
+        proxy.slow(0)
+        expect_every_acknowledged_event_in_sqs(f"kill -9 x3 (seed {SEED})", url, acked, kills)
+    finally:
+        publisher.close()
+        proxy.cut()
+
+
+def test_every_acknowledged_event_reaches_sqs_although_the_edge_service_is_killed_while_events_go_to_the_retry_log(edge_factory, mosquitto, aws):
+    url = aws.provisioned.queues["events"]
+    rng = random.Random(SEED + 1)
+    proxy = TcpProxy(aws.port)  # closed: SQS is cut, every event goes to the retry log
+    publisher = ContinuousPublisher(mosquitto.port, rate=500)  # the retry log takes far more: a backlog would only slow the test
+    settings = {"sqs_endpoint": proxy.url, "EDGE_PROBE_INTERVAL_S": "0.5", "EDGE_SENDER_PROCESSES": "1"}
+    try:
+        edge = edge_factory(**settings)
+        publisher.start()
+        kills = []
+        for _ in range(3):
+            kills.append(fault_with_events_inside(edge.admin_url, edge.kill9, rng, minimum=10))
+            edge = edge_factory(**settings)
+        assert all(k.delivered == 0 for k in kills), "SQS was cut: what was inside the service was on its way to the retry log"
+        publisher.wait_for(len(publisher.acked) + 200)  # the last service takes traffic too
+        acked = publisher.stop()
+        admin = edge.admin()
+        assert admin.status()["jobs_pending"] > 0
+        proxy.open()
+        wait_until(lambda: admin.status()["jobs_pending"] == 0, 120, interval=0.5, message="the retry log drained")
+        dead = admin.status()["dlq_size"]  # a job retried at each start-up while SQS was cut may have used its 3 attempts
+        if dead:
+            assert admin.dlq_replay() == dead
+        expect_every_acknowledged_event_in_sqs(f"kill -9 x3 while spilling (seed {SEED + 1}), {dead} replayed from the DLQ", url, acked, kills)
+    finally:
+        publisher.close()
+        proxy.cut()
+
+
+def test_every_acknowledged_event_reaches_sqs_although_mosquitto_restarts_with_events_inside_the_service(edge_factory, mosquitto, aws):
+    url = aws.provisioned.queues["events"]
+    rng = random.Random(SEED + 2)
+    proxy = TcpProxy(aws.port).open().slow(SQS_LATENCY_S)
+    publisher = ContinuousPublisher(mosquitto.port)
+    try:
+        edge = edge_factory(sqs_endpoint=proxy.url)
+        admin = edge.admin()
+        publisher.start()
+        restart = fault_with_events_inside(edge.admin_url, mosquitto.restart, rng, minimum=100)
+        wait_until(lambda: admin.status()["mqtt_connections"] >= 2 and admin.status()["mqtt_connected"], 60, message="the service to reconnect")
+        publisher.wait_for(len(publisher.acked) + 200)  # and publishers too
+        acked = publisher.stop()
+        proxy.slow(0)
+        expect_every_acknowledged_event_in_sqs(f"Mosquitto restart (seed {SEED + 2}), publisher reconnects {publisher.reconnects}", url, acked, [restart])
+    finally:
+        publisher.close()
+        proxy.cut()
+
+
+def test_every_acknowledged_event_reaches_sqs_although_a_sender_process_is_killed_holding_a_chunk(edge_factory, mosquitto, aws):
+    """The SQS senders are processes of their own: killing one mid-chunk loses nothing; the pool is rebuilt."""
+    url = aws.provisioned.queues["events"]
+    rng = random.Random(SEED + 3)
+    proxy = TcpProxy(aws.port).open().slow(SQS_LATENCY_S)
+    publisher = ContinuousPublisher(mosquitto.port)
+    try:
+        edge = edge_factory(sqs_endpoint=proxy.url, EDGE_SENDER_PROCESSES="2")
+        admin = edge.admin()
+        before = admin.status()["sender_pids"]
+        assert len(before) == 2
+        publisher.start()
+        kill = fault_with_events_inside(edge.admin_url, lambda: os.kill(before[0], signal.SIGKILL), rng, minimum=100)
+        after = wait_until(lambda: (pids := admin.status()["sender_pids"]) != before and pids, 60, message="a new sender pool")
+        assert len(after) == 2 and not set(after) & set(before)
+        publisher.wait_for(len(publisher.acked) + 200)
+        acked = publisher.stop()
+        proxy.slow(0)
+        expect_every_acknowledged_event_in_sqs(f"sender process kill -9 (seed {SEED + 3})", url, acked, [kill])
+        assert "a sender process died" in edge.log()
+    finally:
+        publisher.close()
+        proxy.cut()
 
 
 def test_every_event_reaches_sqs_across_a_30_second_sqs_cut(edge_factory, mosquitto, aws):
@@ -138,21 +204,6 @@ def test_every_event_reaches_sqs_across_a_30_second_sqs_cut(edge_factory, mosqui
         proxy.cut()
 
 
-def test_every_event_reaches_sqs_although_mosquitto_restarts_while_events_flow(edge_factory, mosquitto, aws):
-    events = make_events(3000)
-    ids = {e.event_id for e in events}
-    url = aws.provisioned.queues["events"]
-    edge_factory()
-    publisher = run_publisher(mosquitto.port, events, pace_s=0.15)
-    wait_until(lambda: sum(queue_counts(url)) >= 500, 60, message="events flowing")
-    assert publisher.is_alive(), "the restart must land while events flow"
-    mosquitto.restart()
-    finish(publisher)
-    collector = Collector(url)
-    wait_until(lambda: collector.has_all(ids), 60, interval=0.5, message="every id in SQS after the broker restart")
-    collector.report("Mosquitto restart", ids)
-
-
 def test_event_failing_three_attempts_lands_in_the_dlq_and_a_replay_delivers_it(edge_factory, mosquitto, aws):
     from pipeline.stack import aws_client
 
@@ -175,26 +226,3 @@ def test_event_failing_three_attempts_lands_in_the_dlq_and_a_replay_delivers_it(
     assert admin.dlq_replay() == 1
     wait_until(lambda: collector.has_all({poison.event_id}), 30, message="the replayed event in SQS")
     assert admin.status()["dlq_size"] == 0
-
-
-def test_every_event_reaches_sqs_although_a_sender_process_is_killed(edge_factory, mosquitto, aws):
-    """The SQS senders are processes of their own: killing one mid-flow loses nothing; the pool is rebuilt."""
-    events = make_events(3000)
-    ids = {e.event_id for e in events}
-    url = aws.provisioned.queues["events"]
-    edge = edge_factory(EDGE_SENDER_PROCESSES="2")
-    admin = AdminClient(edge.admin_url)
-    before = admin.status()["sender_pids"]
-    assert len(before) == 2
-    publisher = run_publisher(mosquitto.port, events, pace_s=0.3)
-    wait_until(lambda: sum(queue_counts(url)) >= 500, 60, message="500 events in SQS")
-    assert publisher.is_alive(), "the kill must land while events flow"
-    os.kill(before[0], signal.SIGKILL)
-    after = wait_until(lambda: (pids := admin.status()["sender_pids"]) != before and pids, 60, message="a new sender pool")
-    assert len(after) == 2 and not set(after) & set(before)
-    finish(publisher)
-    collector = Collector(url)
-    wait_until(lambda: collector.has_all(ids), 60, interval=0.5, message="every id in SQS")
-    collector.report("sender process kill -9", ids)
-    assert "a sender process died" in edge.log()
-    assert ids <= set(collector.seen)
