@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -37,10 +37,15 @@ ARCHIVE_SCHEMA = pa.schema(
         ("device_id", pa.string()),
         ("timestamp", TS),
         ("received_at", TS),
+        # When SQS accepted the edge's send (its SentTimestamp; null in files landed before the column
+        # existed): queued_at - received_at is the time an event spent inside the site.
+        ("queued_at", TS),
         ("ingested_at", TS),  # when a drain run took it from SQS
         ("payload", pa.string()),  # the payload object as JSON text; DuckDB reads it with json functions
     ]
 )
+# The archive's columns before queued_at: an hour compacted then and not since still reads (queued_at null).
+LEGACY_ARCHIVE_SCHEMA = ARCHIVE_SCHEMA.remove(ARCHIVE_SCHEMA.get_field_index("queued_at"))
 ROWS_PER_FILE = 1_000_000
 ROW_GROUP_ROWS = 128 * 1024
 COMPRESSION = "zstd"
@@ -75,7 +80,7 @@ def archive_dir(bucket: str, hour: str) -> str:
     return f"{bucket}/{parse_hour_key(hour):year=%Y/month=%m/day=%d/hour=%H}"
 
 
-def _row(env: Envelope, ingested_at: datetime) -> tuple:
+def _row(env: Envelope, ingested_at: datetime, queued_at: datetime | None = None) -> tuple:
     return (
         env.event_id,
         env.idempotency_key,
@@ -86,6 +91,7 @@ def _row(env: Envelope, ingested_at: datetime) -> tuple:
         env.device_id,
         env.timestamp,
         env.received_at,
+        queued_at,
         ingested_at,
         json.dumps(env.payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False),
     )
@@ -96,22 +102,29 @@ def _table(rows: list[tuple]) -> pa.Table:
     return pa.table({name: list(values) for name, values in zip(ARCHIVE_SCHEMA.names, columns)}, schema=ARCHIVE_SCHEMA)
 
 
-def envelopes_to_table(envelopes: Iterable[Envelope], ingested_at: datetime, on_refused: Callable[[Envelope, Exception], None] | None = None) -> pa.Table:
+def envelopes_to_table(
+    envelopes: Iterable[Envelope],
+    ingested_at: datetime,
+    on_refused: Callable[[Envelope, Exception], None] | None = None,
+    queued_at: Sequence[datetime | None] | None = None,
+) -> pa.Table:
     """Archive rows; an event that cannot be made into a row goes to `on_refused` (raises without one).
 
+    `queued_at`, one per envelope, is when SQS accepted each from the edge (None where unknown).
     The whole batch is converted at once; only if that fails is each event converted alone, to find
     the one (or ones) at fault, so the common case costs nothing extra.
     """
     envelopes = list(envelopes)
+    queued = list(queued_at) if queued_at is not None else [None] * len(envelopes)
     try:
-        return _table([_row(env, ingested_at) for env in envelopes])
+        return _table([_row(env, ingested_at, q) for env, q in zip(envelopes, queued)])
     except Exception:
         if on_refused is None:
             raise
     rows = []
-    for env in envelopes:
+    for env, q in zip(envelopes, queued):
         try:
-            row = _row(env, ingested_at)
+            row = _row(env, ingested_at, q)
             _table([row])
         except Exception as exc:  # noqa: BLE001 - this event's fate alone
             on_refused(env, exc)
@@ -128,19 +141,22 @@ def write_landing(
     batch_id: str,
     ingested_at: datetime,
     on_refused: Callable[[Envelope, Exception], None] | None = None,
+    queued_at: Sequence[datetime | None] | None = None,
 ) -> dict[str, int]:
     """Write one landing file per event-hour in this batch; returns {hour_key: rows}.
 
     `batch_id` must be unique per attempt at a window (a re-delivered window writes a new file and
-    compaction removes the duplicates). An event that cannot be made into a row goes to `on_refused`
-    (for the caller to quarantine); a write that fails raises.
+    compaction removes the duplicates). `queued_at`, one per envelope, is when SQS accepted each from
+    the edge. An event that cannot be made into a row goes to `on_refused` (for the caller to
+    quarantine); a write that fails raises.
     """
-    by_hour: dict[str, list[Envelope]] = {}
-    for env in envelopes:
-        by_hour.setdefault(archive_hour(env.timestamp, env.received_at), []).append(env)
+    queued = list(queued_at) if queued_at is not None else [None] * len(envelopes)
+    by_hour: dict[str, list[tuple[Envelope, datetime | None]]] = {}
+    for env, q in zip(envelopes, queued):
+        by_hour.setdefault(archive_hour(env.timestamp, env.received_at), []).append((env, q))
     written = {}
-    for hour, group in sorted(by_hour.items()):
-        table = envelopes_to_table(group, ingested_at, on_refused)
+    for hour, pairs in sorted(by_hour.items()):
+        table = envelopes_to_table([env for env, _ in pairs], ingested_at, on_refused, [q for _, q in pairs])
         if not table.num_rows:
             continue
         directory = landing_dir(bucket, landing_prefix, hour)
@@ -162,6 +178,7 @@ def _list_parquet(filesystem: fs.FileSystem, directory: str) -> list[str]:
 
 
 def read_landing(filesystem: fs.FileSystem, bucket: str, landing_prefix: str, hour: str) -> tuple[pa.Table, int]:
+    """Every landing file of `hour` in ARCHIVE_SCHEMA; a column an older file lacks (queued_at) reads as null."""
     files = _list_parquet(filesystem, landing_dir(bucket, landing_prefix, hour))
     if not files:
         return ARCHIVE_SCHEMA.empty_table(), 0
@@ -295,7 +312,7 @@ def audit_hour(filesystem: fs.FileSystem, bucket: str, hour: str, expected_keys:
     tables = []
     for path in paths:
         schema = pq.read_schema(path, filesystem=filesystem)
-        if not schema.remove_metadata().equals(ARCHIVE_SCHEMA):
+        if not schema.remove_metadata().equals(ARCHIVE_SCHEMA) and not schema.remove_metadata().equals(LEGACY_ARCHIVE_SCHEMA):
             problems.append(f"{path}: schema differs from ARCHIVE_SCHEMA: {schema.remove_metadata()}")
             continue
         tables.append(pq.read_table(path, columns=["site_id", "event_id", "schema_version"], filesystem=filesystem))

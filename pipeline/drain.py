@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import NamedTuple
 
 from edge_bridge.claim_check import verify_and_fetch
@@ -28,6 +28,13 @@ class QueueMessage:
     receipt_handle: str
     body: str
     receive_count: int
+    sent_at: datetime | None = None  # SQS's SentTimestamp: when the edge's send was accepted
+
+
+def sent_at(attributes: dict) -> datetime | None:
+    """SQS's SentTimestamp (epoch milliseconds, stamped by SQS itself) as a UTC time, if it came."""
+    millis = attributes.get("SentTimestamp")
+    return datetime.fromtimestamp(int(millis) / 1000, tz=timezone.utc) if millis else None
 
 
 @dataclass
@@ -64,6 +71,9 @@ class ParsedWindow:
     quarantined: list[RejectedMessage]
     duplicates: int
     held: int = 0  # messages left in SQS for redelivery (a claim check S3 could not serve)
+    # When the edge handed each event in `bodies` to SQS (ISO-8601 UTC, "" if SQS did not say): the
+    # SentTimestamp of its first copy in the window (of the pointer message for a claim check).
+    queued_at: list[str] = field(default_factory=list)
     _events: list[Envelope] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -71,6 +81,11 @@ class ParsedWindow:
         if self._events is None:
             self._events = [parse_envelope(body) for body in self.bodies]
         return self._events
+
+    @property
+    def queued_times(self) -> list[datetime | None]:
+        """`queued_at` as times, one per event of `events` (None where SQS did not say)."""
+        return [datetime.fromisoformat(text) if text else None for text in self.queued_at] or [None] * len(self.bodies)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_events": None}
@@ -90,7 +105,7 @@ def receive_window(sqs, queue_url: str, max_messages: int, wait_time_s: int = 1,
             QueueUrl=queue_url,
             MaxNumberOfMessages=wanted,
             WaitTimeSeconds=wait_time_s if not window.messages else 0,
-            MessageSystemAttributeNames=["ApproximateReceiveCount"],
+            MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
         )
         batch = response.get("Messages", [])
         for msg in batch:
@@ -100,6 +115,7 @@ def receive_window(sqs, queue_url: str, max_messages: int, wait_time_s: int = 1,
                     receipt_handle=msg["ReceiptHandle"],
                     body=msg["Body"],
                     receive_count=int(msg.get("Attributes", {}).get("ApproximateReceiveCount", 1)),
+                    sent_at=sent_at(msg.get("Attributes", {})),
                 )
             )
         if len(batch) < wanted:
@@ -120,6 +136,7 @@ def parse_window(window: Window, s3_client=None, claim_check_bucket: str | None 
     message is quarantined as `unreadable`, with its exception type; its neighbours go on.
     """
     events: dict[tuple[str, str], str] = {}
+    queued: list[str] = []
     parsed: list[Envelope] = []
     receipts, quarantined, duplicates, held = [], [], 0, 0
     for msg in window.messages:
@@ -155,8 +172,9 @@ def parse_window(window: Window, s3_client=None, claim_check_bucket: str | None 
             duplicates += 1
             continue
         events[env.key] = body
+        queued.append(msg.sent_at.isoformat() if msg.sent_at else "")
         parsed.append(env)
-    return ParsedWindow(list(events.values()), receipts, quarantined, duplicates, held, parsed)
+    return ParsedWindow(list(events.values()), receipts, quarantined, duplicates, held, queued_at=queued, _events=parsed)
 
 
 def quarantine_line(stage: str, reason: str, error_type: str, detail: str, body: str, **identity: str | None) -> str:

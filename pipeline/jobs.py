@@ -102,7 +102,10 @@ def land_in_archive(context: OpExecutionContext, parsed: drain.ParsedWindow, arc
     def unarchivable(event: Envelope, exc: Exception) -> None:
         refused.append(destinations.Refused(event, "archive", "unarchivable", type(exc).__name__, destinations.described(exc)))
 
-    written = write_landing(archive.filesystem(), archive.bucket, archive.landing_prefix, parsed.events, context.run_id, ingested_at, on_refused=unarchivable)
+    written = write_landing(
+        archive.filesystem(), archive.bucket, archive.landing_prefix, parsed.events, context.run_id, ingested_at,
+        on_refused=unarchivable, queued_at=parsed.queued_times,
+    )
     _quarantine(context, archive, "land_in_archive", _refused_lines(refused, "land_in_archive"))
     for hour, rows in written.items():
         if not archive_hourly_partitions.has_partition_key(hour):

@@ -61,8 +61,9 @@ def _list(values: list[str]) -> str:
 def events_table(n: int, start: datetime = START, hours: int = 24, sites: int = 20, devices_per_site: int = 25, outage_site: str | None = "site-003", seed: int = 1) -> pa.Table:
     """`n` events spread over `hours` hours from `start`, in ARCHIVE_SCHEMA.
 
-    Edge buffering delay (received_at - timestamp) is under 2 s, except for `outage_site`, whose
-    events in the second hour arrive 20-40 minutes late (a replayed backlog after a cut).
+    The device's delay to the forwarder (received_at - timestamp) is under 2 s; edge buffering
+    (queued_at - received_at) is under 0.5 s, except for `outage_site`, whose events in the second
+    hour reach SQS 20-40 minutes after the edge received them (a retry-log backlog replayed after a cut).
     """
     sql = f"""
     with base as (
@@ -72,6 +73,17 @@ def events_table(n: int, start: datetime = START, hours: int = 24, sites: int = 
                {_list(EVENT_TYPES)}[1 + cast(hash(i, {seed}, 'type') % {len(EVENT_TYPES)} as bigint)] as event_type,
                timestamptz '{start.isoformat()}' + to_microseconds(cast(hash(i, {seed}, 'ts') % ({hours} * 3600000000) as bigint)) as ts
         from range({n}) t(i)
+    ),
+    received as (
+        select *, ts + to_microseconds(cast(hash(i, {seed}, 'delay') % 2000000 as bigint)) as received_at from base
+    ),
+    timed as (
+        select *,
+               received_at + case when site_id = '{outage_site}' and ts >= timestamptz '{(start + timedelta(hours=1)).isoformat()}'
+                                                                 and ts < timestamptz '{(start + timedelta(hours=2)).isoformat()}'
+                                  then to_microseconds(cast(1200000000 + hash(i, {seed}, 'late') % 1200000000 as bigint))
+                                  else to_microseconds(cast(hash(i, {seed}, 'queue') % 500000 as bigint)) end as queued_at
+        from received
     )
     select cast(uuidv7() as varchar) as event_id,
            site_id || '-' || event_type || '-dev-' || dev || '-' || strftime(ts, '%Y-%m-%dT%H:%M:%S.%fZ') as idempotency_key,
@@ -81,13 +93,11 @@ def events_table(n: int, start: datetime = START, hours: int = 24, sites: int = 
            site_id,
            'dev-' || dev as device_id,
            ts as "timestamp",
-           ts + case when site_id = '{outage_site}' and ts >= timestamptz '{(start + timedelta(hours=1)).isoformat()}'
-                                                    and ts < timestamptz '{(start + timedelta(hours=2)).isoformat()}'
-                     then to_microseconds(cast(1200000000 + hash(i, {seed}, 'late') % 1200000000 as bigint))
-                     else to_microseconds(cast(hash(i, {seed}, 'delay') % 2000000 as bigint)) end as received_at,
-           ts + interval 30 second as ingested_at,
+           received_at,
+           queued_at,
+           queued_at + interval 30 second as ingested_at,
            '{{"zone":' || (hash(i, 'zone') % 16) || ',"value":' || (hash(i, 'v') % 1000) || '}}' as payload
-    from base
+    from timed
     """
     with _duck() as con:
         return con.sql(sql).to_arrow_table().cast(ARCHIVE_SCHEMA)
