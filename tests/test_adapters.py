@@ -255,7 +255,7 @@ def test_the_same_device_message_always_yields_the_same_key_and_a_fresh_event_id
         ("ajax", "ajax/events", raw({k: v for k, v in AJAX_INTRUSION.items() if k != "deviceId"}), "missing_field"),
         ("ajax", "ajax/events", raw({**AJAX_INTRUSION, "timestamp": "yesterday"}), "bad_timestamp"),
         ("zigbee", "zigbee2mqtt/front_door", b"\xff\xfe\x00binary", "not_utf8"),
-        ("zigbee", "zigbee2mqtt/front_door", raw({"state": "ON"}), "unknown_event_type"),
+        ("zigbee", "zigbee2mqtt/front_door", raw({"color_temp": 370}), "unknown_event_type"),
         ("zigbee", "zigbee2mqtt/bridge/state", raw({"state": "online"}), "not_a_device_topic"),
         ("zigbee", "zigbee2mqtt/front_door/set", raw({"state": "ON"}), "not_a_device_topic"),
         ("zigbee", "zigbee2mqtt/front_door/availability", raw({"state": "asleep"}), "unknown_event_type"),

@@ -40,7 +40,8 @@ def idp_decision(decision: str):
 
 # Panic, fire/smoke, water leak, intrusion and tamper, as each family reports them.
 SAFETY_ALARMS = [ajax_code(code) for code in ("PANIC", "FIRE", "SMOKE", "LEAK", "INTRUSION", "TAMPER", "TAMPER_OPEN")]
-SAFETY_ALARMS += [zigbee_state({field: True, "battery": 90}) for field in ("smoke", "water_leak", "tamper")]
+SAFETY_ALARMS += [zigbee_state({field: True, "battery": 90}) for field in ("smoke", "water_leak", "tamper", "sos")]
+SAFETY_ALARMS += [zigbee_state({"action": action, "battery": 90}) for action in sorted(zigbee.PANIC_ACTIONS)]
 SAFETY_ALARMS += [nvr_kind("shelteralarm"), nvr_kind("tamperdetection")]
 # Availability, battery and heartbeat reports.
 DEVICE_HEALTH = [ajax_code(code) for code in ("BATTERY_LOW", "CONNECTION_LOST", "CONNECTION_RESTORED", "PERIODIC_TEST")]
@@ -55,6 +56,9 @@ def code_table() -> list:
     messages += [idp_decision(decision) for decision in sorted(idp.DECISIONS)]
     messages += [zigbee_state({field: value}) for field, _ in zigbee.ALARMS for value in (True, False)]
     messages += [zigbee_state({field: 1}) for field, _ in zigbee.FACTS]
+    messages += [zigbee_state({"action": action, "battery": 90}) for action, _ in zigbee.ACTIONS]
+    messages += [zigbee_state({zigbee.SIREN_FIELD: value}) for value in (True, False)]
+    messages += [zigbee_state({"state": state}) for state in sorted(zigbee.SWITCH_STATES)]
     messages += [zigbee_state({field: 1}) for field in sorted(zigbee.HEARTBEAT_FIELDS - {field for field, _ in zigbee.ALARMS})]
     messages += [zigbee_availability(state) for state in sorted(zigbee.AVAILABILITY)]
     return messages
