@@ -5,11 +5,13 @@ from datetime import datetime, timedelta, timezone
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from dagster import AssetKey, materialize
+from pyarrow import fs
 
 from pipeline.analytics import analytics_dbt_models
-from pipeline.archive import compact_hour
+from pipeline.archive import archive_dir, compact_hour, hour_key
 from pipeline.resources import RESOURCES
 from pipeline.routing.logs import AttemptLog
 from pipeline.stack import s3_filesystem
@@ -55,6 +57,7 @@ def test_dbt_build_passes_on_generated_data_and_the_marts_add_up_to_the_archive(
     assert query(analytics_db, "select sum(events) from fct_events_hourly") == [(2000,)]
     assert query(analytics_db, "select count(*) from dim_devices") == [(40,)]
     assert query(analytics_db, "select distinct site_id from fct_edge_buffering where outage_suspected") == [("site-003",)]
+    assert query(analytics_db, "select count(*) from fct_edge_buffering where p95_device_delay_seconds >= 2 or events_with_queued_at != events") == [(0,)]
     assert query(analytics_db, "select count(distinct partner) from fct_partner_delivery_sla where success_rate between 0.9 and 1") == [(3,)]
     assert query(analytics_db, "select count(distinct priority) from fct_priority_latency") == [(3,)]
 
@@ -68,6 +71,20 @@ def test_dbt_build_passes_when_the_routing_logs_are_still_empty(aws, analytics_d
     assert query(analytics_db, "select count(*) from fct_partner_delivery_sla") == [(0,)]
     assert query(analytics_db, "select count(*) from fct_priority_latency") == [(0,)]
     assert query(analytics_db, "select sum(events) from fct_events_hourly") == [(300,)]
+
+
+def test_an_hour_compacted_before_queued_at_existed_still_builds_with_its_edge_buffering_unknown(aws, analytics_db):
+    filesystem, _ = archive_generated_events(300, hours=2)
+    old_hour = archive_dir("events-archive", hour_key(START))
+    for info in filesystem.get_file_info(fs.FileSelector(old_hour)):
+        pq.write_table(pq.read_table(info.path, filesystem=filesystem).drop_columns(["queued_at"]), info.path, filesystem=filesystem)
+
+    result = dbt_build()
+
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    rows = query(analytics_db, "select hour(event_hour_utc), sum(events), sum(events_with_queued_at), count(p95_delay_seconds), count(outage_suspected) from fct_edge_buffering group by 1 order by 1")
+    assert rows == [(0, rows[0][1], 0, 0, 0), (1, rows[1][1], rows[1][1], 5, 5)]
+    assert query(analytics_db, "select count(*) from fct_edge_buffering where p95_device_delay_seconds is null") == [(0,)]
 
 
 def test_the_asset_graph_runs_from_the_archive_through_staging_to_the_marts():
