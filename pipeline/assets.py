@@ -18,7 +18,8 @@ from dagster import (
     asset,
 )
 
-from pipeline import metrics
+from edge_bridge.envelope import utc_now
+from pipeline import freshness, metrics
 from pipeline.archive import ARCHIVE_SCHEMA, audit_hour, compact_hour
 from pipeline.jobs import LANDING_ASSET
 from pipeline.partitions import archive_hourly_partitions
@@ -110,11 +111,12 @@ def events_archive(context: AssetExecutionContext, archive: ArchiveStore) -> Mat
     )
     metrics.push_gauges(
         "pipeline_archive",
-        {
-            "parquet_files_written": ("Parquet files written by the last compaction of an archive hour", len(result.files)),
-            "archival_lag_minutes": ("Minutes the oldest newly archived event waited between SQS and the archive", result.archival_lag_minutes),
-        },
+        {"parquet_files_written": ("Parquet files written by the last compaction of an archive hour", len(result.files))},
     )
+    # The gauge is the data's lag (archive_freshness_sensor pushes it every minute); a compaction
+    # refreshes it at once, since it has just changed what is unarchived.
+    if metrics.pushgateway_url():
+        freshness.push_archival_lag(freshness.measure_archive_freshness(archive.get_client(), archive.bucket, archive.landing_prefix, utc_now(), filesystem))
     lag_limit = archival_lag_limit_minutes()
     landing_covers_reports = reported is None or result.landing_rows >= reported
     checks = [

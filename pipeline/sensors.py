@@ -16,7 +16,8 @@ from dagster import (
     sensor,
 )
 
-from pipeline import drain
+from edge_bridge.envelope import utc_now
+from pipeline import drain, freshness
 from pipeline.archive import landing_has_files
 from pipeline.assets import events_archive
 from pipeline.jobs import DRAIN_TAG, LANDING_ASSET, drain_events_job
@@ -83,4 +84,18 @@ def archive_hours_sensor(context: SensorEvaluationContext, archive: ArchiveStore
         return SensorResult(skip_reason="no new landing files", cursor=cursor)
     return SensorResult(run_requests=requests, cursor=cursor)
 
-defs = Definitions(jobs=[drain_events_job, archive_job], sensors=[events_queue_sensor, archive_hours_sensor])
+@sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING)
+def archive_freshness_sensor(context: SensorEvaluationContext, archive: ArchiveStore):
+    """Every minute, push archival_lag_minutes as read from the bucket (see pipeline.freshness).
+
+    A timer of its own, so the lag keeps growing while compaction fails, is blocked or never runs;
+    it launches nothing, and its look is a bounded listing plus one Parquet footer.
+    """
+    seen = freshness.measure_archive_freshness(archive.get_client(), archive.bucket, archive.landing_prefix, utc_now(), archive.filesystem())
+    pushed = freshness.push_archival_lag(seen)
+    where = f"oldest unarchived landing file {seen.oldest_file} of {seen.unarchived_files}" if seen.oldest_file else "nothing landed is waiting"
+    more = " (listing truncated)" if seen.truncated else ""
+    return SkipReason(f"archival lag {seen.lag_minutes:.1f} min over {seen.hours_listed} hours{more}: {where}; {'pushed' if pushed else 'not pushed'}")
+
+
+defs = Definitions(jobs=[drain_events_job, archive_job], sensors=[events_queue_sensor, archive_hours_sensor, archive_freshness_sensor])

@@ -29,11 +29,11 @@ def promtool(*args: str, cwd: Path = RULES_DIR) -> subprocess.CompletedProcess:
 def test_promtool_check_rules_accepts_the_alert_rules():
     result = promtool("check", "rules", str(ALERTS))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 6 rules found" in result.stdout
+    assert "SUCCESS: 8 rules found" in result.stdout
 
 
 def test_promtool_unit_tests_of_the_alert_rules_pass():
-    assert [p.name for p in ALERTS_TESTS] == ["alerts_quarantine_test.yml", "alerts_test.yml"]
+    assert [p.name for p in ALERTS_TESTS] == ["alerts_freshness_test.yml", "alerts_quarantine_test.yml", "alerts_test.yml"]
     result = promtool("test", "rules", *map(str, ALERTS_TESTS))
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -77,6 +77,13 @@ MUTATIONS = [
     ("EdgeQuarantineDropping", "expr", "> 0", ">= 0"),
     ("EdgeQuarantineDropping", "expr", "> 0", "> 1"),
     ("EdgeQuarantineDropping", "expr", "increase(edge_quarantine_dropped_total", "increase(edge_events_quarantined_total"),
+    ("ArchiveFreshnessStale", "expr", "> 600", "> 660"),
+    ("ArchiveFreshnessStale", "expr", "> 600", ">= 600"),
+    ("ArchiveFreshnessStale", "expr", "> 600", "> 540"),
+    ("ArchiveFreshnessStale", "expr", ', instance="freshness"', ""),
+    ("ArchiveFreshnessMissing", "for", "15m", "14m"),
+    ("ArchiveFreshnessMissing", "for", "15m", "16m"),
+    ("ArchiveFreshnessMissing", "expr", ', instance="freshness"', ""),
 ]
 
 
