@@ -121,6 +121,7 @@ class Forwarder:
 
     def publish(self, envelope: Envelope, timeout: float = 10.0) -> Outcome:
         """Publish an envelope an ingress adapted itself; FORWARDED only once the broker acknowledged it."""
+        self._seen(envelope.source)
         return self.send(envelope, envelope.source).wait(timeout)
 
     def reject(self, source: str, raw: bytes, reason: str, detail: str = "", family: str | None = None) -> Outcome:
@@ -129,6 +130,7 @@ class Forwarder:
         `source` is the entry's topic (`sia/<account>`, `nvr/isapi`, ...); the family it is counted under is
         `family`, else the source's first segment."""
         family = family or _FAMILY_OF_SOURCE.get(source.split("/", 1)[0], source.split("/", 1)[0])
+        self._seen(family)
         try:
             self.quarantine.put(source, raw, reason, detail)
         except Exception as exc:  # noqa: BLE001 - a quarantine that cannot write must not let the device be acked
@@ -146,8 +148,7 @@ class Forwarder:
     def submit(self, family: str, topic: str, raw: bytes, received_at: datetime | None = None) -> Delivery:
         """Adapt and publish without waiting: the ZigBee ingress keeps many messages in flight and acks each
         in order as its Delivery completes."""
-        with self._lock:
-            self.last_received[family] = time.time()
+        self._seen(family)
         try:
             envelope = self._adapt(family, topic, raw, received_at)
         except EnvelopeRejected as exc:  # AdapterRejected included
@@ -177,6 +178,10 @@ class Forwarder:
         if self.known_devices is not None and envelope.device_id not in self.known_devices:
             raise AdapterRejected("unknown_device", envelope.device_id)
         return envelope
+
+    def _seen(self, family: str) -> None:
+        with self._lock:
+            self.last_received[family] = time.time()
 
     def _count(self, family: str, outcome: Outcome) -> None:
         with self._lock:
