@@ -21,11 +21,12 @@ from datetime import datetime, timedelta, timezone
 from devstack.tcp_proxy import TcpProxy
 from edge_bridge.cli import AdminClient
 from tests.conftest import alive, publish, queue_counts, receive_all, sample_envelope, wait_until
-from tests.helpers.edge_flow import ContinuousPublisher, fault_with_events_inside
+from tests.helpers.edge_flow import ContinuousPublisher, fault_with_events_inside, read_flow
 
 T0 = datetime(2024, 1, 15, 10, 30, tzinfo=timezone.utc)
 SEED = int(os.environ.get("EDGE_FAULT_SEED", "14"))
 SQS_LATENCY_S = 0.05  # per SQS call: a 250-event chunk takes over a second, so events pile up inside the service
+QUIET_S = 5.0  # nothing moving for this long, with the service connected: no more events are on their way
 
 
 def make_events(n: int, site: str = "site-123", tag: str = "e", payload_bytes: int = 0) -> list:
@@ -76,11 +77,28 @@ class Collector:
         print(f"\n{name}: published {len(ids)}, distinct in SQS {len(set(self.seen) & ids)}, duplicates {duplicates}")
 
 
-def expect_every_acknowledged_event_in_sqs(name: str, url: str, acked: set[str], faults: list, timeout: float = 120) -> None:
+def expect_every_acknowledged_event_in_sqs(name: str, url: str, acked: set[str], faults: list, edge, timeout: float = 120) -> None:
+    """Wait until SQS holds every acknowledged id, or until nothing has moved for QUIET_S (the service
+    connected and idle, its retry log empty, no new id in SQS): whatever is missing then is lost."""
     collector = Collector(url)
-    wait_until(lambda: collector.has_all(acked), timeout, interval=0.5, message=f"every acknowledged id in SQS ({len(acked)})")
+    admin = edge.admin()
+    last = {"state": None, "since": time.monotonic()}
+
+    def done() -> bool:
+        if collector.has_all(acked):
+            return True
+        status, flow = admin.status(), read_flow(edge.admin_url)
+        state = (flow.received, len(collector.seen), status["jobs_pending"])
+        if state != last["state"] or flow.inside or not status["mqtt_connected"]:
+            last.update(state=state, since=time.monotonic())
+            return False
+        return time.monotonic() - last["since"] > QUIET_S
+
+    wait_until(done, timeout, interval=0.5, message=f"every acknowledged id in SQS ({len(acked)})")
     collector.report(name, acked)
     print("  at each fault, inside the service: " + ", ".join(f"{f.inside} (received {f.received}, in SQS {f.delivered}, in the retry log {f.spilled})" for f in faults))
+    missing = acked - set(collector.seen)
+    assert not missing, f"{len(missing)} events the broker acknowledged never reached SQS, e.g. {sorted(missing)[:3]}"
 
 
 def test_every_acknowledged_event_reaches_sqs_although_the_edge_service_is_killed_with_events_inside(edge_factory, mosquitto, aws):
@@ -100,7 +118,7 @@ def test_every_acknowledged_event_reaches_sqs_although_the_edge_service_is_kille
             edge = edge_factory(sqs_endpoint=proxy.url)
         acked = publisher.stop()
         proxy.slow(0)
-        expect_every_acknowledged_event_in_sqs(f"kill -9 x3 (seed {SEED})", url, acked, kills)
+        expect_every_acknowledged_event_in_sqs(f"kill -9 x3 (seed {SEED})", url, acked, kills, edge)
     finally:
         publisher.close()
         proxy.cut()
@@ -129,7 +147,7 @@ def test_every_acknowledged_event_reaches_sqs_although_the_edge_service_is_kille
         dead = admin.status()["dlq_size"]  # a job retried at each start-up while SQS was cut may have used its 3 attempts
         if dead:
             assert admin.dlq_replay() == dead
-        expect_every_acknowledged_event_in_sqs(f"kill -9 x3 while spilling (seed {SEED + 1}), {dead} replayed from the DLQ", url, acked, kills)
+        expect_every_acknowledged_event_in_sqs(f"kill -9 x3 while spilling (seed {SEED + 1}), {dead} replayed from the DLQ", url, acked, kills, edge)
     finally:
         publisher.close()
         proxy.cut()
@@ -149,7 +167,7 @@ def test_every_acknowledged_event_reaches_sqs_although_mosquitto_restarts_with_e
         publisher.wait_for(len(publisher.acked) + 200)  # and publishers too
         acked = publisher.stop()
         proxy.slow(0)
-        expect_every_acknowledged_event_in_sqs(f"Mosquitto restart (seed {SEED + 2}), publisher reconnects {publisher.reconnects}", url, acked, [restart])
+        expect_every_acknowledged_event_in_sqs(f"Mosquitto restart (seed {SEED + 2}), publisher reconnects {publisher.reconnects}", url, acked, [restart], edge)
     finally:
         publisher.close()
         proxy.cut()
@@ -173,7 +191,7 @@ def test_every_acknowledged_event_reaches_sqs_although_a_sender_process_is_kille
         publisher.wait_for(len(publisher.acked) + 200)
         acked = publisher.stop()
         proxy.slow(0)
-        expect_every_acknowledged_event_in_sqs(f"sender process kill -9 (seed {SEED + 3})", url, acked, [kill])
+        expect_every_acknowledged_event_in_sqs(f"sender process kill -9 (seed {SEED + 3})", url, acked, [kill], edge)
         assert "a sender process died" in edge.log()
     finally:
         publisher.close()

@@ -108,7 +108,14 @@ class ContinuousPublisher:
             self._thread.join(timeout)
 
     def wait_for(self, count: int, timeout: float = 60) -> None:
-        wait_until(lambda: len(self.acked) >= count, timeout, message=f"{count} events acknowledged by the broker")
+        try:
+            wait_until(lambda: len(self.acked) >= count, timeout, message=f"{count} events acknowledged by the broker")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc} ({self})") from None
+
+    def __str__(self) -> str:
+        state = "running" if self._thread.is_alive() else "stopped"
+        return f"publisher {state}: {len(self.acked)} acknowledged of {self.published} published, {self.reconnects} reconnects, errors {self._errors}"
 
     def _connect(self):
         import paho.mqtt.client as mqtt
@@ -156,9 +163,10 @@ class ContinuousPublisher:
                 for event, info in zip(events, infos):
                     try:
                         info.wait_for_publish(timeout=max(0.0, deadline - time.monotonic()))
-                    except (RuntimeError, ValueError):
-                        pass  # not sent: the connection is gone
-                    if info.is_published():
+                        published = info.is_published()
+                    except (RuntimeError, ValueError):  # not sent: the connection is gone
+                        published = False
+                    if published:
                         self.acked.add(event.event_id)
                         confirmed += 1
                 self.published += len(events)
