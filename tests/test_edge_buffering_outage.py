@@ -10,6 +10,7 @@ the cut.
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import threading
 from datetime import datetime, timedelta, timezone
@@ -21,6 +22,7 @@ from dagster import DagsterInstance, materialize
 
 from devstack.tcp_proxy import TcpProxy
 from edge_bridge.cli import AdminClient
+from pipeline import drain
 from pipeline.analyst import install_httpfs
 from pipeline.archive import archive_dir, audit_hour, compact_hour, hour_key, landing_dir, read_archive_hour, write_landing
 from pipeline.assets import events_archive
@@ -137,3 +139,19 @@ def test_landing_and_archive_files_from_before_queued_at_still_compact_and_read_
     assert read_archive_hour(filesystem, "events-archive", hour).column("queued_at").to_pylist() == [None, None]
     assert read_archive_hour(filesystem, "events-archive", hour).schema.field("queued_at").type == pa.timestamp("us", tz="UTC")
     assert audit_hour(filesystem, "events-archive", hour).schema_problems == [], "the archive's schema check accepts it"
+
+
+def test_the_drain_keeps_each_events_sqs_sent_time_from_its_first_copy_across_the_hand_over_between_ops():
+    event = sample_envelope()
+    first, again = datetime(2024, 3, 4, 10, 0, 5, tzinfo=timezone.utc), datetime(2024, 3, 4, 10, 0, 9, tzinfo=timezone.utc)
+    window = drain.Window([
+        drain.QueueMessage("m-1", "r-1", event.to_json(), 1, sent_at=first),
+        drain.QueueMessage("m-2", "r-2", event.to_json(), 1, sent_at=again),  # the edge sent it twice
+        drain.QueueMessage("m-3", "r-3", sample_envelope(device_id="other").to_json(), 1),  # SQS did not say
+    ])
+
+    parsed = pickle.loads(pickle.dumps(drain.parse_window(window)))  # as Dagster hands it from op to op
+
+    assert parsed.duplicates == 1 and all(isinstance(text, str) for text in parsed.queued_at)
+    assert parsed.queued_times == [first, None]
+    assert drain.sent_at({"SentTimestamp": "1709546405000"}) == first
