@@ -20,6 +20,9 @@ from edge_bridge.envelope import Envelope, EnvelopeRejected, claim_check_pointer
 log = logging.getLogger(__name__)
 
 QUARANTINE_PREFIX = "quarantine"  # in the archive bucket
+# A cloud-side re-send (a replay of events-dlq, a quarantine release) gets a new SentTimestamp; it carries
+# the first one in this message attribute (ISO-8601 UTC), so the archive keeps when the edge handed it over.
+QUEUED_AT_ATTRIBUTE = "queued_at"
 
 
 @dataclass(frozen=True)
@@ -31,10 +34,19 @@ class QueueMessage:
     sent_at: datetime | None = None  # SQS's SentTimestamp: when the edge's send was accepted
 
 
-def sent_at(attributes: dict) -> datetime | None:
-    """SQS's SentTimestamp (epoch milliseconds, stamped by SQS itself) as a UTC time, if it came."""
-    millis = attributes.get("SentTimestamp")
-    return datetime.fromtimestamp(int(millis) / 1000, tz=timezone.utc) if millis else None
+def sent_at(attributes: dict, message_attributes: dict | None = None) -> datetime | None:
+    """When the edge's send was accepted: the `queued_at` a re-send carried, else SQS's own SentTimestamp
+    (epoch milliseconds, stamped by SQS, not by any site clock); None if neither is readable."""
+    carried = ((message_attributes or {}).get(QUEUED_AT_ATTRIBUTE) or {}).get("StringValue")
+    try:
+        if carried and (when := datetime.fromisoformat(carried)).tzinfo is not None:
+            return when.astimezone(timezone.utc)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromtimestamp(int(attributes["SentTimestamp"]) / 1000, tz=timezone.utc)
+    except (KeyError, TypeError, ValueError, OverflowError, OSError):
+        return None
 
 
 @dataclass
@@ -106,6 +118,7 @@ def receive_window(sqs, queue_url: str, max_messages: int, wait_time_s: int = 1,
             MaxNumberOfMessages=wanted,
             WaitTimeSeconds=wait_time_s if not window.messages else 0,
             MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
+            MessageAttributeNames=[QUEUED_AT_ATTRIBUTE],
         )
         batch = response.get("Messages", [])
         for msg in batch:
@@ -115,7 +128,7 @@ def receive_window(sqs, queue_url: str, max_messages: int, wait_time_s: int = 1,
                     receipt_handle=msg["ReceiptHandle"],
                     body=msg["Body"],
                     receive_count=int(msg.get("Attributes", {}).get("ApproximateReceiveCount", 1)),
-                    sent_at=sent_at(msg.get("Attributes", {})),
+                    sent_at=sent_at(msg.get("Attributes", {}), msg.get("MessageAttributes")),
                 )
             )
         if len(batch) < wanted:

@@ -155,3 +155,11 @@ def test_the_drain_keeps_each_events_sqs_sent_time_from_its_first_copy_across_th
     assert parsed.duplicates == 1 and all(isinstance(text, str) for text in parsed.queued_at)
     assert parsed.queued_times == [first, None]
     assert drain.sent_at({"SentTimestamp": "1709546405000"}) == first
+
+
+def test_a_cloud_side_resend_keeps_the_queued_at_it_carries_and_a_bad_one_falls_back_to_sqs_sent_time():
+    replayed = {"SentTimestamp": "1709550000000"}  # when the 02:00 replay sent it again
+
+    assert drain.sent_at(replayed, {"queued_at": {"DataType": "String", "StringValue": "2024-03-04T10:00:05+00:00"}}) == datetime(2024, 3, 4, 10, 0, 5, tzinfo=timezone.utc)
+    assert drain.sent_at(replayed, {"queued_at": {"DataType": "String", "StringValue": "not a time"}}) == datetime(2024, 3, 4, 11, 0, tzinfo=timezone.utc)
+    assert drain.sent_at({"SentTimestamp": "soon"}) is None
