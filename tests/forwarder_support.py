@@ -22,12 +22,14 @@ class SiteSubscriber:
     """Every envelope that reached the site broker under sites/+/events/#, through a persistent QoS 1 session
     (so what arrives while it reconnects, or across a broker restart, is kept for it)."""
 
-    def __init__(self, port: int, client_id: str = "forwarder-test-site-subscriber") -> None:
+    def __init__(self, port: int, client_id: str = "forwarder-test-site-subscriber", username: str | None = None, password: str | None = None) -> None:
         self.messages: list[dict] = []
         self.topics: list[str] = []
         self._lock = threading.Lock()
         self.subscribed = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+        if username:
+            self.client.username_pw_set(username, password)
         self.client.on_connect = lambda c, *a: c.subscribe("sites/+/events/#", qos=1)
         self.client.on_subscribe = lambda *a: self.subscribed.set()
         self.client.on_message = self._on_message
