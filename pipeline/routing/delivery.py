@@ -30,6 +30,7 @@ import requests
 from botocore.exceptions import ClientError
 
 from edge_bridge.envelope import utc_now
+from pipeline.routing import fifo
 from pipeline.routing.config import PartnerConfig
 from pipeline.routing.logs import AttemptLog
 from pipeline.routing.webhooks import WebhookResult, check_endpoint, prepare_signed, send_signed
@@ -136,6 +137,7 @@ def set_aside(sqs, dlq_url: str, message: dict, source_url: str, reason: str, de
             "failure_reason": {"DataType": "String", "StringValue": _attribute_text(reason, 100)},
             "failure_detail": {"DataType": "String", "StringValue": _attribute_text(detail)},
         },
+        **fifo.send_fields(dlq_url, message["Body"], message["MessageId"]),
     )
     sqs.delete_message(QueueUrl=source_url, ReceiptHandle=message["ReceiptHandle"])
     return sent["MessageId"]
@@ -400,7 +402,7 @@ def move_messages(sqs, source_url: str, target_url: str, max_messages: int, keep
         batch = [m for m in movable if m["MessageId"] in fresh]
         if not batch:
             continue
-        response = sqs.send_message_batch(QueueUrl=target_url, Entries=[{"Id": str(i), "MessageBody": m["Body"]} for i, m in enumerate(batch)])
+        response = sqs.send_message_batch(QueueUrl=target_url, Entries=[{"Id": str(i), "MessageBody": m["Body"], **fifo.send_fields(target_url, m["Body"], m["MessageId"])} for i, m in enumerate(batch)])
         sent = {int(e["Id"]) for e in response.get("Successful", [])}
         done = [batch[i] for i in sorted(sent)]
         if done:

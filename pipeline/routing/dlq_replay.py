@@ -16,7 +16,8 @@ deleted from the DLQ, because sending it back would only fail the same way:
   `replay_count` attribute on what it sends back, which SQS keeps through the next redrive, so
   whatever keeps failing it, it is not retried every night for ever.
 Everything else failed with its window for a shared cause and goes back to `events`. Only a shared
-failure (S3 or SQS refusing a call) leaves a batch in place, with nothing of it deleted.
+failure (S3 or SQS refusing a call) leaves a batch in place, with nothing of it deleted. Into a FIFO
+`events` queue each message goes in its site's group (`pipeline.routing.fifo`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from edge_bridge.claim_check import verify_and_fetch
 from edge_bridge.envelope import EnvelopeRejected, claim_check_pointer, parse_envelope, utc_now
 from pipeline.drain import quarantine_key, quarantine_line, write_quarantine
+from pipeline.routing import fifo
 
 log = logging.getLogger(__name__)
 FAILURES_PREFIX = "drain_failures"
@@ -161,7 +163,12 @@ def replay_events_dlq(
         if not back:
             continue
         entries = [
-            {"Id": str(i), "MessageBody": v.message["Body"], "MessageAttributes": {REPLAY_COUNT: {"DataType": "Number", "StringValue": str(_replays(v.message) + 1)}}}
+            {
+                "Id": str(i),
+                "MessageBody": v.message["Body"],
+                "MessageAttributes": {REPLAY_COUNT: {"DataType": "Number", "StringValue": str(_replays(v.message) + 1)}},
+                **fifo.send_fields(events_url, v.message["Body"], v.message["MessageId"]),
+            }
             for i, v in enumerate(back)
         ]
         response = sqs.send_message_batch(QueueUrl=events_url, Entries=entries)
