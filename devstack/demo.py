@@ -27,6 +27,7 @@ from zoneinfo import ZoneInfo
 import requests
 
 from devstack.processes import AwsEmulator, Mosquitto, MqttUser, Prometheus, Pushgateway, aws_env, free_port, stop_process, wait_for_port
+from devstack.traffic import SiteTraffic
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE = Path(os.environ.get("DEMO_STATE_DIR", ROOT / ".demo"))
@@ -159,6 +160,8 @@ class Demo:
         }
         users = [MqttUser(site, self.mqtt_passwords[site], write=[f"sites/{site}/#"]) for site in DEMO_SITES]
         users.append(MqttUser("edge", self.mqtt_passwords["edge"], read=["sites/+/events/#"]))
+        self.traffic = SiteTraffic(DEMO_SITES, STATE)  # each site's forwarder and the devices' simulator
+        users += self.traffic.users()
         self.mosquitto = Mosquitto(STATE / "mosquitto", port=self.mqtt_port, users=users).start()
         self._record()
         log.info("started %-14s %s", "mosquitto", self.mosquitto.url)
@@ -193,12 +196,10 @@ class Demo:
         edge_env = {"EDGE_CLIENT_ID": "edge-bridge-demo", "EDGE_STATE_DIR": str(STATE / "edge"), "EDGE_ADMIN_PORT": str(self.edge_admin_port), "EDGE_ADMIN_TOKEN": edge_admin_token}
         edge_env.update(EDGE_MQTT_USERNAME="edge", EDGE_MQTT_PASSWORD=self.mqtt_passwords["edge"], EDGE_SITE_ID=DEMO_SITES[0])
         self._spawn("edge", [sys.executable, "-m", "edge_bridge"], {**env, **edge_env})
-        site_passwords = {"MQTT_PASSWORD_" + site.upper().replace("-", "_"): self.mqtt_passwords[site] for site in DEMO_SITES}
-        simulator = [sys.executable, "-m", "edge_bridge.simulator", "--port", str(self.mqtt_port), "--sites", str(len(DEMO_SITES))]
-        simulator += ["--rate", os.environ.get("DEMO_RATE", "3"), "--malformed", "0.02", "--internal", "0.05", "--state-dir", str(STATE / "simulator")]
         env = {**env, "EDGE_ADMIN_URL": f"http://127.0.0.1:{self.edge_admin_port}"}
-        # The simulator also sends the edge's own events (check-ins, jobs, robots) through its admin API.
-        self._spawn("traffic", simulator, {**env, **site_passwords, "EDGE_ADMIN_TOKEN": edge_admin_token})
+        # A forwarder per site, and the simulator speaking each device's protocol to it (zigbee2mqtt, ISAPI,
+        # signed webhooks, SIA DC-09); it also sends the edge's own events (check-ins, jobs, robots) to the admin API.
+        self.traffic.start(self._spawn, env, self.mqtt_port, {site: self.mqtt_passwords[site] for site in DEMO_SITES}, {"EDGE_ADMIN_TOKEN": edge_admin_token})
         # The partner's webhook secret, generated per run and shared by environment only.
         env["PARTNER_SECURITY_MONITORING_SECRET"] = os.environ.get("PARTNER_SECURITY_MONITORING_SECRET") or "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
         partner_port = _port_or_free("DEMO_PARTNER_PORT", 8099)
