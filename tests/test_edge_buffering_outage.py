@@ -163,3 +163,21 @@ def test_a_cloud_side_resend_keeps_the_queued_at_it_carries_and_a_bad_one_falls_
     assert drain.sent_at(replayed, {"queued_at": {"DataType": "String", "StringValue": "2024-03-04T10:00:05+00:00"}}) == datetime(2024, 3, 4, 10, 0, 5, tzinfo=timezone.utc)
     assert drain.sent_at(replayed, {"queued_at": {"DataType": "String", "StringValue": "not a time"}}) == datetime(2024, 3, 4, 11, 0, tzinfo=timezone.utc)
     assert drain.sent_at({"SentTimestamp": "soon"}) is None
+
+
+def test_a_claim_checked_event_is_queued_when_sqs_accepted_its_pointer(aws):
+    from edge_bridge.claim_check import EDGE_PREFIX, check_in
+    from pipeline.stack import aws_client, load_stack_config
+
+    s3, sqs, url = aws_client("s3"), aws_client("sqs"), aws.provisioned.queues["events"]
+    big = sample_envelope(payload={"snapshot_b64": "A" * 300_000})
+    pointer = check_in(s3, load_stack_config().claim_check.bucket, EDGE_PREFIX, big.site_id, big.event_id, big.to_json())
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    sqs.send_message(QueueUrl=url, MessageBody=pointer)
+    after = datetime.now(timezone.utc)
+
+    window = wait_until(lambda: (w := drain.receive_window(sqs, url, 10, wait_time_s=1)).messages and w, 30, message="the pointer in SQS")
+    parsed = drain.parse_window(window, s3_client=s3)
+
+    assert [e.event_id for e in parsed.events] == [big.event_id]
+    assert before <= parsed.queued_times[0] <= after
