@@ -95,7 +95,7 @@ def measure_archive_freshness(
     landing: dict[str, list[tuple[datetime, str]]] = {}
     kwargs = {"Bucket": bucket, "Prefix": f"{landing_prefix}/hour=", "StartAfter": f"{landing_prefix}/hour={first:%Y-%m-%dT%H}", "MaxKeys": 1000}
     truncated = False
-    for page_number in range(MAX_LANDING_PAGES):
+    for _ in range(MAX_LANDING_PAGES):
         page = s3_client.list_objects_v2(**kwargs)
         for obj in page.get("Contents", []):
             hour = _hour_of(obj["Key"], landing_prefix)

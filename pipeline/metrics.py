@@ -3,7 +3,9 @@
 Names are part of the monitoring contract (DESIGN.md): sqs_queue_depth, consumer_lag,
 processing_error_rate, partner_delivery_success_rate, parquet_files_written, archival_lag_minutes.
 Pushing is a no-op unless PIPELINE_PUSHGATEWAY_URL is set, and a Pushgateway that is down never fails
-a run (metrics are observability, not delivery).
+a run (metrics are observability, not delivery). The Pushgateway serves a group's last values for ever
+and stamps each push as push_time_seconds{job, ...grouping key}: that, not the value, says how old a
+gauge is (archival_lag_minutes is pushed every minute by a timer, see pipeline.freshness).
 """
 
 from __future__ import annotations
