@@ -58,10 +58,11 @@ class SiteSubscriber:
 class Zigbee2Mqtt:
     """zigbee2mqtt's side of its broker: publishes device topics at QoS 1 and knows which the broker acked."""
 
-    def __init__(self, port: int, base: str = "zigbee2mqtt", client_id: str = "zigbee2mqtt-test") -> None:
+    def __init__(self, port: int, base: str = "zigbee2mqtt", client_id: str = "zigbee2mqtt-test", max_inflight: int = 100) -> None:
         self.base = base
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
-        self.client.max_inflight_messages_set(100)
+        self.client.max_inflight_messages_set(max_inflight)
+        self.client.max_queued_messages_set(0)
         self.client.reconnect_delay_set(min_delay=1, max_delay=1)
         self.client.connect("127.0.0.1", port, keepalive=30)
         self.client.loop_start()
