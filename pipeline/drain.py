@@ -107,7 +107,8 @@ def receive_window(sqs, queue_url: str, max_messages: int, wait_time_s: int = 1,
     """Receive up to `max_messages`, stopping early once the queue runs dry or time is up.
 
     Only the first receive long-polls; a later short receive that comes back less than full means
-    the backlog is taken, so the run moves on instead of trickling for its whole time budget.
+    the backlog is taken (on a FIFO queue, an empty one), so the run moves on instead of trickling
+    for its whole time budget.
     """
     window = Window()
     deadline = time.monotonic() + max_seconds
@@ -131,7 +132,9 @@ def receive_window(sqs, queue_url: str, max_messages: int, wait_time_s: int = 1,
                     sent_at=sent_at(msg.get("Attributes", {}), msg.get("MessageAttributes")),
                 )
             )
-        if len(batch) < wanted:
+        # A short answer means the backlog is taken, except on a FIFO queue: there a receive returns
+        # only groups (sites) with nothing in flight, so only an empty answer says that.
+        if not batch or (len(batch) < wanted and not queue_url.endswith(".fifo")):
             break
     return window
 
