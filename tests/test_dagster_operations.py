@@ -41,6 +41,7 @@ PROMISED = {
     "events_queue_sensor",
     "partner_queues_sensor",
     "archive_hours_sensor",
+    "archive_freshness_sensor",
 }
 EVENTS_PER_HOUR = 50_000  # a compaction that takes a few seconds, so the test can stop it mid-step
 MONITOR = yaml.safe_load((PROJECT_ROOT / "dagster.yaml").read_text())["run_monitoring"]
