@@ -120,7 +120,7 @@ def express_lane_job():
     route_express_lane()
 
 
-@sensor(job=express_lane_job, minimum_interval_seconds=5, default_status=DefaultSensorStatus.RUNNING)
+@sensor(job=express_lane_job, minimum_interval_seconds=1, default_status=DefaultSensorStatus.RUNNING)  # every daemon loop (>= 5 s)
 def express_lane_sensor(context: SensorEvaluationContext, sqs: SQSResource):
     """Keep one express lane run going while an express queue is configured (turn this off to stop the lane)."""
     express = ExpressSettings.from_env()
