@@ -207,7 +207,7 @@ class Forwarder:
         info = self.client.publish(envelope.topic, body, qos=1)
         with self._lock:
             self._unconfirmed.append(info)
-            while self._unconfirmed and self._unconfirmed[0].is_published():
+            while self._unconfirmed and _published(self._unconfirmed[0]):
                 self._unconfirmed.popleft()
         self._count(family, Outcome.FORWARDED)
         return envelope
@@ -242,6 +242,13 @@ class _Counted(Delivery):
             self.counted = True
             self.forwarder._count(self.family, outcome)
         return outcome
+
+
+def _published(info: mqtt.MQTTMessageInfo) -> bool:
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):  # sent while disconnected: paho still holds it for the reconnection
+        return False
 
 
 # Sources whose first segment is not the family's name (the SIA receiver's `sia/<account>`).
