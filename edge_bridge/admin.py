@@ -9,6 +9,8 @@ POST /events       an internal event {"event_type", "payload", "device_id"}; 202
 GET  /quarantine?limit=N&reason=R   quarantined messages, newest first, each with its `ref`
 POST /quarantine/release {"ref"}   send one back through the intake, once the cause is fixed: 200 once
                    it is in SQS or the retry log; 409 when it would still be refused (the reason says why)
+GET  /trace?event_id=E&site_id=S   where this service holds an event: its pending retry-log jobs, its
+                   DLQ rows and its quarantine entries (site_id optional); read-only, for `python -m pipeline.trace`
 
 It listens on loopback by default: it is for the site's own tools, not the network. Loopback is still
 reachable from any browser on the machine, so:
@@ -124,6 +126,9 @@ class _Handler(BaseHTTPRequestHandler):
             limit, reason = _quarantine_query(url.query)
             quarantine = self.service.quarantine
             self._reply(200, read_entries(quarantine.path, quarantine.keep_files, limit, reason))
+        elif url.path == "/trace":
+            event_id, site_id = _trace_query(url.query)
+            self._reply(200, trace_event(self.service, event_id, site_id))
         else:
             raise Refused(404, f"no such endpoint {url.path}")
 
@@ -286,6 +291,132 @@ def _quarantine_query(query: str) -> tuple[int, str | None]:
     if reason is not None and not re.fullmatch(r"[a-z_]{1,64}", reason):
         raise Refused(400, "reason is a quarantine reason such as too_deep")
     return int(limit), reason
+
+
+def _trace_query(query: str) -> tuple[str, str | None]:
+    """`event_id` (required) and `site_id` of GET /trace; anything else is a 400."""
+    try:
+        params = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query), max_num_fields=10)
+    except ValueError as exc:
+        raise Refused(400, f"malformed query string: {str(exc)[:100]}") from None
+    unknown = sorted(set(params) - {"event_id", "site_id"})
+    if unknown or any(len(v) != 1 for v in params.values()):
+        raise Refused(400, "/trace takes event_id and site_id, each at most once")
+    event_id, site_id = params.get("event_id", [""])[0], params.get("site_id", [None])[0]
+    for name, value in (("event_id", event_id), ("site_id", site_id)):
+        if value is not None and not _TRACE_ID.fullmatch(value):
+            raise Refused(400, f"{name} must be 1 to 128 letters, digits or . _ : -")
+    return event_id, site_id
+
+
+_TRACE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
+TRACE_MAX_ROWS = 100  # of each kind: an event id a careless site reuses must not make the answer huge
+
+
+def trace_event(service: "EdgeService", event_id: str, site_id: str | None) -> dict:
+    """Every place this service holds the event: retry-log jobs, DLQ rows, quarantine entries and releases."""
+    jobs, dead = _retry_log_rows(service.retry_log, event_id, site_id)
+    entries, releases = _quarantine_entries(service.quarantine, event_id, site_id)
+    return {"site_id": service.config.site_id, "event_id": event_id, "pending": jobs, "dlq": dead, "quarantine": entries, "released": releases}
+
+
+def _retry_log_rows(retry_log, event_id: str, site_id: str | None) -> tuple[list[dict], list[dict]]:
+    """The retry log's rows for one event id (a body from another site is left out when `site_id` is given).
+
+    RetryLog has no lookup by event id, so this reads its two tables under its own lock, as its methods do.
+    """
+    with retry_log._lock:
+        jobs = retry_log._con.execute(
+            "SELECT job_id, attempts, next_attempt_at, last_error, created_at, body FROM jobs WHERE event_id = ? ORDER BY job_id LIMIT ?",
+            [event_id, TRACE_MAX_ROWS],
+        ).fetchall()
+        dead = retry_log._con.execute(
+            "SELECT attempts, last_error, created_at, failed_at, body FROM dlq WHERE event_id = ? ORDER BY failed_at LIMIT ?",
+            [event_id, TRACE_MAX_ROWS],
+        ).fetchall()
+    pending = [
+        {"job_id": job_id, "attempts": attempts, "next_attempt_at": due, "last_error": error, "created_at": created, "site_id": _site_of(body)}
+        for job_id, attempts, due, error, created, body in jobs
+    ]
+    letters = [
+        {"attempts": attempts, "last_error": error, "created_at": created, "failed_at": failed, "site_id": _site_of(body)}
+        for attempts, error, created, failed, body in dead
+    ]
+    if site_id is not None:
+        pending = [j for j in pending if j["site_id"] in (site_id, None)]
+        letters = [d for d in letters if d["site_id"] in (site_id, None)]
+    return pending, letters
+
+
+def _site_of(body: str) -> str | None:
+    try:
+        site = json.loads(body).get("site_id")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return site if isinstance(site, str) else None
+
+
+def _quarantine_entries(quarantine, event_id: str, site_id: str | None) -> tuple[list[dict], list[dict]]:
+    """Quarantine entries whose payload carries the event id, newest first, read line by line across the
+    rotated files; `match` says whether the payload is an envelope with that id or only mentions it."""
+    from edge_bridge.quarantine import RELEASED_SUFFIX, entry_id, released_ids
+
+    needle = event_id.encode("utf-8")
+    released = released_ids(quarantine.path)
+    files = [quarantine.path] + [quarantine.path.with_name(f"{quarantine.path.name}.{i}") for i in range(1, quarantine.keep_files + 1)]
+    found: list[dict] = []
+    for file in files:
+        try:
+            lines = file.read_bytes().splitlines()
+        except FileNotFoundError:
+            continue
+        for number in range(len(lines), 0, -1):
+            line = lines[number - 1]
+            try:
+                entry = json.loads(line)
+                payload = base64.b64decode(entry.get("payload_b64", ""))
+            except (ValueError, TypeError, AttributeError):
+                continue
+            if needle not in payload and needle not in str(entry.get("detail", "")).encode("utf-8"):
+                continue
+            match, site = _payload_match(payload, event_id)
+            if site_id is not None and site not in (site_id, None):
+                continue
+            found.append(
+                {
+                    "ref": f"{file.name}:{number}",
+                    "quarantined_at": entry.get("quarantined_at"),
+                    "reason": entry.get("reason"),
+                    "detail": entry.get("detail"),
+                    "topic": entry.get("topic"),
+                    "site_id": site,
+                    "match": match,
+                    "released": entry_id(line) in released,
+                }
+            )
+            if len(found) >= TRACE_MAX_ROWS:
+                break
+    releases: list[dict] = []
+    try:
+        for line in quarantine.path.with_name(quarantine.path.name + RELEASED_SUFFIX).read_text().splitlines():
+            record = json.loads(line) if line.strip() else {}
+            if record.get("event_id") == event_id:
+                releases.append(record)
+    except (FileNotFoundError, ValueError):
+        pass
+    return found, releases[:TRACE_MAX_ROWS]
+
+
+def _payload_match(payload: bytes, event_id: str) -> tuple[str, str | None]:
+    """("envelope", site) when the payload is a JSON object with this event_id; ("mentions", site or None) otherwise."""
+    try:
+        body = json.loads(payload)
+    except (ValueError, RecursionError):
+        return "mentions", None
+    if not isinstance(body, dict):
+        return "mentions", None
+    site = body.get("site_id") if isinstance(body.get("site_id"), str) else None
+    return ("envelope" if body.get("event_id") == event_id else "mentions"), site
 
 
 _RELEASES = threading.Lock()  # one release at a time: its check and its record must not interleave
