@@ -27,6 +27,7 @@ T0 = datetime(2024, 1, 15, 10, 30, tzinfo=timezone.utc)
 SEED = int(os.environ.get("EDGE_FAULT_SEED", "14"))
 SQS_LATENCY_S = 0.05  # per SQS call: a 250-event chunk takes over a second, so events pile up inside the service
 QUIET_S = 5.0  # nothing moving for this long, with the service connected: no more events are on their way
+STUCK_S = 20.0  # the same while the service holds events: it is stuck with them
 
 
 def make_events(n: int, site: str = "site-123", tag: str = "e", payload_bytes: int = 0) -> list:
@@ -79,7 +80,8 @@ class Collector:
 
 def expect_every_acknowledged_event_in_sqs(name: str, url: str, acked: set[str], faults: list, edge, timeout: float = 120) -> None:
     """Wait until SQS holds every acknowledged id, or until nothing has moved for QUIET_S (the service
-    connected and idle, its retry log empty, no new id in SQS): whatever is missing then is lost."""
+    connected and idle, its retry log empty, no new id in SQS; STUCK_S if it still holds events it
+    neither sent nor committed): whatever is missing then is lost."""
     collector = Collector(url)
     admin = edge.admin()
     last = {"state": None, "since": time.monotonic()}
@@ -88,17 +90,19 @@ def expect_every_acknowledged_event_in_sqs(name: str, url: str, acked: set[str],
         if collector.has_all(acked):
             return True
         status, flow = admin.status(), read_flow(edge.admin_url)
-        state = (flow.received, len(collector.seen), status["jobs_pending"])
-        if state != last["state"] or flow.inside or not status["mqtt_connected"]:
+        state = (flow.received, flow.inside, len(collector.seen), status["jobs_pending"])
+        if state != last["state"] or status["jobs_pending"] or not status["mqtt_connected"]:
             last.update(state=state, since=time.monotonic())
             return False
-        return time.monotonic() - last["since"] > QUIET_S
+        last["inside"] = flow.inside
+        return time.monotonic() - last["since"] > (STUCK_S if flow.inside else QUIET_S)
 
     wait_until(done, timeout, interval=0.5, message=f"every acknowledged id in SQS ({len(acked)})")
     collector.report(name, acked)
     print("  at each fault, inside the service: " + ", ".join(f"{f.inside} (received {f.received}, in SQS {f.delivered}, in the retry log {f.spilled})" for f in faults))
     missing = acked - set(collector.seen)
-    assert not missing, f"{len(missing)} events the broker acknowledged never reached SQS, e.g. {sorted(missing)[:3]}"
+    stuck = f" (the service holds {last['inside']} events it neither sent nor committed)" if last.get("inside") else ""
+    assert not missing, f"{len(missing)} events the broker acknowledged never reached SQS{stuck}, e.g. {sorted(missing)[:3]}"
 
 
 def test_every_acknowledged_event_reaches_sqs_although_the_edge_service_is_killed_with_events_inside(edge_factory, mosquitto, aws):
