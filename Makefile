@@ -56,3 +56,10 @@ demo-stop:
 # Benchmarks print figures; they are kept out of the default test run.
 bench: setup dbt-parse
 	$(PY) -m pytest -m benchmark -s -p no:cacheprovider
+
+# Puts back, one at a time, the defects the promise rules out (an ack before the event is safe, a delete
+# before the destinations have the window, duplicates in the archive ...) in a temporary copy of HEAD,
+# and runs the tests that must notice each; fails if one survives. The working tree is never changed.
+.PHONY: mutants
+mutants: setup dbt-parse
+	$(PY) -m devstack.mutants
