@@ -173,7 +173,7 @@ def test_a_partner_queue_message_its_dlq_copy_and_its_archive_replay_carry_nothi
     assert_only_whitelisted(json.loads(message["body"]), wire, partner)
 
     dlq = RecordingSQS()
-    set_aside(dlq, "dlq", {"Body": live, "ReceiptHandle": "r"}, "queue", "attempts_exhausted", "HTTP 500: partner said no")
+    set_aside(dlq, "dlq", {"Body": live, "ReceiptHandle": "r", "MessageId": "m-1"}, "queue", "attempts_exhausted", "HTTP 500: partner said no")
     [dead] = dlq.sent
     assert dead["MessageBody"] == live and set(dead["MessageAttributes"]) == {"failure_reason", "failure_detail"}
 
