@@ -267,7 +267,8 @@ def run_tests(copy: Path, tests: list[str], python: str) -> Outcome:
             node = next((t for t in tests if t.endswith("::" + case.get("name", ""))), node)
             kinds = {child.tag: child for child in case}
             results[node] = "failed" if "failure" in kinds else "error" if "error" in kinds else "skipped" if "skipped" in kinds else "passed"
-            if problem := kinds.get("failure", kinds.get("error")):
+            problem = kinds.get("failure", kinds.get("error"))
+            if problem is not None:  # an element without children is false
                 messages[node] = " ".join((problem.get("message") or "").split())[:160]
     return Outcome(results, messages, proc.returncode, seconds, proc.stdout[-4000:] + proc.stderr[-2000:])
 
