@@ -26,7 +26,17 @@ from zoneinfo import ZoneInfo
 
 import requests
 
-from devstack.processes import AwsEmulator, Mosquitto, MqttUser, Prometheus, Pushgateway, aws_env, free_port, stop_process, wait_for_port
+from devstack.processes import (
+    AwsEmulator,
+    Mosquitto,
+    MqttUser,
+    Prometheus,
+    Pushgateway,
+    aws_env,
+    free_port,
+    stop_process,
+    wait_for_port,
+)
 from devstack.traffic import SiteTraffic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +104,7 @@ class Demo:
         env.update(
             DAGSTER_HOME=str(self.dagster_home),
             PIPELINE_EVENTS_QUEUE="events",
+            PIPELINE_EXPRESS_QUEUE="events-express",  # the express lane: alarms to the consumer and partners within a second
             PIPELINE_ARCHIVE_BUCKET="events-archive",
             PIPELINE_PUSHGATEWAY_URL=self.pushgateway.url if self.pushgateway else "",
             PIPELINE_CONSUMER_METRICS_PORT=str(self.consumer_metrics_port),
@@ -107,7 +118,9 @@ class Demo:
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
         logfile = open(STATE / f"{name}.log", "ab")
-        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.children[name] = proc
         self._record()
         log.info("started %-14s pid %-7d log %s", name, proc.pid, STATE / f"{name}.log")
@@ -134,7 +147,9 @@ class Demo:
         link = self.dagster_home / "dagster.yaml"
         ours = link.is_symlink() and link.resolve() == (ROOT / "dagster.yaml").resolve()
         if (link.exists() or link.is_symlink()) and not ours:
-            raise SystemExit(f"{self.dagster_home} has a dagster.yaml of its own; the demo empties its Dagster home at every start, so give it a DAGSTER_HOME of its own")
+            raise SystemExit(
+                f"{self.dagster_home} has a dagster.yaml of its own; the demo empties its Dagster home at every start, so give it a DAGSTER_HOME of its own"
+            )
         self.dagster_home.mkdir(parents=True, exist_ok=True)
         for entry in self.dagster_home.iterdir():
             if entry == link:
@@ -172,7 +187,15 @@ class Demo:
         from pipeline.provisioning import provision
 
         provisioned = provision()
-        log.info("provisioned    queues %s, bucket(s) %s", ", ".join(sorted(provisioned.queues)), ", ".join(provisioned.buckets))
+        log.info(
+            "provisioned    queues %s, bucket(s) %s",
+            ", ".join(sorted(provisioned.queues)),
+            ", ".join(provisioned.buckets),
+        )
+        from pipeline.routing.express import provision_express_queue
+        from pipeline.stack import aws_client
+
+        self.express_queue_url = provision_express_queue(aws_client("sqs"), "events-express")
 
         self.pushgateway = Pushgateway(STATE / "pushgateway", port=self.pushgateway_port).start()
         self._record()
@@ -193,22 +216,54 @@ class Demo:
         env = self.env
         # The admin API's token for mutating calls (replay, internal events): per run, by environment only.
         edge_admin_token = os.environ.get("EDGE_ADMIN_TOKEN") or secrets.token_urlsafe(32)
-        edge_env = {"EDGE_CLIENT_ID": "edge-bridge-demo", "EDGE_STATE_DIR": str(STATE / "edge"), "EDGE_ADMIN_PORT": str(self.edge_admin_port), "EDGE_ADMIN_TOKEN": edge_admin_token}
-        edge_env.update(EDGE_MQTT_USERNAME="edge", EDGE_MQTT_PASSWORD=self.mqtt_passwords["edge"], EDGE_SITE_ID=DEMO_SITES[0])
+        edge_env = {
+            "EDGE_CLIENT_ID": "edge-bridge-demo",
+            "EDGE_STATE_DIR": str(STATE / "edge"),
+            "EDGE_ADMIN_PORT": str(self.edge_admin_port),
+            "EDGE_ADMIN_TOKEN": edge_admin_token,
+        }
+        edge_env.update(
+            EDGE_MQTT_USERNAME="edge", EDGE_MQTT_PASSWORD=self.mqtt_passwords["edge"], EDGE_SITE_ID=DEMO_SITES[0]
+        )
+        edge_env["EDGE_EXPRESS_QUEUE_URL"] = self.express_queue_url  # high-priority events also take the express lane
         self._spawn("edge", [sys.executable, "-m", "edge_bridge"], {**env, **edge_env})
         env = {**env, "EDGE_ADMIN_URL": f"http://127.0.0.1:{self.edge_admin_port}"}
         # A forwarder per site, and the simulator speaking each device's protocol to it (zigbee2mqtt, ISAPI,
         # signed webhooks, SIA DC-09); it also sends the edge's own events (check-ins, jobs, robots) to the admin API.
-        self.traffic.start(self._spawn, env, self.mqtt_port, {site: self.mqtt_passwords[site] for site in DEMO_SITES}, {"EDGE_ADMIN_TOKEN": edge_admin_token})
+        self.traffic.start(
+            self._spawn,
+            env,
+            self.mqtt_port,
+            {site: self.mqtt_passwords[site] for site in DEMO_SITES},
+            {"EDGE_ADMIN_TOKEN": edge_admin_token},
+        )
         # The partner's webhook secret, generated per run and shared by environment only.
-        env["PARTNER_SECURITY_MONITORING_SECRET"] = os.environ.get("PARTNER_SECURITY_MONITORING_SECRET") or "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+        env["PARTNER_SECURITY_MONITORING_SECRET"] = (
+            os.environ.get("PARTNER_SECURITY_MONITORING_SECRET")
+            or "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+        )
         partner_port = _port_or_free("DEMO_PARTNER_PORT", 8099)
         env["PARTNER_SECURITY_MONITORING_URL"] = f"http://127.0.0.1:{partner_port}/events"
         self._spawn("partner", [sys.executable, "-m", "devstack.partner_receiver", "--port", str(partner_port)], env)
-        self._spawn("consumer", [sys.executable, "-m", "pipeline.consumers"], {**env, "PIPELINE_CONSUMER_DB": str(STATE / "consumer.duckdb")})
+        self._spawn(
+            "consumer",
+            [sys.executable, "-m", "pipeline.consumers"],
+            {**env, "PIPELINE_CONSUMER_DB": str(STATE / "consumer.duckdb")},
+        )
         self._spawn(
             "dagster",
-            [sys.executable, "-m", "dagster", "dev", "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(self.dagster_port)],
+            [
+                sys.executable,
+                "-m",
+                "dagster",
+                "dev",
+                "-w",
+                str(ROOT / "workspace.yaml"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.dagster_port),
+            ],
             {**env, "EDGE_ADMIN_TOKEN": edge_admin_token},  # the edge location's 02:00 replay calls the admin API
         )
         wait_for_port(self.dagster_port, timeout=180)
@@ -258,7 +313,9 @@ events_archive partitions about 30 s later. Ctrl-C (or `make demo-stop`) stops e
     def schedules(self) -> str:
         """Each schedule's next tick, or OFF, and how many sensors are on: what runs by itself from here."""
         try:
-            response = requests.post(f"http://127.0.0.1:{self.dagster_port}/graphql", json={"query": INSTIGATORS_QUERY}, timeout=5)
+            response = requests.post(
+                f"http://127.0.0.1:{self.dagster_port}/graphql", json={"query": INSTIGATORS_QUERY}, timeout=5
+            )
             nodes = response.json()["data"]["repositoriesOrError"]["nodes"]
         except Exception as exc:  # the webserver still loading, or busy: the next line will tell
             log.debug("schedules query failed: %s", exc)

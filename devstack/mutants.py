@@ -28,12 +28,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULTS = "tests/test_edge_faults.py::"
-KILL_IN_FLIGHT = FAULTS + "test_every_acknowledged_event_reaches_sqs_although_the_edge_service_is_killed_with_events_inside"
-KILL_SPILLING = FAULTS + "test_every_acknowledged_event_reaches_sqs_although_the_edge_service_is_killed_while_events_go_to_the_retry_log"
+KILL_IN_FLIGHT = (
+    FAULTS + "test_every_acknowledged_event_reaches_sqs_although_the_edge_service_is_killed_with_events_inside"
+)
+KILL_SPILLING = (
+    FAULTS
+    + "test_every_acknowledged_event_reaches_sqs_although_the_edge_service_is_killed_while_events_go_to_the_retry_log"
+)
 KILL_SENDER = FAULTS + "test_every_acknowledged_event_reaches_sqs_although_a_sender_process_is_killed_holding_a_chunk"
 EDGE_DLQ = FAULTS + "test_event_failing_three_attempts_lands_in_the_dlq_and_a_replay_delivers_it"
-DRAIN_FAILED_DESTINATION = "tests/test_drain_routing.py::test_failed_destination_keeps_the_window_and_replay_reports_why_it_failed"
-DRAIN_QUARANTINE_UNWRITABLE = "tests/test_drain_isolation.py::test_when_a_quarantine_cannot_be_written_the_window_stays_in_sqs"
+DRAIN_FAILED_DESTINATION = (
+    "tests/test_drain_routing.py::test_failed_destination_keeps_the_window_and_replay_reports_why_it_failed"
+)
+DRAIN_QUARANTINE_UNWRITABLE = (
+    "tests/test_drain_isolation.py::test_when_a_quarantine_cannot_be_written_the_window_stays_in_sqs"
+)
 
 
 class MutationError(Exception):
@@ -125,7 +134,13 @@ MUTANTS = [
     Mutant(
         "edge-acks-qos-0",
         "the edge answers a QoS 0 message (id 0) with a PUBACK, which Mosquitto 2 takes as a protocol error",
-        (Edit("edge_bridge/mqtt_client.py", "        mids = [mid for mid in mids if mid]\n", "        mids = list(mids)\n"),),
+        (
+            Edit(
+                "edge_bridge/mqtt_client.py",
+                "        mids = [mid for mid in mids if mid]\n",
+                "        mids = list(mids)\n",
+            ),
+        ),
         (
             "tests/test_mqtt_client.py::test_ack_many_sends_no_puback_for_a_qos_0_message_so_the_broker_keeps_the_connection",
             "tests/test_edge_poison.py::test_a_qos_0_publish_among_qos_1_ones_is_delivered_without_a_puback_or_a_disconnect",
@@ -170,7 +185,13 @@ MUTANTS = [
     Mutant(
         "archive-compaction-keeps-duplicates",
         "hourly compaction writes every landed row, skipping the dedupe by (site_id, event_id)",
-        (Edit("pipeline/archive.py", "    unique = dedupe_by_event_key(landed).sort_by(", "    unique = landed.sort_by("),),
+        (
+            Edit(
+                "pipeline/archive.py",
+                "    unique = dedupe_by_event_key(landed).sort_by(",
+                "    unique = landed.sort_by(",
+            ),
+        ),
         (
             "tests/test_archive_exactly_once.py::test_events_delivered_twice_and_out_of_order_are_archived_once_and_pass_the_duplicate_check",
             "tests/test_drain_and_archive.py::test_archive_partition_holds_each_event_once_even_when_drained_twice",
@@ -200,14 +221,20 @@ def make_copy(dest: Path, rev: str | None) -> str:
 
     Only reads the repository. Returns a description of what was copied."""
     if rev is not None:
-        commit = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", rev], cwd=ROOT, check=True, capture_output=True, text=True
+        ).stdout.strip()
         archive = subprocess.Popen(["git", "archive", "--format=tar", rev], cwd=ROOT, stdout=subprocess.PIPE)
         subprocess.run(["tar", "-x", "-C", str(dest)], stdin=archive.stdout, check=True)
         if archive.wait() != 0:
             raise RuntimeError(f"git archive {rev} failed")
         described = f"commit {commit}"
     else:
-        listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True).stdout.decode().split("\0")
+        listed = (
+            subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True)
+            .stdout.decode()
+            .split("\0")
+        )
         for name in filter(None, listed):
             source = ROOT / name
             if not source.is_file():
@@ -250,7 +277,12 @@ class Outcome:
 def run_tests(copy: Path, tests: list[str], python: str) -> Outcome:
     junit = copy / ".mutants-junit.xml"
     junit.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(copy), "DAGSTER_HOME": str(copy / ".dagster_home"), "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(copy),
+        "DAGSTER_HOME": str(copy / ".dagster_home"),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
     started = time.monotonic()
     proc = subprocess.run(
         [python, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"],
@@ -266,7 +298,15 @@ def run_tests(copy: Path, tests: list[str], python: str) -> Outcome:
             node = f"{case.get('file') or case.get('classname', '').replace('.', '/') + '.py'}::{case.get('name')}"
             node = next((t for t in tests if t.endswith("::" + case.get("name", ""))), node)
             kinds = {child.tag: child for child in case}
-            results[node] = "failed" if "failure" in kinds else "error" if "error" in kinds else "skipped" if "skipped" in kinds else "passed"
+            results[node] = (
+                "failed"
+                if "failure" in kinds
+                else "error"
+                if "error" in kinds
+                else "skipped"
+                if "skipped" in kinds
+                else "passed"
+            )
             problem = kinds.get("failure", kinds.get("error"))
             if problem is not None:  # an element without children is false
                 messages[node] = " ".join((problem.get("message") or "").split())[:160]
@@ -285,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devstack.mutants", description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run these mutants only")
     parser.add_argument("--rev", default="HEAD", help="the commit to copy (default HEAD)")
-    parser.add_argument("--working-tree", action="store_true", help="copy the tracked files as they are on disk instead of a commit")
+    parser.add_argument(
+        "--working-tree", action="store_true", help="copy the tracked files as they are on disk instead of a commit"
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the tests")
     parser.add_argument("--list", action="store_true", help="list the mutants and the tests each should fail")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy (its path is printed)")
@@ -310,7 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     problems = 0
     try:
         described = make_copy(copy, None if args.working_tree else args.rev)
-        print(f"mutants: {len(mutants)} defects, each applied alone to a copy of {described} (the working tree is not touched)", flush=True)
+        print(
+            f"mutants: {len(mutants)} defects, each applied alone to a copy of {described} (the working tree is not touched)",
+            flush=True,
+        )
         for m in mutants:  # every edit must still apply before anything runs
             for edit in m.edits:
                 (copy / edit.path).write_text(edit.apply(copy))
@@ -318,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
             tests = list(dict.fromkeys(node for m in mutants for node in m.tests))
             baseline = run_tests(copy, tests, python)
             if not baseline.usable or baseline.failed:
-                print(f"baseline: the tests do not pass unmutated ({_clock(baseline.seconds)}), so no mutant can be judged:")
+                print(
+                    f"baseline: the tests do not pass unmutated ({_clock(baseline.seconds)}), so no mutant can be judged:"
+                )
                 for node, result in baseline.results.items():
                     print(f"    {result:<8} {node}")
                 print(baseline.output)
@@ -341,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 survived.append(m.name)
                 verdict = "SURVIVED"
-            print(f"[{n}/{len(mutants)}] {m.name}: {verdict} in {_clock(outcome.seconds)}\n    defect: {m.defect} ({files})")
+            print(
+                f"[{n}/{len(mutants)}] {m.name}: {verdict} in {_clock(outcome.seconds)}\n    defect: {m.defect} ({files})"
+            )
             for node, result in outcome.results.items():
                 print(f"    {'FAILED' if result in ('failed', 'error') else result:<8} {_short(node)}")
                 if node in outcome.messages:
@@ -350,7 +399,12 @@ def main(argv: list[str] | None = None) -> int:
                 print("\n".join("    | " + line for line in outcome.output.splitlines()[-30:]))
             sys.stdout.flush()
         caught = len(mutants) - len(survived) - problems
-        print(f"mutants: {caught} caught, {len(survived)} survived" + (f" ({', '.join(survived)})" if survived else "") + (f", {problems} not judged" if problems else "") + f"; {_clock(time.monotonic() - started)} in all")
+        print(
+            f"mutants: {caught} caught, {len(survived)} survived"
+            + (f" ({', '.join(survived)})" if survived else "")
+            + (f", {problems} not judged" if problems else "")
+            + f"; {_clock(time.monotonic() - started)} in all"
+        )
         return 1 if survived or problems else 0
     except MutationError as exc:
         print(f"mutants: {exc}: update the mutant to the code as it is now", file=sys.stderr)

@@ -45,7 +45,9 @@ class PartnerReceiver:
     duplicates: int = 0
     rejected_signatures: int = 0
     echo: bool = False
-    stream_body: tuple[int, float] | None = None  # (bytes, seconds): after the status, that many bytes per interval, until the caller hangs up
+    stream_body: tuple[int, float] | None = (
+        None  # (bytes, seconds): after the status, that many bytes per interval, until the caller hangs up
+    )
     streamed_bytes: int = 0
 
     def __post_init__(self) -> None:
@@ -75,7 +77,10 @@ class PartnerReceiver:
             else:
                 self.accepted[webhook_id], self.raw[webhook_id] = data, bytes(body)
                 if self.echo:
-                    print(f"partner received {webhook_id} (contract {contract}): {json.dumps(data, sort_keys=True)}", flush=True)
+                    print(
+                        f"partner received {webhook_id} (contract {contract}): {json.dumps(data, sort_keys=True)}",
+                        flush=True,
+                    )
             self.requests.append(Request(time.time(), webhook_id, 200, True, contract))
             return 200
 
@@ -97,7 +102,7 @@ class PartnerReceiver:
         with self._lock:
             return [r for r in self.requests if r.webhook_id == webhook_id]
 
-    def start(self) -> "PartnerReceiver":
+    def start(self) -> PartnerReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):

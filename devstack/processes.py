@@ -207,12 +207,17 @@ class Mosquitto(ManagedProcess):
                 user = pwd.getpwnam("mosquitto")
                 for path in (passwd, acl):
                     os.chown(path, user.pw_uid, user.pw_gid)
-            lines += ["allow_anonymous false", f"password_file {passwd}", f"acl_file {acl}", "use_username_as_clientid true"]
+            lines += [
+                "allow_anonymous false",
+                f"password_file {passwd}",
+                f"acl_file {acl}",
+                "use_username_as_clientid true",
+            ]
         conf = self.workdir / "mosquitto.conf"
         conf.write_text("\n".join(lines) + "\n")
         return conf
 
-    def start(self) -> "Mosquitto":
+    def start(self) -> Mosquitto:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         conf = self._write_config()
         self.proc = subprocess.Popen(
@@ -243,7 +248,7 @@ class AwsEmulator(ManagedProcess):
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> "AwsEmulator":
+    def start(self, timeout: float = 30.0) -> AwsEmulator:
         if not (FAUXQS_DIR / "node_modules" / "fauxqs").exists():
             raise RuntimeError("the AWS emulator is not installed: run `make setup` (npm ci in devstack/fauxqs)")
         port = self.port or free_port()
@@ -303,7 +308,7 @@ class Pushgateway(ManagedProcess):
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 15.0) -> "Pushgateway":
+    def start(self, timeout: float = 15.0) -> Pushgateway:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [
@@ -345,7 +350,9 @@ class Prometheus(ManagedProcess):
         import yaml
 
         config = yaml.safe_load(self.template.read_text())
-        config.setdefault("global", {}).update(scrape_interval=self.scrape_interval, evaluation_interval=self.scrape_interval)
+        config.setdefault("global", {}).update(
+            scrape_interval=self.scrape_interval, evaluation_interval=self.scrape_interval
+        )
         config["rule_files"] = [str((self.template.parent / name).resolve()) for name in config.get("rule_files", [])]
         jobs = {job["job_name"]: job for job in config["scrape_configs"]}
         unknown = set(self.targets) - set(jobs)
@@ -361,7 +368,7 @@ class Prometheus(ManagedProcess):
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         return path
 
-    def start(self, timeout: float = 30.0) -> "Prometheus":
+    def start(self, timeout: float = 30.0) -> Prometheus:
         import requests
 
         config = self.write_config()
@@ -381,7 +388,9 @@ class Prometheus(ManagedProcess):
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self.proc.returncode}; see {self.workdir / 'prometheus.log'}")
+                raise RuntimeError(
+                    f"prometheus exited with {self.proc.returncode}; see {self.workdir / 'prometheus.log'}"
+                )
             try:
                 if requests.get(f"{self.url}/-/ready", timeout=1).status_code == 200:
                     return self
@@ -413,7 +422,12 @@ class Prometheus(ManagedProcess):
         """Per scrape target: job, url, health and last error, to explain a missing series."""
         active = self._get("/api/v1/targets", {"state": "active"})["activeTargets"]
         return [
-            {"job": t["labels"].get("job"), "url": t["scrapeUrl"], "health": t["health"], "error": t.get("lastError", "")}
+            {
+                "job": t["labels"].get("job"),
+                "url": t["scrapeUrl"],
+                "health": t["health"],
+                "error": t.get("lastError", ""),
+            }
             for t in active
         ]
 
@@ -431,7 +445,9 @@ class Prometheus(ManagedProcess):
                 return found
             if time.monotonic() > deadline:
                 missing = [n for n in names if n not in found]
-                raise AssertionError(f"prometheus has no series for {missing} after {timeout:.0f}s; targets: {self.target_health()}")
+                raise AssertionError(
+                    f"prometheus has no series for {missing} after {timeout:.0f}s; targets: {self.target_health()}"
+                )
             time.sleep(0.25)
 
     def reload(self) -> None:
@@ -440,4 +456,3 @@ class Prometheus(ManagedProcess):
 
         self.write_config()
         requests.post(f"{self.url}/-/reload", timeout=10).raise_for_status()
-

@@ -28,7 +28,7 @@ class TcpProxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def open(self) -> "TcpProxy":
+    def open(self) -> TcpProxy:
         with self._lock:
             if self._listener is not None:
                 return self
@@ -63,7 +63,7 @@ class TcpProxy:
 
     close = cut
 
-    def slow(self, latency_s: float) -> "TcpProxy":
+    def slow(self, latency_s: float) -> TcpProxy:
         """Delay each read from the target by `latency_s` (applies to live connections at once)."""
         self.latency_s = max(0.0, latency_s)
         return self

@@ -63,17 +63,32 @@ class SiteTraffic:
             "FORWARDER_SIA_PORT": str(self.sia_ports[site]),
         }
 
-    def simulator(self, mqtt_port: int, rate: str, malformed: str = "0.02", internal: str = "0.05") -> tuple[list[str], dict[str, str]]:
+    def simulator(
+        self, mqtt_port: int, rate: str, malformed: str = "0.02", internal: str = "0.05"
+    ) -> tuple[list[str], dict[str, str]]:
         """The simulator's command line and the secrets it needs (environment only)."""
         targets = {
             site: {
                 "http": f"http://127.0.0.1:{self.http_ports[site]}",
                 "sia": f"127.0.0.1:{self.sia_ports[site]}",
-                "zigbee": {"host": "127.0.0.1", "port": mqtt_port, "base": f"zigbee2mqtt/{site}", "username": f"zigbee2mqtt-{site}"},
+                "zigbee": {
+                    "host": "127.0.0.1",
+                    "port": mqtt_port,
+                    "base": f"zigbee2mqtt/{site}",
+                    "username": f"zigbee2mqtt-{site}",
+                },
             }
             for site in self.sites
         }
-        args = [sys.executable, "-m", "edge_bridge.simulator", "--targets", json.dumps(targets), "--devices", str(self.devices)]
+        args = [
+            sys.executable,
+            "-m",
+            "edge_bridge.simulator",
+            "--targets",
+            json.dumps(targets),
+            "--devices",
+            str(self.devices),
+        ]
         args += ["--rate", rate, "--malformed", malformed, "--internal", internal]
         env = {}
         for site in self.sites:
@@ -81,11 +96,17 @@ class SiteTraffic:
             env["ZIGBEE2MQTT_PASSWORD_" + _suffix(site)] = self.z2m_passwords[site]
         return args, env
 
-    def start(self, spawn, env: dict[str, str], mqtt_port: int, site_passwords: dict[str, str], simulator_env: dict[str, str]) -> None:
+    def start(
+        self, spawn, env: dict[str, str], mqtt_port: int, site_passwords: dict[str, str], simulator_env: dict[str, str]
+    ) -> None:
         """Spawn each site's forwarder, then the simulator (`spawn(name, args, env)` is the demo's);
         `simulator_env` is for the simulator alone (the edge admin API's URL and token)."""
         for site in self.sites:
-            spawn(f"forwarder-{site}", [sys.executable, "-m", "edge_bridge.forwarder"], {**env, **self.forwarder_env(site, mqtt_port, site_passwords[site])})
+            spawn(
+                f"forwarder-{site}",
+                [sys.executable, "-m", "edge_bridge.forwarder"],
+                {**env, **self.forwarder_env(site, mqtt_port, site_passwords[site])},
+            )
         args, secrets_env = self.simulator(mqtt_port, os.environ.get("DEMO_RATE", "3"))
         spawn("traffic", args, {**env, **simulator_env, **secrets_env})
 

@@ -68,14 +68,20 @@ def _reject_constant(name: str) -> float:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    service: "EdgeService"
+    service: EdgeService
     admin_token: str | None
     timeout = REQUEST_TIMEOUT_S
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the stdlib's signature
         log.debug("admin %s", format % args)
 
-    def _reply(self, status: int, body: bytes | dict | list, content_type: str = "application/json", headers: dict[str, str] | None = None) -> None:
+    def _reply(
+        self,
+        status: int,
+        body: bytes | dict | list,
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -166,7 +172,10 @@ class _Handler(BaseHTTPRequestHandler):
                 raise Refused(409, f"{data['ref']} was released already")
             payload = base64.b64decode(entry.get("payload_b64", ""))
             if entry.get("payload_bytes", 0) > len(payload):
-                raise Refused(422, f"only the first {len(payload)} of {entry['payload_bytes']} bytes were kept; send it again from its source")
+                raise Refused(
+                    422,
+                    f"only the first {len(payload)} of {entry['payload_bytes']} bytes were kept; send it again from its source",
+                )
             topic = entry.get("topic", "")
             items, result = validate([(0, topic, payload)])
             if result.rejected:
@@ -183,7 +192,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _refuse_cross_origin(self) -> None:
         """A browser tags what a page makes it send; the site's own tools are not browsers, so refuse those."""
         if self.headers.get("Origin") is not None:
-            raise Refused(403, "cross-origin requests are refused: the admin API is for the site's own tools, not browsers")
+            raise Refused(
+                403, "cross-origin requests are refused: the admin API is for the site's own tools, not browsers"
+            )
         fetch_site = self.headers.get("Sec-Fetch-Site")
         if fetch_site is not None and fetch_site.strip().lower() not in _BROWSER_FETCH_SITES_ALLOWED:
             raise Refused(403, f"cross-origin requests are refused (Sec-Fetch-Site: {fetch_site[:40]})")
@@ -195,7 +206,11 @@ class _Handler(BaseHTTPRequestHandler):
         # Compared as bytes: compare_digest refuses non-ASCII str, and headers arrive decoded as latin-1.
         presented_bytes = presented.strip().encode("latin-1", "replace")
         if scheme.lower() != "bearer" or not hmac.compare_digest(presented_bytes, self.admin_token.encode("utf-8")):
-            raise Refused(401, "missing or wrong admin token: send Authorization: Bearer $EDGE_ADMIN_TOKEN", {"WWW-Authenticate": "Bearer"})
+            raise Refused(
+                401,
+                "missing or wrong admin token: send Authorization: Bearer $EDGE_ADMIN_TOKEN",
+                {"WWW-Authenticate": "Bearer"},
+            )
 
     def _read_json_body(self, required: bool) -> object:
         """The request's JSON body, bounded by a declared Content-Length; None when there is none."""
@@ -313,11 +328,18 @@ _TRACE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
 TRACE_MAX_ROWS = 100  # of each kind: an event id a careless site reuses must not make the answer huge
 
 
-def trace_event(service: "EdgeService", event_id: str, site_id: str | None) -> dict:
+def trace_event(service: EdgeService, event_id: str, site_id: str | None) -> dict:
     """Every place this service holds the event: retry-log jobs, DLQ rows, quarantine entries and releases."""
     jobs, dead = _retry_log_rows(service.retry_log, event_id, site_id)
     entries, releases = _quarantine_entries(service.quarantine, event_id, site_id)
-    return {"site_id": service.config.site_id, "event_id": event_id, "pending": jobs, "dlq": dead, "quarantine": entries, "released": releases}
+    return {
+        "site_id": service.config.site_id,
+        "event_id": event_id,
+        "pending": jobs,
+        "dlq": dead,
+        "quarantine": entries,
+        "released": releases,
+    }
 
 
 def _retry_log_rows(retry_log, event_id: str, site_id: str | None) -> tuple[list[dict], list[dict]]:
@@ -335,11 +357,24 @@ def _retry_log_rows(retry_log, event_id: str, site_id: str | None) -> tuple[list
             [event_id, TRACE_MAX_ROWS],
         ).fetchall()
     pending = [
-        {"job_id": job_id, "attempts": attempts, "next_attempt_at": due, "last_error": error, "created_at": created, "site_id": _site_of(body)}
+        {
+            "job_id": job_id,
+            "attempts": attempts,
+            "next_attempt_at": due,
+            "last_error": error,
+            "created_at": created,
+            "site_id": _site_of(body),
+        }
         for job_id, attempts, due, error, created, body in jobs
     ]
     letters = [
-        {"attempts": attempts, "last_error": error, "created_at": created, "failed_at": failed, "site_id": _site_of(body)}
+        {
+            "attempts": attempts,
+            "last_error": error,
+            "created_at": created,
+            "failed_at": failed,
+            "site_id": _site_of(body),
+        }
         for attempts, error, created, failed, body in dead
     ]
     if site_id is not None:
@@ -363,7 +398,9 @@ def _quarantine_entries(quarantine, event_id: str, site_id: str | None) -> tuple
 
     needle = event_id.encode("utf-8")
     released = released_ids(quarantine.path)
-    files = [quarantine.path] + [quarantine.path.with_name(f"{quarantine.path.name}.{i}") for i in range(1, quarantine.keep_files + 1)]
+    files = [quarantine.path] + [
+        quarantine.path.with_name(f"{quarantine.path.name}.{i}") for i in range(1, quarantine.keep_files + 1)
+    ]
     found: list[dict] = []
     for file in files:
         try:
@@ -423,7 +460,7 @@ _RELEASES = threading.Lock()  # one release at a time: its check and its record 
 
 
 class AdminServer:
-    def __init__(self, service: "EdgeService", host: str, port: int, admin_token: str | None = None) -> None:
+    def __init__(self, service: EdgeService, host: str, port: int, admin_token: str | None = None) -> None:
         token = admin_token if admin_token is not None else service.config.admin_token
         handler = type("AdminHandler", (_Handler,), {"service": service, "admin_token": token or None})
         self.httpd = ThreadingHTTPServer((host, port), handler)
@@ -431,7 +468,7 @@ class AdminServer:
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="admin-api", daemon=True)
 
-    def start(self) -> "AdminServer":
+    def start(self) -> AdminServer:
         self._thread.start()
         log.info("admin API on http://%s:%d", *self.httpd.server_address[:2])
         if not self.httpd.RequestHandlerClass.admin_token:

@@ -26,7 +26,9 @@ def claim_check_key(prefix: str, site_id: str, event_id: str) -> str:
 
 
 def s3_client(connect_timeout: float = 2.0, read_timeout: float = 20.0):
-    config = Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=connect_timeout, read_timeout=read_timeout)
+    config = Config(
+        retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=connect_timeout, read_timeout=read_timeout
+    )
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     return boto3.session.Session().client("s3", region_name=region, config=config)
 
@@ -52,7 +54,9 @@ def check_in(s3, bucket: str, prefix: str, site_id: str, event_id: str, body: st
     key = claim_check_key(prefix, site_id, event_id)
     s3.put_object(Bucket=bucket, Key=key, Body=data, ContentType="application/json")
     pointer = ClaimCheck(bucket=bucket, key=key, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    return json.dumps({CLAIM_CHECK_FIELD: pointer.model_dump(), "event_id": event_id, "site_id": site_id}, separators=(",", ":"))
+    return json.dumps(
+        {CLAIM_CHECK_FIELD: pointer.model_dump(), "event_id": event_id, "site_id": site_id}, separators=(",", ":")
+    )
 
 
 def check_in_downstream(s3, bucket: str, site_id: str, event_id: str, body: str) -> str:
@@ -82,7 +86,9 @@ def verify_and_fetch(s3, body: str, *, bucket: str, prefix: str = EDGE_PREFIX) -
         if not (isinstance(site_id, str) and isinstance(event_id, str)):
             raise TypeError("site_id and event_id must be strings")
     except (ValueError, KeyError, TypeError) as exc:
-        raise EnvelopeRejected("bad_claim_check", f"malformed pointer: {type(exc).__name__}: {str(exc)[:200]}") from None
+        raise EnvelopeRejected(
+            "bad_claim_check", f"malformed pointer: {type(exc).__name__}: {str(exc)[:200]}"
+        ) from None
     where = f"s3://{pointer.bucket}/{pointer.key}"
     if pointer.bucket != bucket:
         raise EnvelopeRejected("bad_claim_check", f"{where}: not the claim-check bucket {bucket!r}")
@@ -98,10 +104,14 @@ def verify_and_fetch(s3, body: str, *, bucket: str, prefix: str = EDGE_PREFIX) -
         raise
     if size != pointer.bytes:
         raise EnvelopeRejected("claim_check_mismatch", f"{where}: {size} bytes stored, pointer says {pointer.bytes}")
-    data = s3.get_object(Bucket=bucket, Key=pointer.key, Range=f"bytes=0-{pointer.bytes}")["Body"].read(pointer.bytes + 1)
+    data = s3.get_object(Bucket=bucket, Key=pointer.key, Range=f"bytes=0-{pointer.bytes}")["Body"].read(
+        pointer.bytes + 1
+    )
     if len(data) != pointer.bytes or hashlib.sha256(data).hexdigest() != pointer.sha256:
         raise EnvelopeRejected("claim_check_mismatch", f"{where}: content does not match the pointer's size and sha256")
     envelope = parse_envelope(data)
     if envelope.key != (site_id, event_id):
-        raise EnvelopeRejected("claim_check_mismatch", f"{where}: holds event {envelope.dedupe_id}, not {site_id}/{event_id}")
+        raise EnvelopeRejected(
+            "claim_check_mismatch", f"{where}: holds event {envelope.dedupe_id}, not {site_id}/{event_id}"
+        )
     return data.decode("utf-8")

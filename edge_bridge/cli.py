@@ -76,19 +76,27 @@ class AdminClient:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edge_bridge.cli", description=__doc__.splitlines()[0])
-    parser.add_argument("--admin-url", help="admin API of the edge service (default: $EDGE_ADMIN_URL or http://127.0.0.1:9108)")
+    parser.add_argument(
+        "--admin-url", help="admin API of the edge service (default: $EDGE_ADMIN_URL or http://127.0.0.1:9108)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("status", help="counts: pending jobs, DLQ size, SQS reachability, retry log fill")
     dlq = commands.add_parser("dlq", help="the local DLQ").add_subparsers(dest="dlq_command", required=True)
     dlq_list = dlq.add_parser("list", help="dead letters with their last error")
     dlq_list.add_argument("--limit", type=int, default=100)
     dlq.add_parser("replay", help="put every dead letter back in line for delivery")
-    quarantine = commands.add_parser("quarantine", help="what the service refused, and why").add_subparsers(dest="quarantine_command", required=True)
+    quarantine = commands.add_parser("quarantine", help="what the service refused, and why").add_subparsers(
+        dest="quarantine_command", required=True
+    )
     quarantine_list = quarantine.add_parser("list", help="newest first: ref, time, reason, topic, detail")
     quarantine_list.add_argument("--limit", type=int, default=50)
     quarantine_list.add_argument("--reason")
-    quarantine_release = quarantine.add_parser("release", help="send entries back through the intake once their cause is fixed")
-    quarantine_release.add_argument("refs", nargs="+", help="as `quarantine list` prints them, e.g. quarantine.jsonl:12")
+    quarantine_release = quarantine.add_parser(
+        "release", help="send entries back through the intake once their cause is fixed"
+    )
+    quarantine_release.add_argument(
+        "refs", nargs="+", help="as `quarantine list` prints them, e.g. quarantine.jsonl:12"
+    )
     emit = commands.add_parser("emit", help="an internal event (check-in, job, robot action)")
     emit.add_argument("event_type")
     emit.add_argument("--payload", default="{}", help="JSON object")
@@ -103,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if ok else 1
         if args.command == "dlq" and args.dlq_command == "list":
             for letter in client.dlq_list(args.limit):
-                print(f"{letter['event_id']}  attempts={letter['attempts']}  bytes={letter['body_bytes']}  {letter['last_error']}")
+                print(
+                    f"{letter['event_id']}  attempts={letter['attempts']}  bytes={letter['body_bytes']}  {letter['last_error']}"
+                )
             return 0
         if args.command == "dlq" and args.dlq_command == "replay":
             print(f"replayed {client.dlq_replay()} events from the DLQ")
@@ -114,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "quarantine" and args.quarantine_command == "list":
             for entry in client.quarantine_list(args.limit, args.reason):
                 state = "released" if entry.get("released") else "held"
-                print(f"{entry['ref']}\t{entry.get('quarantined_at', '-')}\t{entry.get('reason', '-')}\t{state}\t{entry.get('topic', '-')}\t{entry.get('detail', '')[:100]}")
+                print(
+                    f"{entry['ref']}\t{entry.get('quarantined_at', '-')}\t{entry.get('reason', '-')}\t{state}\t{entry.get('topic', '-')}\t{entry.get('detail', '')[:100]}"
+                )
             return 0
         if args.command == "quarantine" and args.quarantine_command == "release":
             refused = 0

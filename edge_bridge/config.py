@@ -54,7 +54,7 @@ class EdgeConfig:
     retry_order: str = "priority"
 
     @classmethod
-    def from_env(cls) -> "EdgeConfig":
+    def from_env(cls) -> EdgeConfig:
         return cls(
             mqtt_host=_env("EDGE_MQTT_HOST", "127.0.0.1"),
             mqtt_port=int(_env("EDGE_MQTT_PORT", "1883")),

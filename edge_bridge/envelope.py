@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import uuid6
@@ -74,7 +74,7 @@ class EnvelopeRejected(ValueError):
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def new_event_id() -> str:
@@ -84,7 +84,7 @@ def new_event_id() -> str:
 
 def format_ts(ts: datetime) -> str:
     """RFC 3339 in UTC with a trailing Z, the contract's only timestamp spelling."""
-    ts = ts.astimezone(timezone.utc)
+    ts = ts.astimezone(UTC)
     text = ts.isoformat(timespec="microseconds" if ts.microsecond else "seconds")
     return text.replace("+00:00", "Z")
 
@@ -97,7 +97,9 @@ def make_idempotency_key(site_id: str, device_id: str, event_type: str, timestam
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?(?:[Zz]|[+-]\d{2}:\d{2})")
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # Reasons raised inside validation (as pydantic custom error types), reported as themselves.
-_VALIDATION_REASONS = frozenset({"bad_timestamp", "control_characters", "future_timestamp", "too_deep", "non_finite_number", "invalid_unicode"})
+_VALIDATION_REASONS = frozenset(
+    {"bad_timestamp", "control_characters", "future_timestamp", "too_deep", "non_finite_number", "invalid_unicode"}
+)
 
 
 def check_json_tree(value: Any, max_depth: int = MAX_PAYLOAD_DEPTH) -> None:
@@ -139,7 +141,9 @@ class Envelope(BaseModel):
 
     schema_version: str = SCHEMA_VERSION
     # Ids travel into S3 keys, HTTP headers and SQL: visible ASCII with no separators of any of those.
-    event_id: str = Field(default_factory=new_event_id, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]*$")
+    event_id: str = Field(
+        default_factory=new_event_id, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]*$"
+    )
     idempotency_key: str = Field(min_length=1, max_length=512)
     event_type: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
     source: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
@@ -159,7 +163,9 @@ class Envelope(BaseModel):
     @classmethod
     def _no_control_characters(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, str) and _CONTROL.search(value):
-            raise PydanticCustomError("control_characters", "{field} holds control characters", {"field": info.field_name})
+            raise PydanticCustomError(
+                "control_characters", "{field} holds control characters", {"field": info.field_name}
+            )
         return value
 
     @field_validator("timestamp", "received_at", mode="before")
@@ -170,12 +176,16 @@ class Envelope(BaseModel):
             return value
         if isinstance(value, str) and _RFC3339.fullmatch(value):
             return value
-        raise PydanticCustomError("bad_timestamp", "{field} must be an RFC 3339 string with an offset, got {got}", {"field": info.field_name, "got": repr(value)[:40]})
+        raise PydanticCustomError(
+            "bad_timestamp",
+            "{field} must be an RFC 3339 string with an offset, got {got}",
+            {"field": info.field_name, "got": repr(value)[:40]},
+        )
 
     @field_validator("timestamp", "received_at")
     @classmethod
     def _utc(cls, value: datetime) -> datetime:
-        return value.astimezone(timezone.utc)
+        return value.astimezone(UTC)
 
     @field_validator("payload")
     @classmethod
@@ -184,12 +194,18 @@ class Envelope(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _not_from_the_future(self) -> "Envelope":
+    def _not_from_the_future(self) -> Envelope:
         """A clock far ahead would hold an event in the archive's landing area until its hour opens."""
         if self.timestamp > self.received_at + MAX_CLOCK_SKEW:
-            raise PydanticCustomError("future_timestamp", "timestamp {ts} is more than {skew} ahead of received_at", {"ts": format_ts(self.timestamp), "skew": str(MAX_CLOCK_SKEW)})
+            raise PydanticCustomError(
+                "future_timestamp",
+                "timestamp {ts} is more than {skew} ahead of received_at",
+                {"ts": format_ts(self.timestamp), "skew": str(MAX_CLOCK_SKEW)},
+            )
         if self.received_at > utc_now() + MAX_CLOCK_SKEW:
-            raise PydanticCustomError("future_timestamp", "received_at {ts} is ahead of this clock", {"ts": format_ts(self.received_at)})
+            raise PydanticCustomError(
+                "future_timestamp", "received_at {ts} is ahead of this clock", {"ts": format_ts(self.received_at)}
+            )
         return self
 
     @property
@@ -221,7 +237,9 @@ def check_version(version: str) -> None:
     if not (dot and major.isdigit() and minor.isdigit()):
         raise EnvelopeRejected("bad_schema_version", f"{version!r} is not MAJOR.MINOR")
     if int(major) not in SUPPORTED_MAJORS:
-        raise EnvelopeRejected("unsupported_major", f"schema_version {version} (known majors: {sorted(SUPPORTED_MAJORS)})")
+        raise EnvelopeRejected(
+            "unsupported_major", f"schema_version {version} (known majors: {sorted(SUPPORTED_MAJORS)})"
+        )
 
 
 def _raw_text(raw: bytes | str) -> str:
@@ -321,8 +339,8 @@ def _fast_parse(text: str) -> Envelope | None:
     """
     try:
         wire = _WireEnvelope.model_validate_json(text)
-        timestamp = datetime.fromisoformat(wire.timestamp).astimezone(timezone.utc)
-        received_at = datetime.fromisoformat(wire.received_at).astimezone(timezone.utc)
+        timestamp = datetime.fromisoformat(wire.timestamp).astimezone(UTC)
+        received_at = datetime.fromisoformat(wire.received_at).astimezone(UTC)
     except (ValidationError, ValueError):
         return None
     if timestamp > received_at + MAX_CLOCK_SKEW or received_at > utc_now() + MAX_CLOCK_SKEW:
@@ -372,7 +390,9 @@ def _parse(raw: bytes | str) -> Envelope:
         raise EnvelopeRejected("missing_schema_version")
     check_version(version)
     if CLAIM_CHECK_FIELD in data:
-        raise EnvelopeRejected("reserved_field", f"{CLAIM_CHECK_FIELD!r} is set only by the edge service, never by a device")
+        raise EnvelopeRejected(
+            "reserved_field", f"{CLAIM_CHECK_FIELD!r} is set only by the edge service, never by a device"
+        )
     try:
         return Envelope.model_validate(data)
     except ValidationError as exc:

@@ -8,7 +8,17 @@ needs the service's token, which the resource takes from `EDGE_ADMIN_TOKEN` when
 
 import os
 
-from dagster import ConfigurableResource, DefaultScheduleStatus, Definitions, EnvVar, OpExecutionContext, ScheduleDefinition, definitions, job, op
+from dagster import (
+    ConfigurableResource,
+    DefaultScheduleStatus,
+    Definitions,
+    EnvVar,
+    OpExecutionContext,
+    ScheduleDefinition,
+    definitions,
+    job,
+    op,
+)
 
 from edge_bridge.cli import AdminClient
 
@@ -31,7 +41,9 @@ def replay_edge_dlq(context: OpExecutionContext, edge_admin: EdgeAdminResource) 
     before = client.status()
     replayed = client.dlq_replay()
     context.log.info(f"replayed {replayed} DLQ events at site {before['site_id']}")
-    context.add_output_metadata({"replayed": replayed, "site_id": before["site_id"], "jobs_pending_before": before["jobs_pending"]})
+    context.add_output_metadata(
+        {"replayed": replayed, "site_id": before["site_id"], "jobs_pending_before": before["jobs_pending"]}
+    )
     return replayed
 
 

@@ -106,7 +106,9 @@ class Quarantine:
         self._size = 0
         if dropped:
             self.dropped += dropped
-            log.warning("quarantine rotated at %d bytes: %d entries of its oldest file deleted", self.max_bytes, dropped)
+            log.warning(
+                "quarantine rotated at %d bytes: %d entries of its oldest file deleted", self.max_bytes, dropped
+            )
             if self.on_dropped is not None:
                 self.on_dropped(dropped)
 
@@ -212,13 +214,19 @@ def find_entry(path: Path, keep_files: int, ref: str) -> tuple[dict, str]:
 
 def released_ids(path: Path) -> set[str]:
     try:
-        return {json.loads(line)["entry"] for line in path.with_name(path.name + RELEASED_SUFFIX).read_text().splitlines() if line.strip()}
+        return {
+            json.loads(line)["entry"]
+            for line in path.with_name(path.name + RELEASED_SUFFIX).read_text().splitlines()
+            if line.strip()
+        }
     except FileNotFoundError:
         return set()
 
 
 def record_release(path: Path, entry: str, ref: str, event_id: str) -> None:
     with open(path.with_name(path.name + RELEASED_SUFFIX), "a", encoding="utf-8") as file:
-        file.write(json.dumps({"entry": entry, "ref": ref, "event_id": event_id, "released_at": format_ts(utc_now())}) + "\n")
+        file.write(
+            json.dumps({"entry": entry, "ref": ref, "event_id": event_id, "released_at": format_ts(utc_now())}) + "\n"
+        )
         file.flush()
         os.fsync(file.fileno())

@@ -128,13 +128,25 @@ class RetryLog:
     def _add_priority_column(self, priorities: dict[str, str]) -> None:
         """Migrate a file from before priorities: add the column, filled from each body's event type."""
         for table in ("jobs", "dlq"):
-            columns = {row[0] for row in self._con.execute(f"SELECT column_name FROM information_schema.columns WHERE table_name = '{table}'").fetchall()}
+            columns = {
+                row[0]
+                for row in self._con.execute(
+                    f"SELECT column_name FROM information_schema.columns WHERE table_name = '{table}'"
+                ).fetchall()
+            }
             if "priority" in columns:
                 continue
-            ranks = pa.table({"event_type": pa.array(list(priorities), pa.string()), "rank": pa.array([priority_rank(p) for p in priorities.values()], pa.int8())})
+            ranks = pa.table(
+                {
+                    "event_type": pa.array(list(priorities), pa.string()),
+                    "rank": pa.array([priority_rank(p) for p in priorities.values()], pa.int8()),
+                }
+            )
             self._con.execute("BEGIN")
             try:
-                self._con.execute(f"ALTER TABLE {table} ADD COLUMN priority TINYINT DEFAULT {priority_rank(UNKNOWN_PRIORITY)}")
+                self._con.execute(
+                    f"ALTER TABLE {table} ADD COLUMN priority TINYINT DEFAULT {priority_rank(UNKNOWN_PRIORITY)}"
+                )
                 self._con.register("catalog_ranks", ranks)
                 self._con.execute(
                     f"""UPDATE {table} SET priority = r.rank FROM catalog_ranks r
@@ -215,7 +227,10 @@ class RetryLog:
                 f"SELECT job_id, event_id, body, attempts, priority FROM jobs WHERE next_attempt_at <= ? ORDER BY {order} LIMIT ?",
                 [now, limit],
             ).fetchall()
-        return [Job(job_id, event_id, body, attempts, priority_name(rank)) for job_id, event_id, body, attempts, rank in rows]
+        return [
+            Job(job_id, event_id, body, attempts, priority_name(rank))
+            for job_id, event_id, body, attempts, rank in rows
+        ]
 
     def record(self, done: list[int], failed: list[tuple[int, str]], now: float | None = None) -> int:
         """Close the jobs SQS took; count a failure on the others, moving exhausted ones to the DLQ.
@@ -234,7 +249,12 @@ class RetryLog:
                 if failed:
                     self._con.register(
                         "failed_ids",
-                        pa.table({"job_id": pa.array([f[0] for f in failed], pa.int64()), "error": pa.array([f[1] for f in failed], pa.string())}),
+                        pa.table(
+                            {
+                                "job_id": pa.array([f[0] for f in failed], pa.int64()),
+                                "error": pa.array([f[1] for f in failed], pa.string()),
+                            }
+                        ),
                     )
                     self._con.execute(
                         """UPDATE jobs SET attempts = jobs.attempts + 1, last_error = f.error,

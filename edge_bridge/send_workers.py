@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 
 from edge_bridge.claim_check import ClaimChecker, s3_client
 from edge_bridge.envelope import EnvelopeRejected, parse_envelope
-from edge_bridge.quarantine import PROCESSING_ERROR, error_detail
 from edge_bridge.priorities import EXPRESS_PRIORITY, UNKNOWN_PRIORITY
+from edge_bridge.quarantine import PROCESSING_ERROR, error_detail
 from edge_bridge.sqs_sender import SQS_BATCH_MAX, Outgoing, SqsBatchSender, sqs_client
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,9 @@ class ChunkResult:
 
     sent: list[int] = field(default_factory=list)
     rejected: list[tuple[int, str, str]] = field(default_factory=list)  # (token, reason, detail)
-    failed: list[tuple[int, str, str]] = field(default_factory=list)  # (token, event_id, error): the caller has the body
+    failed: list[tuple[int, str, str]] = field(
+        default_factory=list
+    )  # (token, event_id, error): the caller has the body
     call_error: str | None = None  # a call failed outright (network, throttling): SQS may be down
     claim_checks: int = 0
     send_seconds: list[float] = field(default_factory=list)
@@ -119,7 +121,9 @@ class _Worker:
                 try:
                     outgoing.append(self._outgoing(item, result))
                 except Exception as exc:  # noqa: BLE001 - S3 down: the event waits in the retry log
-                    result.failed.append((item.token, item.event_id, f"claim check failed: {type(exc).__name__}: {exc}"))
+                    result.failed.append(
+                        (item.token, item.event_id, f"claim check failed: {type(exc).__name__}: {exc}")
+                    )
             if not outgoing:
                 continue
             try:
@@ -154,9 +158,18 @@ class _Worker:
         for i, batch in enumerate(batches):
             result.express_calls += 1
             try:
-                outcome = sender.send([Outgoing(key=item, event_id=item.event_id, site_id=_group_of(item, sender.fifo), body=item.body) for item in batch])
+                outcome = sender.send(
+                    [
+                        Outgoing(key=item, event_id=item.event_id, site_id=_group_of(item, sender.fifo), body=item.body)
+                        for item in batch
+                    ]
+                )
             except Exception as exc:  # noqa: BLE001 - best effort, whatever it was
-                log.warning("express send of %d events raised %s: ignored, the drain brings them", len(batch), type(exc).__name__)
+                log.warning(
+                    "express send of %d events raised %s: ignored, the drain brings them",
+                    len(batch),
+                    type(exc).__name__,
+                )
                 result.express_failed += len(batch)
                 continue
             result.express_sent += len(outcome.sent)
@@ -207,7 +220,9 @@ class _Worker:
         return batches
 
 
-def validate(messages: list[tuple[int, str, bytes]], priorities: dict[str, str] | None = None) -> tuple[list[_Item], ChunkResult]:
+def validate(
+    messages: list[tuple[int, str, bytes]], priorities: dict[str, str] | None = None
+) -> tuple[list[_Item], ChunkResult]:
     """Envelopes that parse and match their topic's site; the others as `rejected`, with the reason.
 
     `priorities` (event type -> priority, the catalog's) gives each item its priority.
@@ -219,7 +234,9 @@ def validate(messages: list[tuple[int, str, bytes]], priorities: dict[str, str] 
             envelope = parse_envelope(payload)
             parts = topic.split("/")
             if len(parts) < 2 or parts[0] != "sites" or parts[1] != envelope.site_id:
-                result.rejected.append((token, "site_mismatch", f"topic {topic!r} carries an event of site {envelope.site_id!r}"))
+                result.rejected.append(
+                    (token, "site_mismatch", f"topic {topic!r} carries an event of site {envelope.site_id!r}")
+                )
                 continue
             priority = priorities.get(envelope.event_type, UNKNOWN_PRIORITY)
             items.append(_Item(token, envelope.event_id, envelope.site_id, payload.decode("utf-8"), priority))
@@ -230,7 +247,9 @@ def validate(messages: list[tuple[int, str, bytes]], priorities: dict[str, str] 
     return items, result
 
 
-def not_sent(messages: list[tuple[int, str, bytes]], reason: str, priorities: dict[str, str] | None = None) -> ChunkResult:
+def not_sent(
+    messages: list[tuple[int, str, bytes]], reason: str, priorities: dict[str, str] | None = None
+) -> ChunkResult:
     """With SQS down: validated messages, all failed with `reason`, for the retry log."""
     items, result = validate(messages, priorities)
     result.failed = [(i.token, i.event_id, reason) for i in items]
@@ -303,11 +322,15 @@ class SenderPool:
 
     def _new_executor(self) -> Executor:
         if self.processes <= 0:
-            return ThreadPoolExecutor(self.threads, thread_name_prefix="sqs-sender", initializer=_init, initargs=(self.settings, None))
+            return ThreadPoolExecutor(
+                self.threads, thread_name_prefix="sqs-sender", initializer=_init, initargs=(self.settings, None)
+            )
         # spawn, not fork: the service has threads (paho, DuckDB) that a forked child must not inherit.
         context = multiprocessing.get_context("spawn")
         started = context.Queue()
-        executor = ProcessPoolExecutor(self.processes, mp_context=context, initializer=_init, initargs=(self.settings, os.getpid(), started))
+        executor = ProcessPoolExecutor(
+            self.processes, mp_context=context, initializer=_init, initargs=(self.settings, os.getpid(), started)
+        )
         # The pool starts a process per task while none is idle; a process takes a second to start,
         # so these tasks start them all now, and the service fails at start, not on its first event.
         for future in [executor.submit(_ping) for _ in range(self.processes)]:

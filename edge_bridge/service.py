@@ -40,11 +40,19 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_bridge.config import EdgeConfig
 from edge_bridge.envelope import Envelope, make_idempotency_key, utc_now
 from edge_bridge.metrics import EdgeMetrics
-from edge_bridge.priorities import UNKNOWN_PRIORITY, catalog_priorities
 from edge_bridge.mqtt_client import Client
+from edge_bridge.priorities import UNKNOWN_PRIORITY, catalog_priorities
 from edge_bridge.quarantine import PROCESSING_ERROR, Quarantine, error_detail
 from edge_bridge.retry_log import Job, RetryLog
-from edge_bridge.send_workers import CHUNK_MAX, ChunkResult, SenderPool, WorkerSettings, not_sent, prepare_and_send, send_jobs
+from edge_bridge.send_workers import (
+    CHUNK_MAX,
+    ChunkResult,
+    SenderPool,
+    WorkerSettings,
+    not_sent,
+    prepare_and_send,
+    send_jobs,
+)
 from edge_bridge.sqs_sender import sqs_client
 
 log = logging.getLogger(__name__)
@@ -137,7 +145,10 @@ class CircuitBreaker:
     def reset(self) -> None:
         if self._open.is_set():
             self._open.clear()
-            log.info("SQS reachable again after %.1fs: resuming realtime sends and retries", time.time() - (self.opened_at or time.time()))
+            log.info(
+                "SQS reachable again after %.1fs: resuming realtime sends and retries",
+                time.time() - (self.opened_at or time.time()),
+            )
 
 
 class EdgeService:
@@ -213,7 +224,12 @@ class EdgeService:
         self._session += 1
         self.metrics.mqtt_connections.inc()
         client.subscribe(EVENTS_TOPIC, qos=1)
-        log.info("connected to MQTT %s:%s (session present: %s)", self.config.mqtt_host, self.config.mqtt_port, flags.session_present)
+        log.info(
+            "connected to MQTT %s:%s (session present: %s)",
+            self.config.mqtt_host,
+            self.config.mqtt_port,
+            flags.session_present,
+        )
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         self.connected.set()
@@ -256,7 +272,9 @@ class EdgeService:
         self.client.ack_many(mids)
 
     # --- internal events ------------------------------------------------------------------------
-    def emit(self, event_type: str, payload: dict[str, Any], device_id: str = "edge-service", timeout: float = 30.0) -> Envelope:
+    def emit(
+        self, event_type: str, payload: dict[str, Any], device_id: str = "edge-service", timeout: float = 30.0
+    ) -> Envelope:
         """Submit an internal event (check-in, job, robot action); returns once it is in SQS or the retry log."""
         ts = utc_now()
         envelope = Envelope(
@@ -346,7 +364,12 @@ class EdgeService:
             log.warning("a message on %s raised %s (%s): quarantined", batch[0].topic, type(exc).__name__, stage)
             self._quarantine_safely([(batch[0], PROCESSING_ERROR, error_detail(stage, exc))])
             return
-        log.warning("a chunk of %d raised %s (%s): handling it again in halves to find the message at fault", len(batch), type(exc).__name__, stage)
+        log.warning(
+            "a chunk of %d raised %s (%s): handling it again in halves to find the message at fault",
+            len(batch),
+            type(exc).__name__,
+            stage,
+        )
         half = len(batch) // 2
         self._dispatch(batch[:half], holds_slot)
         self._dispatch(batch[half:], holds_slot=False)
@@ -377,11 +400,20 @@ class EdgeService:
                 self.breaker.trip(result.call_error)
             if cause is None:
                 cause = "call_failed" if result.call_error else "entry_failed"
-                log.warning("SQS refused %d events (%s); committing them to the retry log", len(result.failed), result.failed[0][2])
+                log.warning(
+                    "SQS refused %d events (%s); committing them to the retry log",
+                    len(result.failed),
+                    result.failed[0][2],
+                )
             elif cause == "call_failed":
                 self.breaker.trip(result.failed[0][2])
             priority = result.priorities.get
-            self._spill_q.put([(Ready(batch[token], event_id, priority(token, UNKNOWN_PRIORITY)), error, cause) for token, event_id, error in result.failed])
+            self._spill_q.put(
+                [
+                    (Ready(batch[token], event_id, priority(token, UNKNOWN_PRIORITY)), error, cause)
+                    for token, event_id, error in result.failed
+                ]
+            )
         if result.rejected:
             self._quarantine([(batch[token], reason, detail) for token, reason, detail in result.rejected])
 
@@ -439,7 +471,11 @@ class EdgeService:
         while len(held) < SPILL_GROUP_MAX:
             remaining = linger_until - time.monotonic()
             try:
-                held += self._spill_q.get(timeout=remaining) if remaining > 0 and len(held) < SPILL_GROUP_MIN else self._spill_q.get_nowait()
+                held += (
+                    self._spill_q.get(timeout=remaining)
+                    if remaining > 0 and len(held) < SPILL_GROUP_MIN
+                    else self._spill_q.get_nowait()
+                )
             except queue.Empty:
                 break
         return held
@@ -455,17 +491,30 @@ class EdgeService:
             return []
         except Exception as exc:  # noqa: BLE001 - shared or one row's: the probe tells which
             if not self.retry_log.writable():
-                log.error("retry log write failed (%s: %s); %d events stay unacked and are retried", type(exc).__name__, exc, len(group))
+                log.error(
+                    "retry log write failed (%s: %s); %d events stay unacked and are retried",
+                    type(exc).__name__,
+                    exc,
+                    len(group),
+                )
                 return group
-            log.warning("the retry log refused a group of %d (%s) but takes writes: looking for the event at fault", len(group), type(exc).__name__)
+            log.warning(
+                "the retry log refused a group of %d (%s) but takes writes: looking for the event at fault",
+                len(group),
+                type(exc).__name__,
+            )
             return self._bisect(group, exc)
 
     def _bisect(self, group: list[tuple[Ready, str, str]], exc: Exception) -> list[tuple[Ready, str, str]]:
         if len(group) == 1:
             ready = group[0][0]
-            if not self.retry_log.writable() or not self._quarantine_safely([(ready.received, PROCESSING_ERROR, error_detail("retry log", exc))]):
+            if not self.retry_log.writable() or not self._quarantine_safely(
+                [(ready.received, PROCESSING_ERROR, error_detail("retry log", exc))]
+            ):
                 return group  # shared after all: it stays held
-            log.warning("event %s cannot be written to the retry log (%s): quarantined", ready.event_id, type(exc).__name__)
+            log.warning(
+                "event %s cannot be written to the retry log (%s): quarantined", ready.event_id, type(exc).__name__
+            )
             return []
         half = len(group) // 2
         kept = []
@@ -493,7 +542,9 @@ class EdgeService:
         self.metrics.held.set(held)
         self.metrics.retry_log_full.set(int(self._full))
         if self._full and not was_full:
-            log.warning("retry log at its bound (%d events): holding %d MQTT messages unacked", self.retry_log.max_events, held)
+            log.warning(
+                "retry log at its bound (%d events): holding %d MQTT messages unacked", self.retry_log.max_events, held
+            )
 
     # --- poller: retries, probe -----------------------------------------------------------------
     def _probe(self) -> None:
@@ -515,7 +566,12 @@ class EdgeService:
             self._retry_outcome(chunk, future, outcome)
         if outcome.quarantined:
             # Quarantined before they leave the retry log: a crash in between quarantines one twice, never zero times.
-            self.quarantine.put_many([("", j.body.encode("utf-8"), reason, f"event {j.event_id}: {detail}") for j, reason, detail in outcome.quarantined])
+            self.quarantine.put_many(
+                [
+                    ("", j.body.encode("utf-8"), reason, f"event {j.event_id}: {detail}")
+                    for j, reason, detail in outcome.quarantined
+                ]
+            )
             for reason, count in collections.Counter(reason for _, reason, _ in outcome.quarantined).items():
                 self.metrics.quarantined.labels(reason).inc(count)
         moved = self.retry_log.record(outcome.done + [j.job_id for j, _, _ in outcome.quarantined], outcome.failed)
@@ -523,12 +579,16 @@ class EdgeService:
         self.metrics.retry_failures.inc(len(outcome.failed))
         self.metrics.dead_lettered.inc(moved)
         if outcome.failed:
-            log.warning("retry of %d jobs failed (%s); %d moved to the DLQ", len(outcome.failed), outcome.failed[0][1], moved)
+            log.warning(
+                "retry of %d jobs failed (%s); %d moved to the DLQ", len(outcome.failed), outcome.failed[0][1], moved
+            )
 
     def _submit_jobs(self, chunk: list[Job]) -> Future:
-        return self.senders.submit(send_jobs, [(j.job_id, j.event_id, j.body, j.priority) for j in chunk], self.queue_url)
+        return self.senders.submit(
+            send_jobs, [(j.job_id, j.event_id, j.body, j.priority) for j in chunk], self.queue_url
+        )
 
-    def _retry_outcome(self, chunk: list[Job], future: Future, outcome: "_RetryOutcome") -> None:
+    def _retry_outcome(self, chunk: list[Job], future: Future, outcome: _RetryOutcome) -> None:
         """Collect a retried chunk's outcome; a chunk that raised is retried in halves until the job at fault is alone."""
         try:
             result = future.result()
@@ -599,10 +659,18 @@ class EdgeService:
         }
 
     # --- lifecycle ------------------------------------------------------------------------------
-    def start(self) -> "EdgeService":
-        settings = WorkerSettings(self.config.fifo, self.config.claim_check_bucket, self.config.max_message_bytes, self.config.express_queue_url, self.priorities)
+    def start(self) -> EdgeService:
+        settings = WorkerSettings(
+            self.config.fifo,
+            self.config.claim_check_bucket,
+            self.config.max_message_bytes,
+            self.config.express_queue_url,
+            self.priorities,
+        )
         self.senders = SenderPool(settings, self.config.sender_processes, self.config.sender_threads)
-        self._slots = threading.Semaphore(2 * self.senders.size)  # chunks in flight: every sender busy, one more queued each
+        self._slots = threading.Semaphore(
+            2 * self.senders.size
+        )  # chunks in flight: every sender busy, one more queued each
         targets = [("dispatcher", self._dispatcher), ("completer", self._completer)]
         targets += [("retry-log-writer", self._spill_writer), ("retry-poller", self._poller)]
         for name, target in targets:

@@ -60,8 +60,14 @@ class DeviceMessage:
 # each event type with the device it comes from and a payload.
 INTERNAL_EVENTS = {
     "check_in": lambda rng: ("kiosk-1", {"user": f"u-{rng.randint(1, 200)}", "method": rng.choice(["kiosk", "app"])}),
-    "job_update": lambda rng: ("job-system", {"job": f"J-{rng.randint(1, 999)}", "status": rng.choice(["assigned", "started", "done"])}),
-    "robot_action": lambda rng: (f"robot-{rng.randint(1, 3)}", {"action": rng.choice(["patrol_start", "patrol_done", "dock"])}),
+    "job_update": lambda rng: (
+        "job-system",
+        {"job": f"J-{rng.randint(1, 999)}", "status": rng.choice(["assigned", "started", "done"])},
+    ),
+    "robot_action": lambda rng: (
+        f"robot-{rng.randint(1, 3)}",
+        {"action": rng.choice(["patrol_start", "patrol_done", "dock"])},
+    ),
 }
 
 
@@ -70,7 +76,15 @@ class SiteFleet:
 
     AJAX_KINDS = ("MotionProtect", "DoorProtect", "FireProtect", "Button", "LeaksProtect")
     ZIGBEE_KINDS = (
-        "door_sensor", "motion_sensor", "leak_sensor", "climate_sensor", "smoke_sensor", "sos_button", "smart_plug", "siren", "remote",
+        "door_sensor",
+        "motion_sensor",
+        "leak_sensor",
+        "climate_sensor",
+        "smoke_sensor",
+        "sos_button",
+        "smart_plug",
+        "siren",
+        "remote",
     )
     # zigbee2mqtt's `advanced.last_seen` setting, one per installation: ISO_8601, ISO_8601_local, epoch, disable.
     LAST_SEEN_FORMATS = ("ISO_8601", "ISO_8601_local", "epoch", "disable")
@@ -80,9 +94,13 @@ class SiteFleet:
         self.rng = rng
         n = devices_per_family
         self.ajax_hub = f"{rng.getrandbits(32):08X}"
-        self.ajax_devices = [(f"{rng.getrandbits(24):06X}", kind) for kind in self.AJAX_KINDS] * max(1, n // len(self.AJAX_KINDS) + 1)
+        self.ajax_devices = [(f"{rng.getrandbits(24):06X}", kind) for kind in self.AJAX_KINDS] * max(
+            1, n // len(self.AJAX_KINDS) + 1
+        )
         self.ajax_devices = self.ajax_devices[: max(n, len(self.AJAX_KINDS))]  # at least one of each kind
-        self.zigbee = [(f"{kind}_{i}", kind) for i in range(n) for kind in self.ZIGBEE_KINDS][: max(n * 2, len(self.ZIGBEE_KINDS))]
+        self.zigbee = [(f"{kind}_{i}", kind) for i in range(n) for kind in self.ZIGBEE_KINDS][
+            : max(n * 2, len(self.ZIGBEE_KINDS))
+        ]
         self.nvr_mac = ":".join(f"{rng.getrandbits(8):02x}" for _ in range(6))
         self.nvr_channels = list(range(1, n + 1))
         self.doors = [f"door-{100 + i}" for i in range(n)]
@@ -99,7 +117,9 @@ class SiteFleet:
     def message(self, now: datetime) -> DeviceMessage:
         family = self.rng.choices(["ajax", "zigbee", "nvr", "idp"], weights=[2, 4, 3, 3])[0]
         topic, data = getattr(self, f"_{family}")(now)
-        raw = data.encode("utf-8") if isinstance(data, str) else json.dumps(data).encode("utf-8")  # a bare text payload as is
+        raw = (
+            data.encode("utf-8") if isinstance(data, str) else json.dumps(data).encode("utf-8")
+        )  # a bare text payload as is
         return DeviceMessage(self.site_id, family, topic, raw, now)
 
     def internal(self, now: datetime) -> DeviceMessage:
@@ -112,23 +132,41 @@ class SiteFleet:
     def _ajax(self, now):
         device, kind = self.rng.choice(self.ajax_devices)
         alarms = {
-            "MotionProtect": ["INTRUSION", "TAMPER"], "DoorProtect": ["INTRUSION", "TAMPER_OPEN"], "FireProtect": ["FIRE", "SMOKE", "TAMPER"],
-            "Button": ["PANIC"], "LeaksProtect": ["LEAK", "TAMPER"],
+            "MotionProtect": ["INTRUSION", "TAMPER"],
+            "DoorProtect": ["INTRUSION", "TAMPER_OPEN"],
+            "FireProtect": ["FIRE", "SMOKE", "TAMPER"],
+            "Button": ["PANIC"],
+            "LeaksProtect": ["LEAK", "TAMPER"],
         }[kind]
-        codes = {"ARM": 6, "DISARM": 6, "NIGHT_MODE_ON": 1, "PERIODIC_TEST": 6, "BATTERY_LOW": 1, "CONNECTION_LOST": 1, "CONNECTION_RESTORED": 1}
+        codes = {
+            "ARM": 6,
+            "DISARM": 6,
+            "NIGHT_MODE_ON": 1,
+            "PERIODIC_TEST": 6,
+            "BATTERY_LOW": 1,
+            "CONNECTION_LOST": 1,
+            "CONNECTION_RESTORED": 1,
+        }
         codes |= {alarm: 2 for alarm in alarms}
         code = self.rng.choices(list(codes), weights=list(codes.values()))[0]
         return "ajax/events", {
-            "hubId": self.ajax_hub, "deviceId": device, "deviceType": kind, "eventCode": code,
+            "hubId": self.ajax_hub,
+            "deviceId": device,
+            "deviceType": kind,
+            "eventCode": code,
             "room": self.rng.choice(["Lobby", "Office", "Warehouse", "Server room"]),
-            "timestamp": int(now.timestamp() * 1000), "userName": "operator" if code in ("ARM", "DISARM", "NIGHT_MODE_ON") else None,
+            "timestamp": int(now.timestamp() * 1000),
+            "userName": "operator" if code in ("ARM", "DISARM", "NIGHT_MODE_ON") else None,
         }
 
     def _last_seen(self, now: datetime):
         if self.last_seen_format == "ISO_8601":
             return format_ts(now)
         if self.last_seen_format == "ISO_8601_local":
-            return now.astimezone(timezone(timedelta(hours=1))).strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}+0100"
+            return (
+                now.astimezone(timezone(timedelta(hours=1))).strftime("%Y-%m-%dT%H:%M:%S.")
+                + f"{now.microsecond // 1000:03d}+0100"
+            )
         if self.last_seen_format == "epoch":
             return int(now.timestamp() * 1000)
         return None
@@ -158,7 +196,12 @@ class SiteFleet:
             state["action"] = self.rng.choice(["single", "double", "hold", "brightness_move_up"])
         elif kind == "smart_plug":
             on = self.rng.random() < 0.6
-            state.update(state="ON" if on else "OFF", power=round(self.rng.uniform(5, 1800), 1) if on else 0.0, energy=round(self.rng.uniform(0, 50), 2), voltage=230)
+            state.update(
+                state="ON" if on else "OFF",
+                power=round(self.rng.uniform(5, 1800), 1) if on else 0.0,
+                energy=round(self.rng.uniform(0, 50), 2),
+                voltage=230,
+            )
         elif kind == "siren":
             state.update(alarm=self.rng.random() < 0.03, volume="high")
         else:
@@ -166,31 +209,53 @@ class SiteFleet:
         return f"zigbee2mqtt/{name}", state
 
     def _nvr(self, now):
-        kinds = {"VMD": 20, "linedetection": 6, "fielddetection": 6, "videoloss": 2, "shelteralarm": 1, "tamperdetection": 1, "keepalive": 8}
+        kinds = {
+            "VMD": 20,
+            "linedetection": 6,
+            "fielddetection": 6,
+            "videoloss": 2,
+            "shelteralarm": 1,
+            "tamperdetection": 1,
+            "keepalive": 8,
+        }
         kind = self.rng.choices(list(kinds), weights=list(kinds.values()))[0]
         state = "inactive" if kind == "keepalive" else "active"
         kind = "videoloss" if kind == "keepalive" else kind  # the recorder's keep-alive is an inactive videoloss
         local = now.astimezone(timezone(timedelta(hours=1)))
         return "nvr/alarms", {
-            "ipAddress": "10.0.3.21", "macAddress": self.nvr_mac, "channelID": self.rng.choice(self.nvr_channels),
-            "dateTime": local.isoformat(timespec="milliseconds"), "eventType": kind, "eventState": state,
-            "eventDescription": f"{kind} alarm", "regionID": self.rng.randint(1, 4) if kind in ("linedetection", "fielddetection") else None,
+            "ipAddress": "10.0.3.21",
+            "macAddress": self.nvr_mac,
+            "channelID": self.rng.choice(self.nvr_channels),
+            "dateTime": local.isoformat(timespec="milliseconds"),
+            "eventType": kind,
+            "eventState": state,
+            "eventDescription": f"{kind} alarm",
+            "regionID": self.rng.randint(1, 4) if kind in ("linedetection", "fielddetection") else None,
         }
 
     def _idp(self, now):
         granted = self.rng.random() < 0.9
         return "idp/access", {
-            "eventId": f"{self.rng.getrandbits(64):016x}", "occurredAt": format_ts(now),
+            "eventId": f"{self.rng.getrandbits(64):016x}",
+            "occurredAt": format_ts(now),
             "door": {"id": self.rng.choice(self.doors), "name": "Main entrance"},
-            "credential": {"type": self.rng.choice(["card", "mobile", "pin"]), "id": f"card-{self.rng.randint(1, 500)}"},
-            "decision": "granted" if granted else "denied", "reason": None if granted else "outside schedule",
+            "credential": {
+                "type": self.rng.choice(["card", "mobile", "pin"]),
+                "id": f"card-{self.rng.randint(1, 500)}",
+            },
+            "decision": "granted" if granted else "denied",
+            "reason": None if granted else "outside schedule",
         }
 
 
 # Broken messages as the adapters see them (generated data, in-process forwarders).
 MALFORMED = [
     ("ajax", "ajax/events", b'{"hubId": "00", "eventCode": "INTRUSION"'),  # truncated JSON
-    ("ajax", "ajax/events", b'{"hubId": "00", "deviceId": "01", "eventCode": "SELF_DESTRUCT", "timestamp": 1705314600}'),
+    (
+        "ajax",
+        "ajax/events",
+        b'{"hubId": "00", "deviceId": "01", "eventCode": "SELF_DESTRUCT", "timestamp": 1705314600}',
+    ),
     ("zigbee", "zigbee2mqtt/door_sensor_0", b"\xff\xfe not utf-8"),
     ("nvr", "nvr/alarms", b'{"eventType": "VMD"}'),  # missing fields
     ("idp", "idp/access", b"[1, 2, 3]"),
@@ -205,7 +270,14 @@ LIVE_MALFORMED = [
 
 
 class Simulator:
-    def __init__(self, sites: list[str], devices_per_family: int = 4, seed: int = 7, malformed: float = 0.0, internal: float = 0.0) -> None:
+    def __init__(
+        self,
+        sites: list[str],
+        devices_per_family: int = 4,
+        seed: int = 7,
+        malformed: float = 0.0,
+        internal: float = 0.0,
+    ) -> None:
         self.rng = random.Random(seed)
         self.fleets = {site: SiteFleet(site, devices_per_family, random.Random(f"{seed}-{site}")) for site in sites}
         self.malformed = malformed
@@ -241,7 +313,9 @@ class Simulator:
                 now += step
             n += 1
 
-    def _paced(self, rate: float, duration: float, stop: threading.Event, messages: Iterator[DeviceMessage], send, admin) -> int:
+    def _paced(
+        self, rate: float, duration: float, stop: threading.Event, messages: Iterator[DeviceMessage], send, admin
+    ) -> int:
         started = time.monotonic()
         sent = 0
         for msg in messages:
@@ -258,7 +332,9 @@ class Simulator:
             sent += 1
         return sent
 
-    def run(self, forwarders: dict, rate: float, duration: float = 0.0, stop: threading.Event | None = None, admin=None) -> int:
+    def run(
+        self, forwarders: dict, rate: float, duration: float = 0.0, stop: threading.Event | None = None, admin=None
+    ) -> int:
         """Publish through in-process forwarders at `rate` messages/s until `duration` (0 = until `stop`), event
         times on the wall clock; returns how many were sent. Internal events go to `admin` (an `AdminClient`)."""
         stop = stop or threading.Event()
@@ -268,10 +344,24 @@ class Simulator:
 
         return self._paced(rate, duration, stop, self.messages(clock=utc_now), send, admin)
 
-    def run_live(self, sites: dict[str, "LiveSite"], rate: float, duration: float = 0.0, stop: threading.Event | None = None, admin=None) -> int:
+    def run_live(
+        self,
+        sites: dict[str, LiveSite],
+        rate: float,
+        duration: float = 0.0,
+        stop: threading.Event | None = None,
+        admin=None,
+    ) -> int:
         """Send to each site's forwarder over the devices' own protocols, event times on the wall clock."""
         stop = stop or threading.Event()
-        return self._paced(rate, duration, stop, self.messages(clock=utc_now, malformed=LIVE_MALFORMED), lambda msg: sites[msg.site_id].send(msg), admin)
+        return self._paced(
+            rate,
+            duration,
+            stop,
+            self.messages(clock=utc_now, malformed=LIVE_MALFORMED),
+            lambda msg: sites[msg.site_id].send(msg),
+            admin,
+        )
 
 
 # --- live: each device link speaks its protocol and resends until it is acknowledged ------------------------
@@ -286,7 +376,7 @@ class DeviceLink(threading.Thread):
     family = ""
     pause_s = 0.5
 
-    def __init__(self, site: "LiveSite") -> None:
+    def __init__(self, site: LiveSite) -> None:
         super().__init__(daemon=True, name=f"{site.site_id}-{self.family}")
         self.site = site
         self.inbox: queue.Queue[DeviceMessage | None] = queue.Queue(maxsize=1000)
@@ -318,13 +408,17 @@ class ZigbeeLink(DeviceLink):
 
     family = "zigbee"
 
-    def __init__(self, site: "LiveSite", host: str, port: int, base: str, username: str | None, password: str | None) -> None:
+    def __init__(
+        self, site: LiveSite, host: str, port: int, base: str, username: str | None, password: str | None
+    ) -> None:
         super().__init__(site)
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
         self.base = base.strip("/")
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=username or f"zigbee2mqtt-{site.site_id}", clean_session=False)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=username or f"zigbee2mqtt-{site.site_id}", clean_session=False
+        )
         if username:
             self.client.username_pw_set(username, password)
         self.client.max_queued_messages_set(0)
@@ -349,7 +443,7 @@ class ZigbeeLink(DeviceLink):
 class HttpLink(DeviceLink):
     path = ""
 
-    def __init__(self, site: "LiveSite", url: str) -> None:
+    def __init__(self, site: LiveSite, url: str) -> None:
         super().__init__(site)
         self.url = url.rstrip("/") + self.path
         self.session = requests.Session()
@@ -388,7 +482,7 @@ class DoorLink(HttpLink):
     family = "idp"
     path = IDP_PATH
 
-    def __init__(self, site: "LiveSite", url: str, secret: str) -> None:
+    def __init__(self, site: LiveSite, url: str, secret: str) -> None:
         super().__init__(site, url)
         self.secret = secret
 
@@ -401,7 +495,7 @@ class HubLink(DeviceLink):
 
     family = "ajax"
 
-    def __init__(self, site: "LiveSite", host: str, port: int, key: str | None) -> None:
+    def __init__(self, site: LiveSite, host: str, port: int, key: str | None) -> None:
         super().__init__(site)
         self.host, self.port, self.key = host, port, key
         self.account = site.fleet.ajax_hub
@@ -419,7 +513,9 @@ class HubLink(DeviceLink):
         else:
             data = json.loads(msg.raw)
             code, zoned = HUB_EVENT_SIA_CODES[data["eventCode"]]
-            frame = build_frame(self.account, code, zone=self.zones.get(data["deviceId"], 0) if zoned else 0, seq=self.seq, key=self.key)
+            frame = build_frame(
+                self.account, code, zone=self.zones.get(data["deviceId"], 0) if zoned else 0, seq=self.seq, key=self.key
+            )
         try:
             self.conn = self.conn or HubConnection(self.host, self.port, timeout=15)
             answer = self.conn.send(frame)
@@ -449,7 +545,14 @@ class LiveSite:
         self.links: dict[str, DeviceLink] = {}
         if "zigbee" in target:
             z = target["zigbee"]
-            self.links["zigbee"] = ZigbeeLink(self, z.get("host", "127.0.0.1"), int(z.get("port", 1883)), z.get("base", "zigbee2mqtt"), z.get("username"), environ.get("ZIGBEE2MQTT_PASSWORD_" + suffix))
+            self.links["zigbee"] = ZigbeeLink(
+                self,
+                z.get("host", "127.0.0.1"),
+                int(z.get("port", 1883)),
+                z.get("base", "zigbee2mqtt"),
+                z.get("username"),
+                environ.get("ZIGBEE2MQTT_PASSWORD_" + suffix),
+            )
         if "http" in target:
             self.links["nvr"] = NvrLink(self, target["http"])
             secret = environ.get("IDP_SECRET_" + suffix)
@@ -506,7 +609,12 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=5.0, help="messages per second, all sites together")
     parser.add_argument("--duration", type=float, default=0.0, help="seconds; 0 runs until SIGTERM")
     parser.add_argument("--malformed", type=float, default=0.0, help="share of broken device messages (0-1)")
-    parser.add_argument("--internal", type=float, default=0.0, help="share of internal events sent to the edge service at $EDGE_ADMIN_URL (0-1)")
+    parser.add_argument(
+        "--internal",
+        type=float,
+        default=0.0,
+        help="share of internal events sent to the edge service at $EDGE_ADMIN_URL (0-1)",
+    )
     parser.add_argument("--state-dir", default=".simulator")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s simulator %(levelname)s %(message)s")
@@ -530,7 +638,14 @@ def main() -> None:
         from edge_bridge.forwarder import Forwarder
 
         forwarders = {
-            site: Forwarder.connect(site, args.host, args.port, Path(args.state_dir), password=site_password(site), known_devices=sim.fleets[site].known_devices())
+            site: Forwarder.connect(
+                site,
+                args.host,
+                args.port,
+                Path(args.state_dir),
+                password=site_password(site),
+                known_devices=sim.fleets[site].known_devices(),
+            )
             for site in sites
         }
         sent = sim.run(forwarders, args.rate, args.duration, stop, admin=admin)

@@ -70,7 +70,9 @@ class SqsBatchSender:
             error = f"{type(exc).__name__}: {exc}"
             return BatchOutcome(sent=[], failed=[(event, error) for event in events], call_error=error)
         ok_ids = {item["Id"] for item in response.get("Successful", [])}
-        failed_entries = {item["Id"]: f"{item.get('Code')}: {item.get('Message', '')}" for item in response.get("Failed", [])}
+        failed_entries = {
+            item["Id"]: f"{item.get('Code')}: {item.get('Message', '')}" for item in response.get("Failed", [])
+        }
         sent, failed = [], []
         for i, event in enumerate(events):
             if str(i) in ok_ids:

@@ -85,7 +85,9 @@ if __name__ == "__main__":
     import logging
 
     parser = argparse.ArgumentParser(description="DuckDB over the archive")
-    parser.add_argument("--install-httpfs", action="store_true", help="install the httpfs extension from its wheel (offline)")
+    parser.add_argument(
+        "--install-httpfs", action="store_true", help="install the httpfs extension from its wheel (offline)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.install_httpfs:

@@ -27,7 +27,11 @@ class AnalyticsTranslator(DagsterDbtTranslator):
     """dbt models sit in one `analytics` group next to the archive groups."""
 
     def get_group_name(self, dbt_resource_props) -> str | None:
-        return "analytics" if dbt_resource_props["resource_type"] == "model" else super().get_group_name(dbt_resource_props)
+        return (
+            "analytics"
+            if dbt_resource_props["resource_type"] == "model"
+            else super().get_group_name(dbt_resource_props)
+        )
 
 
 @dbt_assets(manifest=dbt_project.manifest_path, project=dbt_project, dagster_dbt_translator=AnalyticsTranslator())

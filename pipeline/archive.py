@@ -13,9 +13,9 @@ late events, or twice by accident) therefore still leaves every event exactly on
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Callable, Iterable, Sequence
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -53,7 +53,7 @@ COMPRESSION = "zstd"
 
 def hour_key(ts: datetime) -> str:
     """The hourly partition key, in Dagster's HourlyPartitionsDefinition format."""
-    return ts.astimezone(timezone.utc).strftime("%Y-%m-%d-%H:00")
+    return ts.astimezone(UTC).strftime("%Y-%m-%d-%H:00")
 
 
 def archive_hour(timestamp: datetime, received_at: datetime) -> str:
@@ -69,7 +69,7 @@ def archive_hour(timestamp: datetime, received_at: datetime) -> str:
 
 
 def parse_hour_key(key: str) -> datetime:
-    return datetime.strptime(key, "%Y-%m-%d-%H:%M").replace(tzinfo=timezone.utc)
+    return datetime.strptime(key, "%Y-%m-%d-%H:%M").replace(tzinfo=UTC)
 
 
 def landing_dir(bucket: str, landing_prefix: str, hour: str) -> str:
@@ -199,7 +199,9 @@ def dedupe_by_event_key(table: pa.Table) -> pa.Table:
     if table.num_rows == 0:
         return table
     indexed = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
-    ordered = indexed.sort_by([("site_id", "ascending"), ("event_id", "ascending"), ("ingested_at", "ascending"), ("_row", "ascending")])
+    ordered = indexed.sort_by(
+        [("site_id", "ascending"), ("event_id", "ascending"), ("ingested_at", "ascending"), ("_row", "ascending")]
+    )
     keys = event_keys(ordered)
     keep = pc.not_equal(keys[1:], keys[:-1])
     mask = pa.concat_arrays([pa.array([True]), keep.fill_null(True)])
@@ -227,7 +229,9 @@ class CompactionResult:
 def _archived_keys(filesystem: fs.FileSystem, paths: list[str]) -> pa.Array:
     if not paths:
         return pa.array([], pa.string())
-    return event_keys(pa.concat_tables([pq.read_table(p, columns=["site_id", "event_id"], filesystem=filesystem) for p in paths]))
+    return event_keys(
+        pa.concat_tables([pq.read_table(p, columns=["site_id", "event_id"], filesystem=filesystem) for p in paths])
+    )
 
 
 def archival_lag_minutes(unique: pa.Table, previously_archived: pa.Array, archived_at: datetime) -> tuple[int, float]:
@@ -243,7 +247,9 @@ def archival_lag_minutes(unique: pa.Table, previously_archived: pa.Array, archiv
     return new.num_rows, max(0.0, (archived_at - oldest).total_seconds() / 60)
 
 
-def compact_hour(filesystem: fs.FileSystem, bucket: str, landing_prefix: str, hour: str, rows_per_file: int = ROWS_PER_FILE) -> CompactionResult:
+def compact_hour(
+    filesystem: fs.FileSystem, bucket: str, landing_prefix: str, hour: str, rows_per_file: int = ROWS_PER_FILE
+) -> CompactionResult:
     """Rewrite one hour of the archive from all of its landing files, each (site_id, event_id) once.
 
     Files are written as events_0001.parquet, events_0002.parquet, ... of at most `rows_per_file`
@@ -251,7 +257,9 @@ def compact_hour(filesystem: fs.FileSystem, bucket: str, landing_prefix: str, ho
     compaction are removed. Each S3 PUT replaces a whole object, so readers never see half a file.
     """
     landed, n_files = read_landing(filesystem, bucket, landing_prefix, hour)
-    unique = dedupe_by_event_key(landed).sort_by([("timestamp", "ascending"), ("site_id", "ascending"), ("event_id", "ascending")])
+    unique = dedupe_by_event_key(landed).sort_by(
+        [("timestamp", "ascending"), ("site_id", "ascending"), ("event_id", "ascending")]
+    )
     directory = archive_dir(bucket, hour)
     before = _list_parquet(filesystem, directory)
     previously = _archived_keys(filesystem, before)
@@ -312,7 +320,9 @@ def audit_hour(filesystem: fs.FileSystem, bucket: str, hour: str, expected_keys:
     tables = []
     for path in paths:
         schema = pq.read_schema(path, filesystem=filesystem)
-        if not schema.remove_metadata().equals(ARCHIVE_SCHEMA) and not schema.remove_metadata().equals(LEGACY_ARCHIVE_SCHEMA):
+        if not schema.remove_metadata().equals(ARCHIVE_SCHEMA) and not schema.remove_metadata().equals(
+            LEGACY_ARCHIVE_SCHEMA
+        ):
             problems.append(f"{path}: schema differs from ARCHIVE_SCHEMA: {schema.remove_metadata()}")
             continue
         tables.append(pq.read_table(path, columns=["site_id", "event_id", "schema_version"], filesystem=filesystem))

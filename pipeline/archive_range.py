@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -46,7 +46,7 @@ def parse_utc(text: str) -> datetime:
         raise ReplayRangeError(f"{text!r} is not an ISO 8601 time such as 2024-01-15T10:00:00Z") from None
     if value.tzinfo is None:
         raise ReplayRangeError(f"{text!r} has no UTC offset; write it as 2024-01-15T10:00:00Z")
-    return value.astimezone(timezone.utc)
+    return value.astimezone(UTC)
 
 
 def hours_in_range(start: datetime, end: datetime) -> list[str]:
@@ -86,7 +86,9 @@ def envelopes_from_archive(table: pa.Table, skipped: list[str] | None = None) ->
         except Exception as exc:  # noqa: BLE001 - this row's fate alone
             if skipped is None:
                 raise
-            skipped.append(f"{row.get('site_id')}/{row.get('event_id')}: unreadable archive row ({type(exc).__name__}: {str(exc)[:200]})")
+            skipped.append(
+                f"{row.get('site_id')}/{row.get('event_id')}: unreadable archive row ({type(exc).__name__}: {str(exc)[:200]})"
+            )
     return envelopes
 
 
@@ -105,23 +107,40 @@ class RangeReplay:
     skipped: list[str] = field(default_factory=list)
 
 
-def subscribed_in_range(table: pa.Table, partner: PartnerConfig, start: datetime, end: datetime) -> tuple[int, pa.Table]:
+def subscribed_in_range(
+    table: pa.Table, partner: PartnerConfig, start: datetime, end: datetime
+) -> tuple[int, pa.Table]:
     """(rows of the archive hour in [start, end), those of them the partner subscribes to)."""
     if not table.num_rows:
         return 0, table
     ts = table.column("timestamp")
-    in_range = table.filter(pc.and_(pc.greater_equal(ts, pa.scalar(start, ts.type)), pc.less(ts, pa.scalar(end, ts.type))))
-    return in_range.num_rows, in_range.filter(pc.is_in(in_range.column("event_type"), pa.array(sorted(partner.subscriptions), pa.string())))
+    in_range = table.filter(
+        pc.and_(pc.greater_equal(ts, pa.scalar(start, ts.type)), pc.less(ts, pa.scalar(end, ts.type)))
+    )
+    return in_range.num_rows, in_range.filter(
+        pc.is_in(in_range.column("event_type"), pa.array(sorted(partner.subscriptions), pa.string()))
+    )
 
 
-def replay_messages(table: pa.Table, partner: PartnerConfig, limits: QueueLimits, refused: list[Refused], skipped: list[str]) -> list[Outgoing[Envelope]]:
+def replay_messages(
+    table: pa.Table, partner: PartnerConfig, limits: QueueLimits, refused: list[Refused], skipped: list[str]
+) -> list[Outgoing[Envelope]]:
     """The partner queue messages for archive rows, made exactly as the drain makes them (same transform,
     same message shape, the partner's current contract version)."""
-    return partner_shares(RoutingConfig(partners=(partner,)), envelopes_from_archive(table, skipped), limits, refused)[partner.name]
+    return partner_shares(RoutingConfig(partners=(partner,)), envelopes_from_archive(table, skipped), limits, refused)[
+        partner.name
+    ]
 
 
 def replay_range_to_partner(
-    filesystem: fs.FileSystem, bucket: str, sqs, partner: PartnerConfig, partner_queue_url: str, start: datetime, end: datetime, history: ContractHistory | None = None
+    filesystem: fs.FileSystem,
+    bucket: str,
+    sqs,
+    partner: PartnerConfig,
+    partner_queue_url: str,
+    start: datetime,
+    end: datetime,
+    history: ContractHistory | None = None,
 ) -> RangeReplay:
     """Put every archived event of [start, end) that `partner` subscribes to on its queue, transformed now.
 
@@ -136,7 +155,13 @@ def replay_range_to_partner(
     report = RangeReplay(partner.name, start, end, contract_version=partner.contract_version)
     if history is not None:
         history.record(partner.name, partner.contract)
-    log.info("replay to %s under contract %s: %d hours from %s", partner.name, report.contract_version, len(hours), start.isoformat())
+    log.info(
+        "replay to %s under contract %s: %d hours from %s",
+        partner.name,
+        report.contract_version,
+        len(hours),
+        start.isoformat(),
+    )
     for hour in hours:
         table = read_archive_hour(filesystem, bucket, hour)
         report.hours += 1
@@ -148,7 +173,9 @@ def replay_range_to_partner(
         messages = replay_messages(subscribed, partner, limits, refused, report.skipped)
         refusals: list = []
         send_all(sqs, {partner_queue_url: messages}, limits, refusals)
-        skipped = [(r.event, f"{r.reason} ({r.error_type}): {r.detail}") for r in refused] + [(event, f"refused_by_sqs ({code}): {text}") for event, code, text in refusals]
+        skipped = [(r.event, f"{r.reason} ({r.error_type}): {r.detail}") for r in refused] + [
+            (event, f"refused_by_sqs ({code}): {text}") for event, code, text in refusals
+        ]
         for event, why in skipped:
             report.skipped.append(f"{event.dedupe_id}: {why}")
             log.warning("replay to %s: skipped %s: %s", partner.name, event.dedupe_id, why)
@@ -157,5 +184,7 @@ def replay_range_to_partner(
             if id(item.tag) not in refused_ids:
                 report.by_event_type[item.tag.event_type] = report.by_event_type.get(item.tag.event_type, 0) + 1
                 report.sent += 1
-        log.info("replay to %s: hour %s, %d of %d events sent", partner.name, hour, len(messages) - len(refusals), in_range)
+        log.info(
+            "replay to %s: hour %s, %d of %d events sent", partner.name, hour, len(messages) - len(refusals), in_range
+        )
     return report

@@ -21,13 +21,30 @@ class ArchiveReplayConfig(Config):
 
 
 @op
-def replay_archive_range_to_partner(context: OpExecutionContext, config: ArchiveReplayConfig, sqs: SQSResource, archive: ArchiveStore, routing: RoutingSettings) -> int:
+def replay_archive_range_to_partner(
+    context: OpExecutionContext,
+    config: ArchiveReplayConfig,
+    sqs: SQSResource,
+    archive: ArchiveStore,
+    routing: RoutingSettings,
+) -> int:
     """Every subscribed event of the range, under the partner's current contract, onto the partner's queue."""
     partner = routing.load().partner(config.partner)
     start, end = parse_utc(config.start), parse_utc(config.end)
     history = ContractHistory(archive.get_client(), archive.bucket)
-    report = replay_range_to_partner(archive.filesystem(), archive.bucket, sqs.get_client(), partner, sqs.queue_url(partner.queue_name), start, end, history)
-    context.log.info(f"{report.sent} of {report.events_in_range} archived events of {report.hours} hours queued for {partner.name} under contract {report.contract_version}")
+    report = replay_range_to_partner(
+        archive.filesystem(),
+        archive.bucket,
+        sqs.get_client(),
+        partner,
+        sqs.queue_url(partner.queue_name),
+        start,
+        end,
+        history,
+    )
+    context.log.info(
+        f"{report.sent} of {report.events_in_range} archived events of {report.hours} hours queued for {partner.name} under contract {report.contract_version}"
+    )
     context.add_output_metadata(
         {
             "partner": partner.name,

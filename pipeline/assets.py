@@ -62,7 +62,11 @@ CHECKS = [
         asset=ARCHIVE_ASSET,
         description="Archived (site_id, event_id) == the unique ones of the landing files, and landing rows cover what drain runs reported landing.",
     ),
-    AssetCheckSpec("schema_and_version", asset=ARCHIVE_ASSET, description="Files carry ARCHIVE_SCHEMA and only known envelope major versions."),
+    AssetCheckSpec(
+        "schema_and_version",
+        asset=ARCHIVE_ASSET,
+        description="Files carry ARCHIVE_SCHEMA and only known envelope major versions.",
+    ),
     AssetCheckSpec(
         "archival_lag",
         asset=ARCHIVE_ASSET,
@@ -75,7 +79,9 @@ def drained_rows_reported(instance: DagsterInstance, hour: str) -> int | None:
     """Rows that drain runs reported landing for this hour (their landing materializations), if any."""
     total, cursor, seen = 0, None, False
     while True:
-        page = instance.fetch_materializations(AssetRecordsFilter(asset_key=LANDING_ASSET, asset_partitions=[hour]), limit=1000, cursor=cursor)
+        page = instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=LANDING_ASSET, asset_partitions=[hour]), limit=1000, cursor=cursor
+        )
         for record in page.records:
             rows = record.asset_materialization.metadata.get("rows") if record.asset_materialization else None
             if rows is not None:
@@ -111,12 +117,21 @@ def events_archive(context: AssetExecutionContext, archive: ArchiveStore) -> Mat
     )
     metrics.push_gauges(
         "pipeline_archive",
-        {"parquet_files_written": ("Parquet files written by the last compaction of an archive hour", len(result.files))},
+        {
+            "parquet_files_written": (
+                "Parquet files written by the last compaction of an archive hour",
+                len(result.files),
+            )
+        },
     )
     # The gauge is the data's lag (archive_freshness_sensor pushes it every minute); a compaction
     # refreshes it at once, since it has just changed what is unarchived.
     if metrics.pushgateway_url():
-        freshness.push_archival_lag(freshness.measure_archive_freshness(archive.get_client(), archive.bucket, archive.landing_prefix, utc_now(), filesystem))
+        freshness.push_archival_lag(
+            freshness.measure_archive_freshness(
+                archive.get_client(), archive.bucket, archive.landing_prefix, utc_now(), filesystem
+            )
+        )
     lag_limit = archival_lag_limit_minutes()
     landing_covers_reports = reported is None or result.landing_rows >= reported
     checks = [
@@ -151,7 +166,11 @@ def events_archive(context: AssetExecutionContext, archive: ArchiveStore) -> Mat
             check_name="archival_lag",
             passed=result.archival_lag_minutes <= lag_limit,
             severity=AssetCheckSeverity.WARN,
-            metadata={"archival_lag_minutes": result.archival_lag_minutes, "limit_minutes": lag_limit, "newly_archived": result.newly_archived},
+            metadata={
+                "archival_lag_minutes": result.archival_lag_minutes,
+                "limit_minutes": lag_limit,
+                "newly_archived": result.newly_archived,
+            },
         ),
     ]
     return MaterializeResult(

@@ -93,14 +93,27 @@ class PartnerAudit:
         return [a for a in self.attempts if a.recreated == "mismatch"]
 
     def render(self) -> str:
-        lines = [f"partner {self.partner}, attempts from {self.start.isoformat()} to {self.end.isoformat()} (end excluded)"]
+        lines = [
+            f"partner {self.partner}, attempts from {self.start.isoformat()} to {self.end.isoformat()} (end excluded)"
+        ]
         lines += [f"  {a.line()}" for a in self.attempts]
         checks = Counter(a.recreated for a in self.attempts)
-        lines.append(f"{len(self.attempts)} attempts, {len(self.delivered)} delivered; delivered per contract {self.by_contract}; re-created {dict(checks)}")
+        lines.append(
+            f"{len(self.attempts)} attempts, {len(self.delivered)} delivered; delivered per contract {self.by_contract}; re-created {dict(checks)}"
+        )
         return "\n".join(lines)
 
     def to_json(self) -> str:
-        return json.dumps({"partner": self.partner, "start": self.start.isoformat(), "end": self.end.isoformat(), "attempts": [asdict(a) for a in self.attempts]}, default=str, indent=2)
+        return json.dumps(
+            {
+                "partner": self.partner,
+                "start": self.start.isoformat(),
+                "end": self.end.isoformat(),
+                "attempts": [asdict(a) for a in self.attempts],
+            },
+            default=str,
+            indent=2,
+        )
 
 
 def _days(start: datetime, end: datetime) -> list[date]:
@@ -123,7 +136,10 @@ def read_attempts(filesystem: fs.FileSystem, bucket: str, partner: str, start: d
         return DELIVERY_ATTEMPT_SCHEMA.empty_table()
     table = ds.dataset(files, schema=DELIVERY_ATTEMPT_SCHEMA, filesystem=filesystem, format="parquet").to_table()
     ts = table.column("attempted_at")
-    keep = pc.and_(pc.equal(table.column("partner"), partner), pc.and_(pc.greater_equal(ts, pa.scalar(start, ts.type)), pc.less(ts, pa.scalar(end, ts.type))))
+    keep = pc.and_(
+        pc.equal(table.column("partner"), partner),
+        pc.and_(pc.greater_equal(ts, pa.scalar(start, ts.type)), pc.less(ts, pa.scalar(end, ts.type))),
+    )
     return table.filter(keep).sort_by([("attempted_at", "ascending"), ("attempt", "ascending")])
 
 
@@ -142,14 +158,23 @@ class BodyRecreator:
     def _load_transform(self, version: str) -> PartnerTransform:
         contract = self.history.load(self.partner, version)
         if contract.rules != CONTRACT_RULES:
-            raise ContractHistoryError(f"contract {version} was made under transform rules {contract.rules}; this code applies rules {CONTRACT_RULES}")
+            raise ContractHistoryError(
+                f"contract {version} was made under transform rules {contract.rules}; this code applies rules {CONTRACT_RULES}"
+            )
         return PartnerTransform(contract)
 
     def check(self, attempt: AuditedAttempt) -> None:
         """Set `attempt.recreated` (and `body` on a match)."""
-        missing = [name for name in ("contract_version", "archive_hour", "site_id", "body_sha256") if getattr(attempt, name) is None]
+        missing = [
+            name
+            for name in ("contract_version", "archive_hour", "site_id", "body_sha256")
+            if getattr(attempt, name) is None
+        ]
         if missing:
-            attempt.recreated, attempt.detail = "unavailable", f"logged without {', '.join(missing)} (before the audit columns)"
+            attempt.recreated, attempt.detail = (
+                "unavailable",
+                f"logged without {', '.join(missing)} (before the audit columns)",
+            )
             return
         try:
             transform = self._transform(attempt.contract_version)
@@ -158,7 +183,10 @@ class BodyRecreator:
             return
         wire = self._hour(attempt.archive_hour).get((attempt.site_id, attempt.event_id))
         if wire is None:
-            attempt.recreated, attempt.detail = "unavailable", f"not in archive hour {attempt.archive_hour} (not compacted yet?)"
+            attempt.recreated, attempt.detail = (
+                "unavailable",
+                f"not in archive hour {attempt.archive_hour} (not compacted yet?)",
+            )
             return
         body = partner_body_text(transform.apply(wire))
         if hashlib.sha256(body.encode("utf-8")).hexdigest() == attempt.body_sha256:
@@ -167,7 +195,9 @@ class BodyRecreator:
             attempt.recreated, attempt.detail = "mismatch", "the archived event under this contract gives another body"
 
 
-def audit_partner(filesystem: fs.FileSystem, s3, bucket: str, partner: str, start: datetime, end: datetime, recreate: bool = True) -> PartnerAudit:
+def audit_partner(
+    filesystem: fs.FileSystem, s3, bucket: str, partner: str, start: datetime, end: datetime, recreate: bool = True
+) -> PartnerAudit:
     """Every logged attempt to `partner` in [start, end), each body re-created and checked when `recreate`."""
     if end <= start:
         raise ReplayRangeError(f"end {end.isoformat()} is not after start {start.isoformat()}")
@@ -188,16 +218,28 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.audit", description=__doc__.splitlines()[0])
     parser.add_argument("partner", help="the partner's name in config/routing.yaml")
-    parser.add_argument("--from", dest="start", required=True, type=parse_utc, help="first attempt time to include, UTC ISO 8601 (2024-01-15T00:00:00Z)")
-    parser.add_argument("--to", dest="end", required=True, type=parse_utc, help="attempts before this time are included (exclusive)")
-    parser.add_argument("--no-recreate", action="store_true", help="list the log only; do not re-create bodies from the archive")
+    parser.add_argument(
+        "--from",
+        dest="start",
+        required=True,
+        type=parse_utc,
+        help="first attempt time to include, UTC ISO 8601 (2024-01-15T00:00:00Z)",
+    )
+    parser.add_argument(
+        "--to", dest="end", required=True, type=parse_utc, help="attempts before this time are included (exclusive)"
+    )
+    parser.add_argument(
+        "--no-recreate", action="store_true", help="list the log only; do not re-create bodies from the archive"
+    )
     parser.add_argument("--bodies", action="store_true", help="print each re-created body under its attempt")
     parser.add_argument("--json", action="store_true", help="machine-readable output (bodies included)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     bucket = os.environ.get("PIPELINE_ARCHIVE_BUCKET", load_stack_config().archive.bucket)
     try:
-        report = audit_partner(s3_filesystem(), aws_client("s3"), bucket, args.partner, args.start, args.end, recreate=not args.no_recreate)
+        report = audit_partner(
+            s3_filesystem(), aws_client("s3"), bucket, args.partner, args.start, args.end, recreate=not args.no_recreate
+        )
     except ReplayRangeError as exc:
         parser.error(str(exc))
     if args.json:
@@ -207,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.bodies:
             for attempt in report.attempts:
                 if attempt.body is not None:
-                    print(f"\n{attempt.webhook_id} #{attempt.attempt} (contract {attempt.contract_version}):\n{attempt.body}")
+                    print(
+                        f"\n{attempt.webhook_id} #{attempt.attempt} (contract {attempt.contract_version}):\n{attempt.body}"
+                    )
     return 1 if report.mismatches else 0
 
 

@@ -2,9 +2,7 @@
 
 from dagster import Definitions
 
-from pipeline import analytics, assets, sensors
-from pipeline import partner_jobs, replay
-from pipeline import archive_replay
+from pipeline import analytics, archive_replay, assets, partner_jobs, replay, sensors
 from pipeline.resources import RESOURCES
 
 defs = Definitions.merge(

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import NamedTuple
 
 from edge_bridge.claim_check import verify_and_fetch
@@ -40,11 +40,11 @@ def sent_at(attributes: dict, message_attributes: dict | None = None) -> datetim
     carried = ((message_attributes or {}).get(QUEUED_AT_ATTRIBUTE) or {}).get("StringValue")
     try:
         if carried and (when := datetime.fromisoformat(carried)).tzinfo is not None:
-            return when.astimezone(timezone.utc)
+            return when.astimezone(UTC)
     except ValueError:
         pass
     try:
-        return datetime.fromtimestamp(int(attributes["SentTimestamp"]) / 1000, tz=timezone.utc)
+        return datetime.fromtimestamp(int(attributes["SentTimestamp"]) / 1000, tz=UTC)
     except (KeyError, TypeError, ValueError, OverflowError, OSError):
         return None
 
@@ -173,7 +173,12 @@ def parse_window(window: Window, s3_client=None, claim_check_bucket: str | None 
                 except EnvelopeRejected:
                     raise
                 except Exception as exc:  # noqa: BLE001 - S3 unavailable: leave the message for redelivery
-                    log.warning("claim check s3://%s/%s unresolved (%s); leaving the message in SQS", pointer.bucket, pointer.key, exc)
+                    log.warning(
+                        "claim check s3://%s/%s unresolved (%s); leaving the message in SQS",
+                        pointer.bucket,
+                        pointer.key,
+                        exc,
+                    )
                     held += 1
                     continue
             env = parse_envelope(body)
@@ -181,7 +186,9 @@ def parse_window(window: Window, s3_client=None, claim_check_bucket: str | None 
             quarantined.append(RejectedMessage(msg, exc.reason, exc.detail))
             continue
         except Exception as exc:  # noqa: BLE001 - one message's fate alone, whatever it was
-            quarantined.append(RejectedMessage(msg, "unreadable", f"{type(exc).__name__}: {str(exc)[:200]}", type(exc).__name__))
+            quarantined.append(
+                RejectedMessage(msg, "unreadable", f"{type(exc).__name__}: {str(exc)[:200]}", type(exc).__name__)
+            )
             continue
         receipts.append(msg.receipt_handle)
         if env.key in events:
@@ -190,12 +197,23 @@ def parse_window(window: Window, s3_client=None, claim_check_bucket: str | None 
         events[env.key] = body
         queued.append(msg.sent_at.isoformat() if msg.sent_at else "")
         parsed.append(env)
-    return ParsedWindow(list(events.values()), receipts, quarantined, duplicates, held, queued_at=queued, _events=parsed)
+    return ParsedWindow(
+        list(events.values()), receipts, quarantined, duplicates, held, queued_at=queued, _events=parsed
+    )
 
 
 def quarantine_line(stage: str, reason: str, error_type: str, detail: str, body: str, **identity: str | None) -> str:
     """One JSON line of the cloud quarantine: where it was found, why, and the body to release it with."""
-    return json.dumps({"stage": stage, **{k: v for k, v in identity.items() if v is not None}, "reason": reason, "error_type": error_type, "detail": detail, "body": body})
+    return json.dumps(
+        {
+            "stage": stage,
+            **{k: v for k, v in identity.items() if v is not None},
+            "reason": reason,
+            "error_type": error_type,
+            "detail": detail,
+            "body": body,
+        }
+    )
 
 
 def quarantine_key(run_id: str, stage: str, now: datetime) -> str:
@@ -205,7 +223,9 @@ def quarantine_key(run_id: str, stage: str, now: datetime) -> str:
 
 def write_quarantine(s3, bucket: str, key: str, lines: list[str]) -> None:
     """One PutObject: once it returns, the lines are durable and their messages may leave SQS."""
-    s3.put_object(Bucket=bucket, Key=key, Body=("\n".join(lines) + "\n").encode("utf-8"), ContentType="application/x-ndjson")
+    s3.put_object(
+        Bucket=bucket, Key=key, Body=("\n".join(lines) + "\n").encode("utf-8"), ContentType="application/x-ndjson"
+    )
 
 
 def delete_messages(sqs, queue_url: str, receipt_handles: list[str]) -> int:

@@ -7,11 +7,9 @@ lasts `run_seconds` and the sensor starts its successor `handover_seconds` befor
 deployment takes over within the hour and the lane is never down between two runs.
 """
 
-
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 from dagster import (
     DefaultSensorStatus,
@@ -48,7 +46,7 @@ class ExpressSettings:
     window of waiting events, as for every other type.
     """
 
-    queue: Optional[str] = None
+    queue: str | None = None
     run_seconds: float = 3600.0
     handover_seconds: float = 60.0
     wait_time_s: int = 20
@@ -60,11 +58,13 @@ class ExpressSettings:
             run_seconds=float(os.environ.get("PIPELINE_EXPRESS_RUN_SECONDS") or 3600),
         )
 
-    def queue_name(self) -> Optional[str]:
+    def queue_name(self) -> str | None:
         return self.queue
 
 
-def keep_alive(context: SensorEvaluationContext, job_name: str, tags: dict[str, str], run_seconds: float, handover_seconds: float) -> Optional[str]:
+def keep_alive(
+    context: SensorEvaluationContext, job_name: str, tags: dict[str, str], run_seconds: float, handover_seconds: float
+) -> str | None:
     """Why a new long-running run is needed now (none in progress, or the newest ends within the
     handover), or None when one is running and has time left. A run not started yet counts as new."""
     records = context.instance.get_run_records(RunsFilter(job_name=job_name, statuses=IN_PROGRESS, tags=tags))
@@ -83,7 +83,9 @@ def _describe(stats: ExpressStats) -> str:
 
 
 @op
-def route_express_lane(context: OpExecutionContext, sqs: SQSResource, archive: ArchiveStore, routing: RoutingSettings) -> dict:
+def route_express_lane(
+    context: OpExecutionContext, sqs: SQSResource, archive: ArchiveStore, routing: RoutingSettings
+) -> dict:
     """Route alarms from the express queue to their priority queue and partners until the run's time is up."""
     express = ExpressSettings.from_env()
     name = express.queue_name()
@@ -108,26 +110,38 @@ def route_express_lane(context: OpExecutionContext, sqs: SQSResource, archive: A
         history=ContractHistory(archive.get_client(), archive.bucket),
     )
     context.log.info(f"express lane on {name} for {express.run_seconds:.0f} s")
-    stats = lane.run(express.run_seconds, wait_time_s=express.wait_time_s, on_progress=lambda s: context.log.info(_describe(s)))
+    stats = lane.run(
+        express.run_seconds, wait_time_s=express.wait_time_s, on_progress=lambda s: context.log.info(_describe(s))
+    )
     context.log.info(_describe(stats))
     metadata = stats.as_metadata()
-    context.add_output_metadata({key: MetadataValue.json(value) if isinstance(value, dict) else value for key, value in metadata.items()})
+    context.add_output_metadata(
+        {key: MetadataValue.json(value) if isinstance(value, dict) else value for key, value in metadata.items()}
+    )
     return metadata
 
 
-@job(executor_def=in_process_executor, tags={EXPRESS_TAG: "router"}, description="The express lane: alarms from the express queue to the high-priority queue and partners, for an hour.")
+@job(
+    executor_def=in_process_executor,
+    tags={EXPRESS_TAG: "router"},
+    description="The express lane: alarms from the express queue to the high-priority queue and partners, for an hour.",
+)
 def express_lane_job():
     route_express_lane()
 
 
-@sensor(job=express_lane_job, minimum_interval_seconds=1, default_status=DefaultSensorStatus.RUNNING)  # every daemon loop (>= 5 s)
+@sensor(
+    job=express_lane_job, minimum_interval_seconds=1, default_status=DefaultSensorStatus.RUNNING
+)  # every daemon loop (>= 5 s)
 def express_lane_sensor(context: SensorEvaluationContext, sqs: SQSResource):
     """Keep one express lane run going while an express queue is configured (turn this off to stop the lane)."""
     express = ExpressSettings.from_env()
     name = express.queue_name()
     if not name:
         return SkipReason("no express queue configured (PIPELINE_EXPRESS_QUEUE): the express lane is off")
-    why = keep_alive(context, express_lane_job.name, {EXPRESS_TAG: "router"}, express.run_seconds, express.handover_seconds)
+    why = keep_alive(
+        context, express_lane_job.name, {EXPRESS_TAG: "router"}, express.run_seconds, express.handover_seconds
+    )
     if why is None:
         return SkipReason(f"the express lane is running on {name}")
     try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pyarrow.parquet as pq
 from pyarrow import fs
@@ -72,7 +72,7 @@ def _oldest_ingested_at(filesystem: fs.FileSystem | None, bucket: str, key: str)
     if not mins:
         return None
     oldest = min(mins)
-    return oldest if oldest.tzinfo else oldest.replace(tzinfo=timezone.utc)
+    return oldest if oldest.tzinfo else oldest.replace(tzinfo=UTC)
 
 
 def measure_archive_freshness(
@@ -90,16 +90,25 @@ def measure_archive_freshness(
     landing file was written.
     """
     lookback = lookback_hours() if lookback is None else lookback
-    first = now.astimezone(timezone.utc) - timedelta(hours=lookback)
-    current_hour = now.astimezone(timezone.utc).strftime("%Y-%m-%d-%H:00")
+    first = now.astimezone(UTC) - timedelta(hours=lookback)
+    current_hour = now.astimezone(UTC).strftime("%Y-%m-%d-%H:00")
     landing: dict[str, list[tuple[datetime, str]]] = {}
-    kwargs = {"Bucket": bucket, "Prefix": f"{landing_prefix}/hour=", "StartAfter": f"{landing_prefix}/hour={first:%Y-%m-%dT%H}", "MaxKeys": 1000}
+    kwargs = {
+        "Bucket": bucket,
+        "Prefix": f"{landing_prefix}/hour=",
+        "StartAfter": f"{landing_prefix}/hour={first:%Y-%m-%dT%H}",
+        "MaxKeys": 1000,
+    }
     truncated = False
     for _ in range(MAX_LANDING_PAGES):
         page = s3_client.list_objects_v2(**kwargs)
         for obj in page.get("Contents", []):
             hour = _hour_of(obj["Key"], landing_prefix)
-            if hour is not None and parse_hour_key(hour) <= parse_hour_key(current_hour) and obj["Key"].endswith(".parquet"):
+            if (
+                hour is not None
+                and parse_hour_key(hour) <= parse_hour_key(current_hour)
+                and obj["Key"].endswith(".parquet")
+            ):
                 landing.setdefault(hour, []).append((obj["LastModified"], obj["Key"]))
         if not page.get("IsTruncated"):
             break
@@ -125,6 +134,11 @@ def push_archival_lag(freshness: Freshness) -> bool:
     """Push archival_lag_minutes in the freshness group (the Pushgateway stamps its push_time_seconds)."""
     return metrics.push_gauges(
         PUSH_JOB,
-        {"archival_lag_minutes": ("Minutes the oldest event landed but not yet archived has waited since a drain run took it from SQS", freshness.lag_minutes)},
+        {
+            "archival_lag_minutes": (
+                "Minutes the oldest event landed but not yet archived has waited since a drain run took it from SQS",
+                freshness.lag_minutes,
+            )
+        },
         grouping_key=PUSH_GROUP,
     )

@@ -7,9 +7,7 @@ for a reason of its own is written to `s3://<archive bucket>/quarantine/` by tha
 returns); a run that dies before that, or an op failing for a shared cause, leaves the messages in SQS.
 """
 
-
 from collections import Counter
-from typing import Optional
 
 from dagster import (
     AssetKey,
@@ -25,6 +23,8 @@ from dagster import (
     op,
 )
 
+from edge_bridge.claim_check import check_in_downstream
+from edge_bridge.envelope import Envelope, format_ts, utc_now
 from pipeline import drain
 from pipeline.archive import write_landing
 from pipeline.metrics import push_gauges
@@ -33,8 +33,6 @@ from pipeline.resources import ArchiveStore, DrainSettings, RoutingSettings, SQS
 from pipeline.routing import destinations, monitoring
 from pipeline.routing.contracts import ContractHistory
 from pipeline.routing.dlq_replay import record_drain_failure
-from edge_bridge.claim_check import check_in_downstream
-from edge_bridge.envelope import Envelope, format_ts, utc_now
 from pipeline.stack import load_stack_config
 
 LANDING_ASSET = AssetKey("events_landing")
@@ -42,11 +40,13 @@ DRAIN_TAG = "pipeline/drain"
 
 
 class WindowConfig(Config):
-    max_messages: Optional[int] = None  # default: DrainSettings.window_messages
+    max_messages: int | None = None  # default: DrainSettings.window_messages
 
 
 @op(out=Out(drain.Window))
-def receive_events_window(context: OpExecutionContext, config: WindowConfig, sqs: SQSResource, drain_settings: DrainSettings) -> drain.Window:
+def receive_events_window(
+    context: OpExecutionContext, config: WindowConfig, sqs: SQSResource, drain_settings: DrainSettings
+) -> drain.Window:
     """Take a bounded window of messages; they stay invisible to others for the visibility timeout."""
     size = config.max_messages or drain_settings.window_messages
     window = drain.receive_window(sqs.get_client(), sqs.queue_url(), size, max_seconds=drain_settings.window_seconds)
@@ -66,7 +66,16 @@ def _quarantine(context: OpExecutionContext, archive: ArchiveStore, stage: str, 
 
 def _refused_lines(refused: list[destinations.Refused], stage: str) -> list[str]:
     return [
-        drain.quarantine_line(stage, r.reason, r.error_type, r.detail, r.event.to_json(), destination=r.destination, site_id=r.event.site_id, event_id=r.event.event_id)
+        drain.quarantine_line(
+            stage,
+            r.reason,
+            r.error_type,
+            r.detail,
+            r.event.to_json(),
+            destination=r.destination,
+            site_id=r.event.site_id,
+            event_id=r.event.event_id,
+        )
         for r in refused
     ]
 
@@ -76,7 +85,9 @@ def validate_and_dedupe(context: OpExecutionContext, window: drain.Window, archi
     """Check every envelope against the contract; bad ones are kept in the quarantine area with a reason."""
     parsed = drain.parse_window(window)
     lines = [
-        drain.quarantine_line("validate_and_dedupe", r.reason, r.error_type, r.detail, r.message.body, message_id=r.message.message_id)
+        drain.quarantine_line(
+            "validate_and_dedupe", r.reason, r.error_type, r.detail, r.message.body, message_id=r.message.message_id
+        )
         for r in parsed.quarantined
     ]
     _quarantine(context, archive, "validate_and_dedupe", lines)
@@ -100,11 +111,19 @@ def land_in_archive(context: OpExecutionContext, parsed: drain.ParsedWindow, arc
     refused: list[destinations.Refused] = []
 
     def unarchivable(event: Envelope, exc: Exception) -> None:
-        refused.append(destinations.Refused(event, "archive", "unarchivable", type(exc).__name__, destinations.described(exc)))
+        refused.append(
+            destinations.Refused(event, "archive", "unarchivable", type(exc).__name__, destinations.described(exc))
+        )
 
     written = write_landing(
-        archive.filesystem(), archive.bucket, archive.landing_prefix, parsed.events, context.run_id, ingested_at,
-        on_refused=unarchivable, queued_at=parsed.queued_times,
+        archive.filesystem(),
+        archive.bucket,
+        archive.landing_prefix,
+        parsed.events,
+        context.run_id,
+        ingested_at,
+        on_refused=unarchivable,
+        queued_at=parsed.queued_times,
     )
     _quarantine(context, archive, "land_in_archive", _refused_lines(refused, "land_in_archive"))
     for hour, rows in written.items():
@@ -134,8 +153,12 @@ class _DestinationStep:
         if exc is not None and self.window.messages:
             try:
                 key = record_drain_failure(
-                    self.archive.get_client(), self.archive.bucket, self.context.run_id, self.context.op.name,
-                    [m.message_id for m in self.window.messages], f"{exc_type.__name__}: {exc}",
+                    self.archive.get_client(),
+                    self.archive.bucket,
+                    self.context.run_id,
+                    self.context.op.name,
+                    [m.message_id for m in self.window.messages],
+                    f"{exc_type.__name__}: {exc}",
                 )
                 self.context.log.error(f"{self.context.op.name} failed; window stays in SQS; reason recorded at {key}")
             except Exception as record_exc:  # the original failure matters more than its record
@@ -143,7 +166,16 @@ class _DestinationStep:
         return False
 
 
-def _hand_over(context: OpExecutionContext, window: drain.Window, parsed: drain.ParsedWindow, sqs: SQSResource, archive: ArchiveStore, routing: RoutingSettings, route, **extra) -> destinations.HandOver:
+def _hand_over(
+    context: OpExecutionContext,
+    window: drain.Window,
+    parsed: drain.ParsedWindow,
+    sqs: SQSResource,
+    archive: ArchiveStore,
+    routing: RoutingSettings,
+    route,
+    **extra,
+) -> destinations.HandOver:
     """One SQS destination's share of the window. Events it refuses for their own reasons are quarantined
     before the op returns; a shared failure is recorded for the events-dlq replay and fails the run."""
     stage = context.op.name
@@ -163,16 +195,34 @@ def _hand_over(context: OpExecutionContext, window: drain.Window, parsed: drain.
 
 
 @op(out=Out(Nothing))
-def route_to_partner_queues(context: OpExecutionContext, window: drain.Window, parsed: drain.ParsedWindow, sqs: SQSResource, archive: ArchiveStore, routing: RoutingSettings) -> None:
+def route_to_partner_queues(
+    context: OpExecutionContext,
+    window: drain.Window,
+    parsed: drain.ParsedWindow,
+    sqs: SQSResource,
+    archive: ArchiveStore,
+    routing: RoutingSettings,
+) -> None:
     """Subscribed events only, already transformed to each partner's contract (recorded in the contract
     history before its first body is queued), into each partner's queue; the metadata names each contract."""
     history = ContractHistory(archive.get_client(), archive.bucket)
-    handed = _hand_over(context, window, parsed, sqs, archive, routing, destinations.route_to_partner_queues, history=history)
-    context.add_output_metadata({"contract_versions": MetadataValue.json(handed.contracts), "queued": MetadataValue.json(handed.accepted)})
+    handed = _hand_over(
+        context, window, parsed, sqs, archive, routing, destinations.route_to_partner_queues, history=history
+    )
+    context.add_output_metadata(
+        {"contract_versions": MetadataValue.json(handed.contracts), "queued": MetadataValue.json(handed.accepted)}
+    )
 
 
 @op(out=Out(Nothing))
-def route_to_priority_queues(context: OpExecutionContext, window: drain.Window, parsed: drain.ParsedWindow, sqs: SQSResource, archive: ArchiveStore, routing: RoutingSettings) -> None:
+def route_to_priority_queues(
+    context: OpExecutionContext,
+    window: drain.Window,
+    parsed: drain.ParsedWindow,
+    sqs: SQSResource,
+    archive: ArchiveStore,
+    routing: RoutingSettings,
+) -> None:
     """Every event into the high, medium or low queue its event type maps to; an event too big for SQS
     travels as a claim-check pointer (s3://<claim-check bucket>/claim-check-routed/...)."""
     s3, bucket = archive.get_client(), load_stack_config().claim_check.bucket
@@ -184,7 +234,13 @@ def route_to_priority_queues(context: OpExecutionContext, window: drain.Window, 
 
 
 @op(out=Out(Nothing))
-def send_to_monitoring(context: OpExecutionContext, window: drain.Window, parsed: drain.ParsedWindow, sqs: SQSResource, routing: RoutingSettings) -> None:
+def send_to_monitoring(
+    context: OpExecutionContext,
+    window: drain.Window,
+    parsed: drain.ParsedWindow,
+    sqs: SQSResource,
+    routing: RoutingSettings,
+) -> None:
     """Operational events to Loki (when configured) and the window's cloud metrics to the Pushgateway.
 
     Loki is observability, not delivery: nothing about it (an outage, a line an event cannot make) may
@@ -196,13 +252,17 @@ def send_to_monitoring(context: OpExecutionContext, window: drain.Window, parsed
     if loki and operational:
         try:
             if not monitoring.push_to_loki(loki, operational):
-                context.log.warning(f"Loki did not accept {len(operational)} operational event lines (they are archived)")
+                context.log.warning(
+                    f"Loki did not accept {len(operational)} operational event lines (they are archived)"
+                )
         except Exception as exc:  # noqa: BLE001 - see the docstring
             context.log.warning(f"Loki push failed ({type(exc).__name__}: {exc}); the events are archived")
     visible, _ = drain.queue_depth(sqs.get_client(), sqs.queue_url())
     gauges = monitoring.window_metrics(len(window), len(parsed.quarantined), parsed.events, visible)
     push_gauges("pipeline_drain", gauges, labels={"queue": sqs.events_queue})
-    context.log.info(f"{len(operational)} operational events; metrics {({k: round(v[1], 3) for k, v in gauges.items()})}")
+    context.log.info(
+        f"{len(operational)} operational events; metrics { ({k: round(v[1], 3) for k, v in gauges.items()}) }"
+    )
 
 
 @op(ins={"landed": In(Nothing), "partners": In(Nothing), "prioritized": In(Nothing), "monitored": In(Nothing)})

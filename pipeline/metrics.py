@@ -22,7 +22,12 @@ def pushgateway_url() -> str | None:
     return os.environ.get("PIPELINE_PUSHGATEWAY_URL") or None
 
 
-def push_gauges(job: str, gauges: dict[str, tuple[str, float]], labels: dict[str, str] | None = None, grouping_key: dict[str, str] | None = None) -> bool:
+def push_gauges(
+    job: str,
+    gauges: dict[str, tuple[str, float]],
+    labels: dict[str, str] | None = None,
+    grouping_key: dict[str, str] | None = None,
+) -> bool:
     """Push `{name: (help, value)}` as gauges under `job`; returns whether anything was pushed."""
     url = pushgateway_url()
     if not url:

@@ -4,10 +4,12 @@
 minutes; its compaction simply re-runs as more of the hour lands (it is idempotent).
 """
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from dagster import HourlyPartitionsDefinition
 
-ARCHIVE_START = datetime(2024, 1, 1, tzinfo=timezone.utc)  # the first hour; earlier event times: see archive_hour
+ARCHIVE_START = datetime(2024, 1, 1, tzinfo=UTC)  # the first hour; earlier event times: see archive_hour
 
-archive_hourly_partitions = HourlyPartitionsDefinition(start_date=f"{ARCHIVE_START:%Y-%m-%d-%H:%M}", timezone="UTC", end_offset=1)
+archive_hourly_partitions = HourlyPartitionsDefinition(
+    start_date=f"{ARCHIVE_START:%Y-%m-%d-%H:%M}", timezone="UTC", end_offset=1
+)

@@ -12,7 +12,6 @@ queue, so an alarm the express lane queued is posted within moments, not after a
 """
 
 import time
-from typing import Optional
 
 from dagster import (
     Config,
@@ -47,7 +46,7 @@ LONG_RUNNING_TAG = "pipeline/long_running"  # a long-running delivery run (expre
 
 class PartnerRunConfig(Config):
     partner: str
-    run_seconds: Optional[float] = None  # set: a long-running run (express lane on); unset: until the queue is empty
+    run_seconds: float | None = None  # set: a long-running run (express lane on); unset: until the queue is empty
 
 
 def _queues(sqs: SQSResource, partner) -> PartnerQueues:
@@ -55,7 +54,13 @@ def _queues(sqs: SQSResource, partner) -> PartnerQueues:
 
 
 @op
-def deliver_partner_queue(context: OpExecutionContext, config: PartnerRunConfig, sqs: SQSResource, archive: ArchiveStore, routing: RoutingSettings) -> dict:
+def deliver_partner_queue(
+    context: OpExecutionContext,
+    config: PartnerRunConfig,
+    sqs: SQSResource,
+    archive: ArchiveStore,
+    routing: RoutingSettings,
+) -> dict:
     """POST this partner's queued events (signed); failures wait in SQS for the next delay of the list."""
     if config.run_seconds:
         return _deliver_until(context, config.partner, config.run_seconds, sqs, archive, routing)
@@ -66,7 +71,12 @@ def deliver_partner_queue(context: OpExecutionContext, config: PartnerRunConfig,
     stats = delivery.run(max_seconds=routing.delivery_run_seconds)
     push_gauges(
         "pipeline_partner_delivery",
-        {"partner_delivery_success_rate": ("Delivered attempts / all attempts in the partner's latest delivery run", stats.success_rate)},
+        {
+            "partner_delivery_success_rate": (
+                "Delivered attempts / all attempts in the partner's latest delivery run",
+                stats.success_rate,
+            )
+        },
         labels={"partner": partner.name},
         grouping_key={"partner": partner.name},
     )
@@ -84,19 +94,36 @@ def deliver_partner_queue(context: OpExecutionContext, config: PartnerRunConfig,
             "attempt_log_files": len(attempt_log.written),
         }
     )
-    return {"delivered": stats.delivered, "failed": stats.failed, "dead_lettered": stats.dead_lettered, "malformed": stats.malformed}
+    return {
+        "delivered": stats.delivered,
+        "failed": stats.failed,
+        "dead_lettered": stats.dead_lettered,
+        "malformed": stats.malformed,
+    }
 
 
 def _push_success_rate(partner: str, rate: float) -> None:
     push_gauges(
         "pipeline_partner_delivery",
-        {"partner_delivery_success_rate": ("Delivered attempts / all attempts in the partner's latest delivery run", rate)},
+        {
+            "partner_delivery_success_rate": (
+                "Delivered attempts / all attempts in the partner's latest delivery run",
+                rate,
+            )
+        },
         labels={"partner": partner},
         grouping_key={"partner": partner},
     )
 
 
-def _deliver_until(context: OpExecutionContext, name: str, run_seconds: float, sqs: SQSResource, archive: ArchiveStore, routing: RoutingSettings) -> dict:
+def _deliver_until(
+    context: OpExecutionContext,
+    name: str,
+    run_seconds: float,
+    sqs: SQSResource,
+    archive: ArchiveStore,
+    routing: RoutingSettings,
+) -> dict:
     """A long-running delivery run: rounds of a minute that long-poll the partner's queue without stopping
     when it is empty. Each round reads the routing config again and pushes its success rate, so the run's
     contract and its gauge never lag by more than a minute."""
@@ -106,19 +133,34 @@ def _deliver_until(context: OpExecutionContext, name: str, run_seconds: float, s
     while (remaining := deadline - time.monotonic()) > 0:
         settings = routing.load()
         partner = settings.partner(name)
-        delivery = PartnerDelivery(partner, sqs.get_client(), _queues(sqs, partner), settings.retry_delays_s, attempt_log)
-        stats = delivery.run(max_seconds=min(60.0, remaining), stop_when_idle=False, wait_time_s=max(1, min(20, int(remaining))))
+        delivery = PartnerDelivery(
+            partner, sqs.get_client(), _queues(sqs, partner), settings.retry_delays_s, attempt_log
+        )
+        stats = delivery.run(
+            max_seconds=min(60.0, remaining), stop_when_idle=False, wait_time_s=max(1, min(20, int(remaining)))
+        )
         if stats.attempts:
             _push_success_rate(partner.name, stats.success_rate)
         for key in totals:
             totals[key] += getattr(stats, key)
-        context.log.info(f"{name}: {stats.delivered} delivered, {stats.failed} failed attempts, {stats.dead_lettered} dead-lettered, {stats.malformed} malformed this minute")
+        context.log.info(
+            f"{name}: {stats.delivered} delivered, {stats.failed} failed attempts, {stats.dead_lettered} dead-lettered, {stats.malformed} malformed this minute"
+        )
     attempts = totals["delivered"] + totals["failed"] + totals["dead_lettered"]
-    context.add_output_metadata({**totals, "success_rate": totals["delivered"] / attempts if attempts else 1.0, "attempt_log_files": len(attempt_log.written)})
+    context.add_output_metadata(
+        {
+            **totals,
+            "success_rate": totals["delivered"] / attempts if attempts else 1.0,
+            "attempt_log_files": len(attempt_log.written),
+        }
+    )
     return totals
 
 
-@job(executor_def=in_process_executor, description="Deliver one partner's queue by signed webhook, with SQS-held backoff.")
+@job(
+    executor_def=in_process_executor,
+    description="Deliver one partner's queue by signed webhook, with SQS-held backoff.",
+)
 def partner_delivery_job():
     deliver_partner_queue()
 
@@ -132,22 +174,43 @@ def partner_queues_sensor(context: SensorEvaluationContext, sqs: SQSResource, ro
     for partner in settings.partners:
         if express.queue_name() and any(settings.priority.for_event_type(t) == "high" for t in partner.subscriptions):
             tags = {PARTNER_TAG: partner.name, LONG_RUNNING_TAG: "true"}
-            if keep_alive(context, partner_delivery_job.name, tags, express.run_seconds, express.handover_seconds) is None:
+            if (
+                keep_alive(context, partner_delivery_job.name, tags, express.run_seconds, express.handover_seconds)
+                is None
+            ):
                 waiting.append(partner.name)
                 continue
             config = {"partner": partner.name, "run_seconds": express.run_seconds}
-            requests.append(RunRequest(run_config={"ops": {"deliver_partner_queue": {"config": config}}}, tags={**tags, CONTRACT_TAG: partner.contract_version}))
+            requests.append(
+                RunRequest(
+                    run_config={"ops": {"deliver_partner_queue": {"config": config}}},
+                    tags={**tags, CONTRACT_TAG: partner.contract_version},
+                )
+            )
             continue
         url = sqs.queue_url(partner.queue_name)
-        visible = int(client.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"]["ApproximateNumberOfMessages"])
+        visible = int(
+            client.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"][
+                "ApproximateNumberOfMessages"
+            ]
+        )
         if not visible:
             continue
-        running = context.instance.get_runs_count(RunsFilter(job_name=partner_delivery_job.name, statuses=IN_PROGRESS, tags={PARTNER_TAG: partner.name}))
+        running = context.instance.get_runs_count(
+            RunsFilter(job_name=partner_delivery_job.name, statuses=IN_PROGRESS, tags={PARTNER_TAG: partner.name})
+        )
         if running:
             waiting.append(partner.name)
             continue
         requests.append(
-            RunRequest(run_config={"ops": {"deliver_partner_queue": {"config": {"partner": partner.name}}}}, tags={PARTNER_TAG: partner.name, CONTRACT_TAG: partner.contract_version, "pipeline/partner_queue_depth": str(visible)})
+            RunRequest(
+                run_config={"ops": {"deliver_partner_queue": {"config": {"partner": partner.name}}}},
+                tags={
+                    PARTNER_TAG: partner.name,
+                    CONTRACT_TAG: partner.contract_version,
+                    "pipeline/partner_queue_depth": str(visible),
+                },
+            )
         )
     if requests:
         return requests
@@ -155,7 +218,9 @@ def partner_queues_sensor(context: SensorEvaluationContext, sqs: SQSResource, ro
 
 
 @op
-def redeliver_partner_dlqs(context: OpExecutionContext, sqs: SQSResource, archive: ArchiveStore, routing: RoutingSettings) -> dict:
+def redeliver_partner_dlqs(
+    context: OpExecutionContext, sqs: SQSResource, archive: ArchiveStore, routing: RoutingSettings
+) -> dict:
     """Probe each partner with a dead-lettered event; whoever accepts it gets its DLQ back.
 
     Poison messages (dead-lettered for their own fault) stay in the DLQ and are listed in the metadata.
@@ -177,7 +242,10 @@ def redeliver_partner_dlqs(context: OpExecutionContext, sqs: SQSResource, archiv
     return moved
 
 
-@job(executor_def=in_process_executor, description="Move each partner's DLQ back to its queue once the partner answers again.")
+@job(
+    executor_def=in_process_executor,
+    description="Move each partner's DLQ back to its queue once the partner answers again.",
+)
 def partner_redelivery_job():
     redeliver_partner_dlqs()
 
@@ -191,6 +259,10 @@ partner_redelivery_schedule = ScheduleDefinition(
 )
 
 defs = Definitions.merge(
-    Definitions(jobs=[partner_delivery_job, partner_redelivery_job], sensors=[partner_queues_sensor], schedules=[partner_redelivery_schedule]),
+    Definitions(
+        jobs=[partner_delivery_job, partner_redelivery_job],
+        sensors=[partner_queues_sensor],
+        schedules=[partner_redelivery_schedule],
+    ),
     express_jobs.defs,  # the express lane feeds the long-running partner runs; its definitions travel with them
 )

@@ -96,7 +96,12 @@ def release(s3, sqs, bucket: str, events_url: str, entry: Entry, fifo: bool = Fa
         params["MessageGroupId"] = entry.record.get("site_id") or "released"
         params["MessageDeduplicationId"] = hashlib.sha256(entry.ref.encode()).hexdigest()
     message_id = sqs.send_message(**params)["MessageId"]
-    marker = {"ref": entry.ref, "released_at": format_ts(utc_now()), "message_id": message_id, "reason": entry.record.get("reason")}
+    marker = {
+        "ref": entry.ref,
+        "released_at": format_ts(utc_now()),
+        "message_id": message_id,
+        "reason": entry.record.get("reason"),
+    }
     s3.put_object(Bucket=bucket, Key=entry.marker, Body=json.dumps(marker).encode())
     return message_id
 
@@ -105,7 +110,9 @@ def _summary(entry: Entry, marker: dict | None) -> str:
     r = entry.record
     who = "/".join(str(r[k]) for k in ("site_id", "event_id") if r.get(k)) or r.get("message_id", "-")
     state = f"released {marker['released_at']}" if marker else "held"
-    return f"{entry.ref}\t{r.get('stage', '-')}\t{r.get('reason', '-')}\t{who}\t{state}\t{str(r.get('detail', ''))[:80]}"
+    return (
+        f"{entry.ref}\t{r.get('stage', '-')}\t{r.get('reason', '-')}\t{who}\t{state}\t{str(r.get('detail', ''))[:80]}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.quarantine", description=__doc__.splitlines()[0])
     parser.add_argument("--bucket", help="archive bucket (default: config/stack.yaml archive.bucket)")
     sub = parser.add_subparsers(dest="command", required=True)
-    listing = sub.add_parser("list", help="one line per quarantined message: ref, stage, reason, site/event, state, detail")
+    listing = sub.add_parser(
+        "list", help="one line per quarantined message: ref, stage, reason, site/event, state, detail"
+    )
     listing.add_argument("--date", help="YYYY-MM-DD (default: every date)")
     listing.add_argument("--reason")
     listing.add_argument("--stage")
@@ -129,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     s3 = aws_client("s3")
     if args.command == "list":
         for entry in entries(s3, bucket, args.date):
-            if (args.reason and entry.record.get("reason") != args.reason) or (args.stage and entry.record.get("stage") != args.stage):
+            if (args.reason and entry.record.get("reason") != args.reason) or (
+                args.stage and entry.record.get("stage") != args.stage
+            ):
                 continue
             print(_summary(entry, released(s3, bucket, entry)))
         return 0

@@ -3,7 +3,16 @@ instead (poison: it could never drain), and why each had failed."""
 
 from collections import Counter
 
-from dagster import DefaultScheduleStatus, Definitions, MetadataValue, OpExecutionContext, ScheduleDefinition, in_process_executor, job, op
+from dagster import (
+    DefaultScheduleStatus,
+    Definitions,
+    MetadataValue,
+    OpExecutionContext,
+    ScheduleDefinition,
+    in_process_executor,
+    job,
+    op,
+)
 
 from pipeline.resources import ArchiveStore, SQSResource
 from pipeline.routing.dlq_replay import load_failure_reasons, replay_events_dlq
@@ -29,7 +38,9 @@ def replay_events_dlq_into_events(context: OpExecutionContext, sqs: SQSResource,
     for reason, count in report.reasons.most_common():
         context.log.info(f"{count}: {reason}")
     if report.quarantined:
-        context.log.warning(f"{len(report.quarantined)} poison messages quarantined instead of replayed: {', '.join(f's3://{archive.bucket}/{k}' for k in report.quarantine_keys)}")
+        context.log.warning(
+            f"{len(report.quarantined)} poison messages quarantined instead of replayed: {', '.join(f's3://{archive.bucket}/{k}' for k in report.quarantine_keys)}"
+        )
     context.add_output_metadata(
         {
             "moved": report.moved,
@@ -43,7 +54,10 @@ def replay_events_dlq_into_events(context: OpExecutionContext, sqs: SQSResource,
     return report.moved
 
 
-@job(executor_def=in_process_executor, description="Replay events-dlq into events, quarantine what can never drain, and report why each message had failed.")
+@job(
+    executor_def=in_process_executor,
+    description="Replay events-dlq into events, quarantine what can never drain, and report why each message had failed.",
+)
 def events_dlq_replay_job():
     replay_events_dlq_into_events()
 

@@ -56,7 +56,9 @@ class ArchiveStore(_AwsEndpoint):
     landing_prefix: str = "landing"
 
     def filesystem(self) -> fs.FileSystem:
-        return stack.s3_filesystem(self.endpoint_url, self.region_name, self.aws_access_key_id, self.aws_secret_access_key)
+        return stack.s3_filesystem(
+            self.endpoint_url, self.region_name, self.aws_access_key_id, self.aws_secret_access_key
+        )
 
     def get_client(self):
         return self._client("s3")
@@ -89,5 +91,7 @@ RESOURCES = {
     "archive": ArchiveStore(bucket=EnvVar("PIPELINE_ARCHIVE_BUCKET")),
     "drain_settings": DrainSettings(),
     "routing": RoutingSettings(),
-    "dbt": DbtCliResource(project_dir=str(DBT_PROJECT_DIR), profiles_dir=str(DBT_PROJECT_DIR), dbt_executable=dbt_executable()),
+    "dbt": DbtCliResource(
+        project_dir=str(DBT_PROJECT_DIR), profiles_dir=str(DBT_PROJECT_DIR), dbt_executable=dbt_executable()
+    ),
 }

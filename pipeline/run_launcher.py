@@ -31,7 +31,9 @@ def process_start_time(pid: int) -> float | None:
     """When `pid` started (epoch seconds), or None if no such process runs here (a zombie counts as gone)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
+        boot = next(
+            int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime ")
+        )
     except (OSError, StopIteration, IndexError, ValueError):
         return None
     if fields[0] in ("Z", "X"):
@@ -49,7 +51,9 @@ class HealthCheckedRunLauncher(DefaultRunLauncher):
     def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
         grpc_info = json.loads(run.tags.get(GRPC_INFO_TAG, "{}"))
         if grpc_info.get("host") not in LOCAL_HOSTS and not grpc_info.get("socket"):
-            return CheckRunHealthResult(WorkerStatus.RUNNING, "code server on another host: its worker is not visible here")
+            return CheckRunHealthResult(
+                WorkerStatus.RUNNING, "code server on another host: its worker is not visible here"
+            )
         announced = [
             record
             for record in self._instance.all_logs(run.run_id, of_type=DagsterEventType.ENGINE_EVENT)
@@ -63,5 +67,7 @@ class HealthCheckedRunLauncher(DefaultRunLauncher):
         if started is None:
             return CheckRunHealthResult(WorkerStatus.FAILED, f"run worker process {pid} is gone")
         if started > record.timestamp + START_TIME_SLACK_S:
-            return CheckRunHealthResult(WorkerStatus.FAILED, f"run worker process {pid} is gone (the pid now belongs to a later process)")
+            return CheckRunHealthResult(
+                WorkerStatus.FAILED, f"run worker process {pid} is gone (the pid now belongs to a later process)"
+            )
         return CheckRunHealthResult(WorkerStatus.RUNNING)

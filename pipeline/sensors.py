@@ -24,7 +24,12 @@ from pipeline.jobs import DRAIN_TAG, LANDING_ASSET, drain_events_job
 from pipeline.partitions import archive_hourly_partitions
 from pipeline.resources import ArchiveStore, DrainSettings, SQSResource
 
-IN_PROGRESS = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
+IN_PROGRESS = [
+    DagsterRunStatus.QUEUED,
+    DagsterRunStatus.NOT_STARTED,
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.STARTED,
+]
 ARCHIVE_HOUR_TAG = "pipeline/archive_hour"
 
 archive_job = define_asset_job(
@@ -66,7 +71,9 @@ def archive_hours_sensor(context: SensorEvaluationContext, archive: ArchiveStore
     name it yet); when that hour opens, the sensor looks for its landing files once and compacts them.
     """
     state = json.loads(context.cursor) if context.cursor else {}
-    result = context.instance.fetch_materializations(LANDING_ASSET, limit=1000, cursor=state.get("events"), ascending=True)
+    result = context.instance.fetch_materializations(
+        LANDING_ASSET, limit=1000, cursor=state.get("events"), ascending=True
+    )
     newest: dict[str, int] = {}
     for record in result.records:
         key = record.partition_key
@@ -80,11 +87,14 @@ def archive_hours_sensor(context: SensorEvaluationContext, archive: ArchiveStore
     if latest and latest != state.get("latest_hour") and latest not in newest:
         if landing_has_files(archive.get_client(), archive.bucket, archive.landing_prefix, latest):
             context.log.info(f"hour {latest} opened with events already landed for it")
-            requests.append(RunRequest(run_key=f"archive-{latest}-opened", partition_key=latest, tags={ARCHIVE_HOUR_TAG: latest}))
+            requests.append(
+                RunRequest(run_key=f"archive-{latest}-opened", partition_key=latest, tags={ARCHIVE_HOUR_TAG: latest})
+            )
     cursor = json.dumps({"events": result.cursor, "latest_hour": latest})
     if not requests:
         return SensorResult(skip_reason="no new landing files", cursor=cursor)
     return SensorResult(run_requests=requests, cursor=cursor)
+
 
 @sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING)
 def archive_freshness_sensor(context: SensorEvaluationContext, archive: ArchiveStore):
@@ -93,11 +103,21 @@ def archive_freshness_sensor(context: SensorEvaluationContext, archive: ArchiveS
     A timer of its own, so the lag keeps growing while compaction fails, is blocked or never runs;
     it launches nothing, and its look is a bounded listing plus one Parquet footer.
     """
-    seen = freshness.measure_archive_freshness(archive.get_client(), archive.bucket, archive.landing_prefix, utc_now(), archive.filesystem())
+    seen = freshness.measure_archive_freshness(
+        archive.get_client(), archive.bucket, archive.landing_prefix, utc_now(), archive.filesystem()
+    )
     pushed = freshness.push_archival_lag(seen)
-    where = f"oldest unarchived landing file {seen.oldest_file} of {seen.unarchived_files}" if seen.oldest_file else "nothing landed is waiting"
+    where = (
+        f"oldest unarchived landing file {seen.oldest_file} of {seen.unarchived_files}"
+        if seen.oldest_file
+        else "nothing landed is waiting"
+    )
     more = " (listing truncated)" if seen.truncated else ""
-    return SkipReason(f"archival lag {seen.lag_minutes:.1f} min over {seen.hours_listed} hours{more}: {where}; {'pushed' if pushed else 'not pushed'}")
+    return SkipReason(
+        f"archival lag {seen.lag_minutes:.1f} min over {seen.hours_listed} hours{more}: {where}; {'pushed' if pushed else 'not pushed'}"
+    )
 
 
-defs = Definitions(jobs=[drain_events_job, archive_job], sensors=[events_queue_sensor, archive_hours_sensor, archive_freshness_sensor])
+defs = Definitions(
+    jobs=[drain_events_job, archive_job], sensors=[events_queue_sensor, archive_hours_sensor, archive_freshness_sensor]
+)

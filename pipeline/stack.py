@@ -118,7 +118,12 @@ def queue_url(name: str) -> str:
     return _cached_queue_url(endpoint_url(), name)
 
 
-def s3_filesystem(endpoint: str | None = None, region_name: str | None = None, access_key: str | None = None, secret_key: str | None = None):
+def s3_filesystem(
+    endpoint: str | None = None,
+    region_name: str | None = None,
+    access_key: str | None = None,
+    secret_key: str | None = None,
+):
     """A pyarrow S3 filesystem on the same endpoint and credentials as the boto3 clients."""
     from pyarrow import fs
 

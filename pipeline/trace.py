@@ -42,7 +42,7 @@ import tempfile
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pyarrow as pa
@@ -85,13 +85,21 @@ class Trace:
         out = [f"event {self.site_id + '/' if self.site_id else ''}{self.event_id}{when}"]
         width = max(len(s.name) for s in self.stages)
         for stage in self.stages:
-            out.append(f"  {stage.name:<{width}} {'found' if stage.found else '-':<6} " + (stage.lines[0] if stage.lines else ""))
+            out.append(
+                f"  {stage.name:<{width}} {'found' if stage.found else '-':<6} "
+                + (stage.lines[0] if stage.lines else "")
+            )
             out += [f"  {'':<{width}} {'':<6} {line}" for line in stage.lines[1:]]
         return "\n".join(out)
 
     def to_json(self) -> str:
         return json.dumps(
-            {"event_id": self.event_id, "site_id": self.site_id, "around": self.around.isoformat() if self.around else None, "stages": [asdict(s) for s in self.stages]},
+            {
+                "event_id": self.event_id,
+                "site_id": self.site_id,
+                "around": self.around.isoformat() if self.around else None,
+                "stages": [asdict(s) for s in self.stages],
+            },
             default=str,
             indent=2,
         )
@@ -105,7 +113,7 @@ def uuid7_time(event_id: str) -> datetime | None:
         return None
     if value.version != 7:
         return None
-    return datetime.fromtimestamp((value.int >> 80) / 1000, tz=timezone.utc)
+    return datetime.fromtimestamp((value.int >> 80) / 1000, tz=UTC)
 
 
 def split_event_ref(ref: str) -> tuple[str | None, str]:
@@ -115,7 +123,7 @@ def split_event_ref(ref: str) -> tuple[str | None, str]:
 
 
 def _ts(seconds: float | None) -> str:
-    return f"{datetime.fromtimestamp(seconds, tz=timezone.utc):%Y-%m-%d %H:%M:%S}Z" if seconds else "?"
+    return f"{datetime.fromtimestamp(seconds, tz=UTC):%Y-%m-%d %H:%M:%S}Z" if seconds else "?"
 
 
 def _same_site(found: str | None, wanted: str | None) -> bool:
@@ -126,7 +134,11 @@ def _same_site(found: str | None, wanted: str | None) -> bool:
 def trace_forwarder(event_id: str, state_dirs: list[str], site_id: str | None = None) -> Stage:
     """Forwarder quarantine entries whose device message, topic or detail holds the id."""
     if not state_dirs:
-        return Stage("forwarder", False, ["not asked: give --forwarder-state DIR (a site's forwarder state directory) to search its quarantine"])
+        return Stage(
+            "forwarder",
+            False,
+            ["not asked: give --forwarder-state DIR (a site's forwarder state directory) to search its quarantine"],
+        )
     stage = Stage("forwarder", False)
     needle = event_id.encode("utf-8")
     for directory in state_dirs:
@@ -145,10 +157,21 @@ def trace_forwarder(event_id: str, state_dirs: list[str], site_id: str | None = 
                     raw = base64.b64decode(entry.get("payload_b64", ""))
                 except (ValueError, TypeError, AttributeError):
                     continue
-                if needle not in raw and event_id not in str(entry.get("topic", "")) and event_id not in str(entry.get("detail", "")):
+                if (
+                    needle not in raw
+                    and event_id not in str(entry.get("topic", ""))
+                    and event_id not in str(entry.get("detail", ""))
+                ):
                     continue
                 stage.found = True
-                stage.records.append({"site_id": site, "file": str(file), "line": number, **{k: entry.get(k) for k in ("quarantined_at", "reason", "detail", "topic")}})
+                stage.records.append(
+                    {
+                        "site_id": site,
+                        "file": str(file),
+                        "line": number,
+                        **{k: entry.get(k) for k in ("quarantined_at", "reason", "detail", "topic")},
+                    }
+                )
                 stage.lines.append(
                     f"site {site}: quarantined by the forwarder at {entry.get('quarantined_at')} as {entry.get('reason')} "
                     f"({str(entry.get('detail', ''))[:120]}), {file.name}:{number}; the device message never became an envelope"
@@ -159,7 +182,9 @@ def trace_forwarder(event_id: str, state_dirs: list[str], site_id: str | None = 
 
 
 # --- edge -----------------------------------------------------------------------------------------
-def ask_edges(event_id: str, admin_urls: list[str], site_id: str | None = None) -> list[tuple[str, dict | None, str | None]]:
+def ask_edges(
+    event_id: str, admin_urls: list[str], site_id: str | None = None
+) -> list[tuple[str, dict | None, str | None]]:
     """(url, the service's answer to GET /trace, or None with why) for each site's edge service."""
     import requests
 
@@ -169,7 +194,13 @@ def ask_edges(event_id: str, admin_urls: list[str], site_id: str | None = None) 
         try:
             response = requests.get(url.rstrip("/") + "/trace", params=params, timeout=30)
             if response.status_code == 404:
-                answers.append((url, None, "the service has no /trace endpoint (an older edge service): upgrade it, or use `edge_bridge.cli dlq list`"))
+                answers.append(
+                    (
+                        url,
+                        None,
+                        "the service has no /trace endpoint (an older edge service): upgrade it, or use `edge_bridge.cli dlq list`",
+                    )
+                )
                 continue
             response.raise_for_status()
             answers.append((url, response.json(), None))
@@ -180,7 +211,9 @@ def ask_edges(event_id: str, admin_urls: list[str], site_id: str | None = None) 
 
 def trace_edge_quarantine(answers: list[tuple[str, dict | None, str | None]], asked: bool) -> Stage:
     if not asked:
-        return Stage("edge-quarantine", False, ["not asked: give --edge-admin <url> (one per site) to search each edge service"])
+        return Stage(
+            "edge-quarantine", False, ["not asked: give --edge-admin <url> (one per site) to search each edge service"]
+        )
     stage = Stage("edge-quarantine", False)
     for url, answer, problem in answers:
         if answer is None:
@@ -190,12 +223,24 @@ def trace_edge_quarantine(answers: list[tuple[str, dict | None, str | None]], as
         for entry in answer.get("quarantine", []):
             stage.found = True
             stage.records.append({"edge_site_id": site, **entry})
-            how = "" if entry.get("match") == "envelope" else " (its payload mentions the id; it is not a valid envelope with it)"
-            state = ", released since" if entry.get("released") else ", held: `edge_bridge.cli quarantine release` once its cause is fixed"
-            stage.lines.append(f"edge {site}: quarantined {entry.get('quarantined_at')} as {entry.get('reason')}: {str(entry.get('detail', ''))[:120]} [{entry.get('ref')}]{how}{state}")
+            how = (
+                ""
+                if entry.get("match") == "envelope"
+                else " (its payload mentions the id; it is not a valid envelope with it)"
+            )
+            state = (
+                ", released since"
+                if entry.get("released")
+                else ", held: `edge_bridge.cli quarantine release` once its cause is fixed"
+            )
+            stage.lines.append(
+                f"edge {site}: quarantined {entry.get('quarantined_at')} as {entry.get('reason')}: {str(entry.get('detail', ''))[:120]} [{entry.get('ref')}]{how}{state}"
+            )
         for release in answer.get("released", []):
             stage.records.append({"edge_site_id": site, "release": release})
-            stage.lines.append(f"edge {site}: {release.get('ref')} released {release.get('released_at')}, back through the intake")
+            stage.lines.append(
+                f"edge {site}: {release.get('ref')} released {release.get('released_at')}, back through the intake"
+            )
         if not answer.get("quarantine"):
             stage.lines.append(f"edge {site}: not in its quarantine")
     return stage
@@ -203,7 +248,11 @@ def trace_edge_quarantine(answers: list[tuple[str, dict | None, str | None]], as
 
 def trace_retry_log(answers: list[tuple[str, dict | None, str | None]], asked: bool) -> Stage:
     if not asked:
-        return Stage("retry-log", False, ["not asked: give --edge-admin <url> (one per site) to search each edge retry log and DLQ"])
+        return Stage(
+            "retry-log",
+            False,
+            ["not asked: give --edge-admin <url> (one per site) to search each edge retry log and DLQ"],
+        )
     stage = Stage("retry-log", False)
     for url, answer, problem in answers:
         if answer is None:
@@ -276,7 +325,9 @@ def peek_queue(sqs, queue_url: str, event_id: str, limit: int = PEEK_LIMIT, site
     peek = Peek(queue_url.rstrip("/").rsplit("/", 1)[-1], limit=limit)
     handles: list[str] = []
     try:
-        attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+        attributes = sqs.get_queue_attributes(
+            QueueUrl=queue_url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+        )["Attributes"]
         peek.visible = int(attributes.get("ApproximateNumberOfMessages", 0))
         peek.in_flight = int(attributes.get("ApproximateNumberOfMessagesNotVisible", 0))
         seen: set[str] = set()
@@ -298,19 +349,35 @@ def peek_queue(sqs, queue_url: str, event_id: str, limit: int = PEEK_LIMIT, site
                 seen.add(message["MessageId"])
                 site, found_id = message_identity(message["Body"])
                 if found_id == event_id and _same_site(site, site_id):
-                    peek.matches.append({"queue": peek.queue, "site_id": site, "message_id": message["MessageId"], "body": message["Body"],
-                                         "receive_count": message.get("Attributes", {}).get("ApproximateReceiveCount"),
-                                         "attributes": {k: v.get("StringValue") for k, v in message.get("MessageAttributes", {}).items()}})
+                    peek.matches.append(
+                        {
+                            "queue": peek.queue,
+                            "site_id": site,
+                            "message_id": message["MessageId"],
+                            "body": message["Body"],
+                            "receive_count": message.get("Attributes", {}).get("ApproximateReceiveCount"),
+                            "attributes": {
+                                k: v.get("StringValue") for k, v in message.get("MessageAttributes", {}).items()
+                            },
+                        }
+                    )
         peek.looked_at = len(seen)
     except Exception as exc:  # a missing queue or an unreachable endpoint is part of the answer
         peek.error = f"{exc.__class__.__name__}: {str(exc)[:200]}"
     finally:
         for start in range(0, len(handles), 10):
-            entries = [{"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": 0} for i, h in enumerate(handles[start : start + 10])]
+            entries = [
+                {"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": 0}
+                for i, h in enumerate(handles[start : start + 10])
+            ]
             try:
                 sqs.change_message_visibility_batch(QueueUrl=queue_url, Entries=entries)
             except Exception as exc:  # noqa: BLE001 - they come back by themselves after PEEK_VISIBILITY_S
-                log.warning("could not make peeked messages visible again (%s); they are back within %d s", exc, PEEK_VISIBILITY_S)
+                log.warning(
+                    "could not make peeked messages visible again (%s); they are back within %d s",
+                    exc,
+                    PEEK_VISIBILITY_S,
+                )
     return peek
 
 
@@ -319,11 +386,15 @@ class QueueSet:
     """The queues to peek, by role: name -> URL."""
 
     events: dict[str, str] = field(default_factory=dict)  # `events` and `events-dlq`
-    partners: dict[str, dict[str, str]] = field(default_factory=dict)  # partner -> {queue name: url} (its queue and DLQ)
+    partners: dict[str, dict[str, str]] = field(
+        default_factory=dict
+    )  # partner -> {queue name: url} (its queue and DLQ)
     priority: dict[str, dict[str, str]] = field(default_factory=dict)  # high/medium/low -> {queue name: url}
 
 
-def _queue_stage(name: str, groups: dict[str, dict[str, str]], sqs, event_id: str, site_id: str | None, limit: int, describe) -> Stage:
+def _queue_stage(
+    name: str, groups: dict[str, dict[str, str]], sqs, event_id: str, site_id: str | None, limit: int, describe
+) -> Stage:
     """Peek at each queue of the stage: a line per message found, one line for the queues that do not hold it."""
     if sqs is None or limit <= 0 or not groups:
         return Stage(name, False, ["not peeked (--peek-limit 0, or no queue known)"])
@@ -391,11 +462,17 @@ def _parquet_files(filesystem: fs.FileSystem, directories: list[str]) -> list[st
     files: list[str] = []
     for directory in directories:
         selector = fs.FileSelector(directory, recursive=True, allow_not_found=True)
-        files += sorted(i.path for i in filesystem.get_file_info(selector) if i.type == fs.FileType.File and i.path.endswith(".parquet"))
+        files += sorted(
+            i.path
+            for i in filesystem.get_file_info(selector)
+            if i.type == fs.FileType.File and i.path.endswith(".parquet")
+        )
     return files
 
 
-def find_rows(filesystem: fs.FileSystem, files: list[str], event_id: str, site_id: str | None = None) -> list[tuple[str, dict]]:
+def find_rows(
+    filesystem: fs.FileSystem, files: list[str], event_id: str, site_id: str | None = None
+) -> list[tuple[str, dict]]:
     """(file, row) for every row with this event_id (and site, where the file has a site_id column)."""
     if not files:
         return []
@@ -417,26 +494,47 @@ def _dated_dirs(filesystem: fs.FileSystem, bucket: str, prefix: str, since: date
     return [d for d in dirs if d.rsplit("date=", 1)[-1] >= since.isoformat()]
 
 
-def trace_landing(filesystem: fs.FileSystem, bucket: str, landing_prefix: str, event_id: str, around: datetime | None, site_id: str | None = None) -> Stage:
+def trace_landing(
+    filesystem: fs.FileSystem,
+    bucket: str,
+    landing_prefix: str,
+    event_id: str,
+    around: datetime | None,
+    site_id: str | None = None,
+) -> Stage:
     """The drain runs that received the event from SQS: each writes its window to a landing file named by run id."""
     stage = Stage("landing", False)
     hours = _subdirs(filesystem, f"{bucket}/{landing_prefix}")
     if around is not None:
         window = {f"hour={(around + timedelta(hours=h)):%Y-%m-%dT%H}" for h in range(-2, 3)}
         near = [d for d in hours if d.rsplit("/", 1)[-1] in window]
-        rows = find_rows(filesystem, _parquet_files(filesystem, near), event_id, site_id) or find_rows(filesystem, _parquet_files(filesystem, hours), event_id, site_id)
+        rows = find_rows(filesystem, _parquet_files(filesystem, near), event_id, site_id) or find_rows(
+            filesystem, _parquet_files(filesystem, hours), event_id, site_id
+        )
     else:
         rows = find_rows(filesystem, _parquet_files(filesystem, hours), event_id, site_id)
     for path, row in sorted(rows, key=lambda r: r[1]["ingested_at"]):
         stage.found = True
         run_id = path.rsplit("/", 1)[-1].removesuffix(".parquet")
-        stage.records.append({"landing_file": path, "drain_run": run_id, "site_id": row["site_id"], "ingested_at": row["ingested_at"], "received_at": row["received_at"]})
-        stage.lines.append(f"{row['site_id']}: received from SQS by drain run {run_id} at {row['ingested_at']:%Y-%m-%d %H:%M:%S}Z (edge received it {row['received_at']:%H:%M:%S}Z)")
+        stage.records.append(
+            {
+                "landing_file": path,
+                "drain_run": run_id,
+                "site_id": row["site_id"],
+                "ingested_at": row["ingested_at"],
+                "received_at": row["received_at"],
+            }
+        )
+        stage.lines.append(
+            f"{row['site_id']}: received from SQS by drain run {run_id} at {row['ingested_at']:%Y-%m-%d %H:%M:%S}Z (edge received it {row['received_at']:%H:%M:%S}Z)"
+        )
     for site, count in sorted(Counter(row["site_id"] for _, row in rows).items()):
         if count > 1:
             stage.lines.append(f"{site}: received {count} times (SQS is at-least-once; the archive keeps it once)")
     if not stage.found:
-        stage.lines.append("no drain run received it (still in a queue, quarantined, or never sent: see the stages before)")
+        stage.lines.append(
+            "no drain run received it (still in a queue, quarantined, or never sent: see the stages before)"
+        )
     return stage
 
 
@@ -450,11 +548,15 @@ def trace_cloud_quarantine(s3, bucket: str, event_id: str, since: date | None, s
     looked, objects = 0, 0
     try:
         dates = []
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{QUARANTINE_PREFIX}/", Delimiter="/"):
+        for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=f"{QUARANTINE_PREFIX}/", Delimiter="/"
+        ):
             dates += [p["Prefix"].split("/")[1] for p in page.get("CommonPrefixes", [])]
         dates = [d for d in dates if since is None or d >= since.isoformat()]
         for day in sorted(dates):
-            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{QUARANTINE_PREFIX}/{day}/"):
+            for page in s3.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=f"{QUARANTINE_PREFIX}/{day}/"
+            ):
                 for obj in page.get("Contents", []):
                     objects += 1
                     text = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode("utf-8", "replace")
@@ -476,9 +578,24 @@ def trace_cloud_quarantine(s3, bucket: str, event_id: str, since: date | None, s
                         entry = Entry(obj["Key"], number, record)
                         marker = released(s3, bucket, entry)
                         stage.found = True
-                        stage.records.append({"ref": entry.ref, "site_id": site, **{k: record.get(k) for k in ("stage", "reason", "error_type", "detail", "destination")}, "released": marker})
-                        state = f"released {marker['released_at']}" if marker else "held: `python -m pipeline.quarantine release` once its cause is fixed"
-                        stage.lines.append(f"{site}: quarantined by {record.get('stage')} as {record.get('reason')}: {str(record.get('detail', ''))[:120]} [{entry.ref}]; {state}")
+                        stage.records.append(
+                            {
+                                "ref": entry.ref,
+                                "site_id": site,
+                                **{
+                                    k: record.get(k) for k in ("stage", "reason", "error_type", "detail", "destination")
+                                },
+                                "released": marker,
+                            }
+                        )
+                        state = (
+                            f"released {marker['released_at']}"
+                            if marker
+                            else "held: `python -m pipeline.quarantine release` once its cause is fixed"
+                        )
+                        stage.lines.append(
+                            f"{site}: quarantined by {record.get('stage')} as {record.get('reason')}: {str(record.get('detail', ''))[:120]} [{entry.ref}]; {state}"
+                        )
     except Exception as exc:  # an unreadable bucket is part of the answer
         stage.lines.append(f"could not read the cloud quarantine ({exc.__class__.__name__}: {str(exc)[:200]})")
         return stage
@@ -488,27 +605,47 @@ def trace_cloud_quarantine(s3, bucket: str, event_id: str, since: date | None, s
     return stage
 
 
-def trace_partners(filesystem: fs.FileSystem, bucket: str, event_id: str, since: date | None, site_id: str | None = None) -> Stage:
-    rows = find_rows(filesystem, _parquet_files(filesystem, _dated_dirs(filesystem, bucket, DELIVERY_ATTEMPTS, since)), event_id, site_id)
+def trace_partners(
+    filesystem: fs.FileSystem, bucket: str, event_id: str, since: date | None, site_id: str | None = None
+) -> Stage:
+    rows = find_rows(
+        filesystem,
+        _parquet_files(filesystem, _dated_dirs(filesystem, bucket, DELIVERY_ATTEMPTS, since)),
+        event_id,
+        site_id,
+    )
     stage = Stage("partner-attempts", bool(rows))
     for _, row in sorted(rows, key=lambda r: (r[1]["partner"], r[1]["attempted_at"], r[1]["attempt"])):
         stage.records.append(row)
         status = row["status_code"] if row["status_code"] else "no response"
         error = f" ({row['error']})" if row.get("error") else ""
-        stage.lines.append(f"{row['partner']}: attempt {row['attempt']} at {row['attempted_at']:%Y-%m-%d %H:%M:%S}Z -> {status} {row['outcome']}{error}")
+        stage.lines.append(
+            f"{row['partner']}: attempt {row['attempt']} at {row['attempted_at']:%Y-%m-%d %H:%M:%S}Z -> {status} {row['outcome']}{error}"
+        )
     if not rows:
         stage.lines.append("no webhook attempt (no partner subscribes to its type, or not delivered yet)")
     return stage
 
 
-def trace_priority(filesystem: fs.FileSystem, bucket: str, event_id: str, since: date | None, site_id: str | None = None) -> Stage:
-    rows = find_rows(filesystem, _parquet_files(filesystem, _dated_dirs(filesystem, bucket, PRIORITY_HANDLED, since)), event_id, site_id)
+def trace_priority(
+    filesystem: fs.FileSystem, bucket: str, event_id: str, since: date | None, site_id: str | None = None
+) -> Stage:
+    rows = find_rows(
+        filesystem,
+        _parquet_files(filesystem, _dated_dirs(filesystem, bucket, PRIORITY_HANDLED, since)),
+        event_id,
+        site_id,
+    )
     stage = Stage("consumer-log", bool(rows))
     for _, row in sorted(rows, key=lambda r: r[1]["handled_at"]):
         stage.records.append(row)
-        stage.lines.append(f"{row['priority']} queue: handled at {row['handled_at']:%Y-%m-%d %H:%M:%S}Z, {row['latency_ms']:.0f} ms after it was queued")
+        stage.lines.append(
+            f"{row['priority']} queue: handled at {row['handled_at']:%Y-%m-%d %H:%M:%S}Z, {row['latency_ms']:.0f} ms after it was queued"
+        )
     if not rows:
-        stage.lines.append("not in the consumer's exported handling log (not handled yet, or handled in the last few seconds)")
+        stage.lines.append(
+            "not in the consumer's exported handling log (not handled yet, or handled in the last few seconds)"
+        )
     return stage
 
 
@@ -545,26 +682,61 @@ def trace_consumer_db(db_path: str | None, event_id: str, site_id: str | None = 
         try:
             site_clause, params = (" AND site_id = ?", [event_id, site_id]) if site_id else ("", [event_id])
             for site, event_type, priority, handled_at, latency in con.execute(
-                f"SELECT site_id, event_type, priority, handled_at, latency_ms FROM events WHERE event_id = ?{site_clause} ORDER BY site_id", params
+                f"SELECT site_id, event_type, priority, handled_at, latency_ms FROM events WHERE event_id = ?{site_clause} ORDER BY site_id",
+                params,
             ).fetchall():
                 stage.found = True
-                stage.records.append({"table": "events", "site_id": site, "event_type": event_type, "priority": priority, "handled_at": handled_at})
-                stage.lines.append(f"{site}: handled ({event_type}, {priority}) at {handled_at:%Y-%m-%d %H:%M:%S}Z, {latency:.0f} ms after it was queued [events]")
+                stage.records.append(
+                    {
+                        "table": "events",
+                        "site_id": site,
+                        "event_type": event_type,
+                        "priority": priority,
+                        "handled_at": handled_at,
+                    }
+                )
+                stage.lines.append(
+                    f"{site}: handled ({event_type}, {priority}) at {handled_at:%Y-%m-%d %H:%M:%S}Z, {latency:.0f} ms after it was queued [events]"
+                )
             for incident, site, opened, webhook in con.execute(
-                f"SELECT incident_id, site_id, opened_at, webhook_status FROM incidents WHERE event_id = ?{site_clause} ORDER BY opened_at", params
+                f"SELECT incident_id, site_id, opened_at, webhook_status FROM incidents WHERE event_id = ?{site_clause} ORDER BY opened_at",
+                params,
             ).fetchall():
                 stage.found = True
-                stage.records.append({"table": "incidents", "incident_id": incident, "site_id": site, "opened_at": opened, "webhook_status": webhook})
-                stage.lines.append(f"{site}: opened incident {incident} at {opened:%Y-%m-%d %H:%M:%S}Z, automation webhook: {webhook or 'not called yet'} [incidents]")
+                stage.records.append(
+                    {
+                        "table": "incidents",
+                        "incident_id": incident,
+                        "site_id": site,
+                        "opened_at": opened,
+                        "webhook_status": webhook,
+                    }
+                )
+                stage.lines.append(
+                    f"{site}: opened incident {incident} at {opened:%Y-%m-%d %H:%M:%S}Z, automation webhook: {webhook or 'not called yet'} [incidents]"
+                )
             for received, priority, reason, body, message_id, count in con.execute(
-                "SELECT received_at, priority, reason, body, message_id, receive_count FROM rejected WHERE contains(body, ?) ORDER BY received_at", [event_id]
+                "SELECT received_at, priority, reason, body, message_id, receive_count FROM rejected WHERE contains(body, ?) ORDER BY received_at",
+                [event_id],
             ).fetchall():
                 site, found_id = message_identity(body or "")
                 if found_id not in (event_id, None) or not _same_site(site, site_id):
                     continue
                 stage.found = True
-                stage.records.append({"table": "rejected", "site_id": site, "received_at": received, "priority": priority, "reason": reason, "message_id": message_id, "receive_count": count})
-                stage.lines.append(f"{site or '?'}: rejected from the {priority} queue at {received:%Y-%m-%d %H:%M:%S}Z: {str(reason)[:160]} [rejected]")
+                stage.records.append(
+                    {
+                        "table": "rejected",
+                        "site_id": site,
+                        "received_at": received,
+                        "priority": priority,
+                        "reason": reason,
+                        "message_id": message_id,
+                        "receive_count": count,
+                    }
+                )
+                stage.lines.append(
+                    f"{site or '?'}: rejected from the {priority} queue at {received:%Y-%m-%d %H:%M:%S}Z: {str(reason)[:160]} [rejected]"
+                )
         finally:
             con.close()
     except Exception as exc:  # a file being rewritten under the copy, or an older schema: part of the answer
@@ -581,22 +753,56 @@ def trace_consumer_db(db_path: str | None, event_id: str, site_id: str | None = 
     return stage
 
 
-def trace_archive(filesystem: fs.FileSystem, bucket: str, event_id: str, around: datetime | None, hours_each_side: int = 3, site_id: str | None = None) -> Stage:
+def trace_archive(
+    filesystem: fs.FileSystem,
+    bucket: str,
+    event_id: str,
+    around: datetime | None,
+    hours_each_side: int = 3,
+    site_id: str | None = None,
+) -> Stage:
     if around is not None:
-        near = [archive_dir(bucket, hour_key(around + timedelta(hours=h))) for h in range(-hours_each_side, hours_each_side + 1)]
+        near = [
+            archive_dir(bucket, hour_key(around + timedelta(hours=h)))
+            for h in range(-hours_each_side, hours_each_side + 1)
+        ]
         rows = find_rows(filesystem, _parquet_files(filesystem, near), event_id, site_id)
         searched = f"hours {hour_key(around - timedelta(hours=hours_each_side))} .. {hour_key(around + timedelta(hours=hours_each_side))}"
         if not rows:
-            rows = find_rows(filesystem, _parquet_files(filesystem, [d for d in _subdirs(filesystem, bucket) if d.rsplit("/", 1)[-1].startswith("year=")]), event_id, site_id)
+            rows = find_rows(
+                filesystem,
+                _parquet_files(
+                    filesystem, [d for d in _subdirs(filesystem, bucket) if d.rsplit("/", 1)[-1].startswith("year=")]
+                ),
+                event_id,
+                site_id,
+            )
             searched += ", then every hour"
     else:
-        rows = find_rows(filesystem, _parquet_files(filesystem, [d for d in _subdirs(filesystem, bucket) if d.rsplit("/", 1)[-1].startswith("year=")]), event_id, site_id)
+        rows = find_rows(
+            filesystem,
+            _parquet_files(
+                filesystem, [d for d in _subdirs(filesystem, bucket) if d.rsplit("/", 1)[-1].startswith("year=")]
+            ),
+            event_id,
+            site_id,
+        )
         searched = "every hour"
     stage = Stage("archive", bool(rows))
     for path, row in rows:
         partition = archive_hour(row["timestamp"], row["received_at"])
-        stage.records.append({"partition": partition, "file": f"s3://{path}", "event_type": row["event_type"], "site_id": row["site_id"], "timestamp": row["timestamp"]})
-        stage.lines.append(f"partition {partition}: s3://{path} ({row['event_type']} at {row['site_id']}, event time {row['timestamp']:%Y-%m-%d %H:%M:%S}Z)")
+        stage.records.append(
+            {
+                "partition": partition,
+                "file": f"s3://{path}",
+                "event_type": row["event_type"],
+                "site_id": row["site_id"],
+                "timestamp": row["timestamp"],
+            }
+        )
+        stage.lines.append(
+            f"partition {partition}: s3://{path} ({row['event_type']} at {row['site_id']}, event time {row['timestamp']:%Y-%m-%d %H:%M:%S}Z)"
+        )
     for site, count in sorted(Counter(row["site_id"] for _, row in rows).items()):
         if count > 1:
             stage.lines.append(f"{site}: archived {count} times: run the events_archive checks for its hour")
@@ -667,7 +873,10 @@ def known_queues(sqs, routing=None, stack=None) -> QueueSet:
                 log.warning("queue %s not found (%s); not peeking it", name, exc.__class__.__name__)
         return found
 
-    priority = {p: urls(routing.priority.queue_for(p), dead_letter_queue_name(routing.priority.queue_for(p))) for p in PRIORITIES}
+    priority = {
+        p: urls(routing.priority.queue_for(p), dead_letter_queue_name(routing.priority.queue_for(p)))
+        for p in PRIORITIES
+    }
     return QueueSet(
         events=urls(stack.events_queue.queue_name, stack.events_queue.dlq_name),
         partners={p.name: urls(p.queue_name, p.dlq_name) for p in routing.partners},
@@ -677,7 +886,7 @@ def known_queues(sqs, routing=None, stack=None) -> QueueSet:
 
 def _parse_time(text: str) -> datetime:
     value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -686,13 +895,42 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.stack import aws_client, load_stack_config, s3_filesystem
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.trace", description=__doc__.splitlines()[0])
-    parser.add_argument("event_id", help="site_id/event_id (as a partner's webhook-id), or a bare event id (every site's event with it)")
+    parser.add_argument(
+        "event_id", help="site_id/event_id (as a partner's webhook-id), or a bare event id (every site's event with it)"
+    )
     parser.add_argument("--site", help="the event's site, when the id is given without one")
-    parser.add_argument("--edge-admin", action="append", default=[], metavar="URL", help="an edge service's admin API (repeat per site; default $EDGE_ADMIN_URL)")
-    parser.add_argument("--forwarder-state", action="append", default=[], metavar="DIR", help="a site's forwarder state directory, to search its quarantine (repeat per site)")
-    parser.add_argument("--consumer-db", default=os.environ.get("PIPELINE_CONSUMER_DB"), metavar="PATH", help="the priority consumer's DuckDB file (default $PIPELINE_CONSUMER_DB)")
-    parser.add_argument("--around", type=_parse_time, help="roughly when the event happened (UTC, ISO 8601), when its id is not a UUIDv7")
-    parser.add_argument("--peek-limit", type=int, default=PEEK_LIMIT, metavar="N", help=f"messages looked at per SQS queue (default {PEEK_LIMIT}; 0: do not peek at queues)")
+    parser.add_argument(
+        "--edge-admin",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="an edge service's admin API (repeat per site; default $EDGE_ADMIN_URL)",
+    )
+    parser.add_argument(
+        "--forwarder-state",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a site's forwarder state directory, to search its quarantine (repeat per site)",
+    )
+    parser.add_argument(
+        "--consumer-db",
+        default=os.environ.get("PIPELINE_CONSUMER_DB"),
+        metavar="PATH",
+        help="the priority consumer's DuckDB file (default $PIPELINE_CONSUMER_DB)",
+    )
+    parser.add_argument(
+        "--around",
+        type=_parse_time,
+        help="roughly when the event happened (UTC, ISO 8601), when its id is not a UUIDv7",
+    )
+    parser.add_argument(
+        "--peek-limit",
+        type=int,
+        default=PEEK_LIMIT,
+        metavar="N",
+        help=f"messages looked at per SQS queue (default {PEEK_LIMIT}; 0: do not peek at queues)",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -7,6 +7,7 @@ import secrets
 import subprocess
 import sys
 import time
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,7 @@ class EdgeProcess:
         sent = {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
         return requests.post(self.admin_url + path, json=body, headers={**sent, **(headers or {})}, timeout=30)
 
-    def start(self) -> "EdgeProcess":
+    def start(self) -> EdgeProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._subscribed_before = self.log().count("subscribed to")
         self.proc = subprocess.Popen(
@@ -106,8 +107,15 @@ class EdgeProcess:
         )
         return self
 
-    def wait_subscribed(self, timeout: float = 30) -> "EdgeProcess":
-        wait_until(lambda: self.log().count("subscribed to") > self._subscribed_before or (self.proc.poll() is not None and _raise(self.log())), timeout, message="the edge service to subscribe")
+    def wait_subscribed(self, timeout: float = 30) -> EdgeProcess:
+        wait_until(
+            lambda: (
+                self.log().count("subscribed to") > self._subscribed_before
+                or (self.proc.poll() is not None and _raise(self.log()))
+            ),
+            timeout,
+            message="the edge service to subscribe",
+        )
         return self
 
     def log(self) -> str:
@@ -197,7 +205,8 @@ def receive_all(queue_url: str, timeout: float = 2.0, delete: bool = True) -> li
         bodies += [json.loads(m["Body"]) for m in batch]
         if delete:
             sqs.delete_message_batch(
-                QueueUrl=queue_url, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(batch)]
+                QueueUrl=queue_url,
+                Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(batch)],
             )
     return bodies
 
@@ -210,11 +219,11 @@ def queue_counts(queue_url: str) -> tuple[int, int]:
 
 
 def sample_envelope(site_id: str = "site-123", event_type: str = "door_access", **overrides):
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from edge_bridge.envelope import Envelope, make_idempotency_key
 
-    ts = overrides.pop("timestamp", datetime(2024, 1, 15, 10, 30, tzinfo=timezone.utc))
+    ts = overrides.pop("timestamp", datetime(2024, 1, 15, 10, 30, tzinfo=UTC))
     device = overrides.pop("device_id", "door-456")
     return Envelope(
         idempotency_key=make_idempotency_key(site_id, device, event_type, ts),

@@ -7,7 +7,7 @@ Deterministic: every random-looking value is a hash of the row number and a seed
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import duckdb
 import pyarrow as pa
@@ -17,7 +17,7 @@ from pyarrow import fs
 
 from pipeline.archive import ARCHIVE_SCHEMA, COMPRESSION, hour_key, landing_dir
 
-START = datetime(2024, 3, 4, 0, 0, tzinfo=timezone.utc)
+START = datetime(2024, 3, 4, 0, 0, tzinfo=UTC)
 EVENT_TYPES = ["door_access", "motion", "alarm", "temperature", "camera_clip", "battery_low"]
 SOURCES = ["ajax", "zigbee", "nvr", "idp"]
 PARTNERS = ["acme-security", "northwind-insurance", "contoso-facilities"]
@@ -58,7 +58,15 @@ def _list(values: list[str]) -> str:
     return "[" + ", ".join(f"'{v}'" for v in values) + "]"
 
 
-def events_table(n: int, start: datetime = START, hours: int = 24, sites: int = 20, devices_per_site: int = 25, outage_site: str | None = "site-003", seed: int = 1) -> pa.Table:
+def events_table(
+    n: int,
+    start: datetime = START,
+    hours: int = 24,
+    sites: int = 20,
+    devices_per_site: int = 25,
+    outage_site: str | None = "site-003",
+    seed: int = 1,
+) -> pa.Table:
     """`n` events spread over `hours` hours from `start`, in ARCHIVE_SCHEMA.
 
     The device's delay to the forwarder (received_at - timestamp) is under 2 s; edge buffering
@@ -103,14 +111,23 @@ def events_table(n: int, start: datetime = START, hours: int = 24, sites: int = 
         return con.sql(sql).to_arrow_table().cast(ARCHIVE_SCHEMA)
 
 
-def write_landing_batches(filesystem: fs.FileSystem, bucket: str, landing_prefix: str, table: pa.Table, batches_per_hour: int = 1) -> list[str]:
+def write_landing_batches(
+    filesystem: fs.FileSystem, bucket: str, landing_prefix: str, table: pa.Table, batches_per_hour: int = 1
+) -> list[str]:
     """Write `table` as drain runs would: per event hour, `batches_per_hour` landing files. Returns the hours."""
-    hours = sorted(set(hour_key(ts) for ts in pc.unique(pc.floor_temporal(table.column("timestamp"), unit="hour")).to_pylist()))
+    hours = sorted(
+        set(hour_key(ts) for ts in pc.unique(pc.floor_temporal(table.column("timestamp"), unit="hour")).to_pylist())
+    )
     for hour in hours:
-        start = datetime.strptime(hour, "%Y-%m-%d-%H:%M").replace(tzinfo=timezone.utc)
+        start = datetime.strptime(hour, "%Y-%m-%d-%H:%M").replace(tzinfo=UTC)
         in_hour = table.filter(
-            pc.and_(pc.greater_equal(table.column("timestamp"), pa.scalar(start, ARCHIVE_SCHEMA.field("timestamp").type)),
-                    pc.less(table.column("timestamp"), pa.scalar(start + timedelta(hours=1), ARCHIVE_SCHEMA.field("timestamp").type)))
+            pc.and_(
+                pc.greater_equal(table.column("timestamp"), pa.scalar(start, ARCHIVE_SCHEMA.field("timestamp").type)),
+                pc.less(
+                    table.column("timestamp"),
+                    pa.scalar(start + timedelta(hours=1), ARCHIVE_SCHEMA.field("timestamp").type),
+                ),
+            )
         )
         directory = landing_dir(bucket, landing_prefix, hour)
         filesystem.create_dir(directory, recursive=True)
@@ -118,7 +135,9 @@ def write_landing_batches(filesystem: fs.FileSystem, bucket: str, landing_prefix
         for b in range(batches_per_hour):
             chunk = in_hour.slice(b * size, size)
             if chunk.num_rows:
-                pq.write_table(chunk, f"{directory}/{uuid.uuid4().hex}.parquet", filesystem=filesystem, compression=COMPRESSION)
+                pq.write_table(
+                    chunk, f"{directory}/{uuid.uuid4().hex}.parquet", filesystem=filesystem, compression=COMPRESSION
+                )
     return hours
 
 

@@ -22,7 +22,13 @@ class SiteSubscriber:
     """Every envelope that reached the site broker under sites/+/events/#, through a persistent QoS 1 session
     (so what arrives while it reconnects, or across a broker restart, is kept for it)."""
 
-    def __init__(self, port: int, client_id: str = "forwarder-test-site-subscriber", username: str | None = None, password: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        client_id: str = "forwarder-test-site-subscriber",
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
         self.messages: list[dict] = []
         self.topics: list[str] = []
         self._lock = threading.Lock()
@@ -58,7 +64,9 @@ class SiteSubscriber:
 class Zigbee2Mqtt:
     """zigbee2mqtt's side of its broker: publishes device topics at QoS 1 and knows which the broker acked."""
 
-    def __init__(self, port: int, base: str = "zigbee2mqtt", client_id: str = "zigbee2mqtt-test", max_inflight: int = 100) -> None:
+    def __init__(
+        self, port: int, base: str = "zigbee2mqtt", client_id: str = "zigbee2mqtt-test", max_inflight: int = 100
+    ) -> None:
         self.base = base
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
         self.client.max_inflight_messages_set(max_inflight)
@@ -67,7 +75,9 @@ class Zigbee2Mqtt:
         self.client.connect("127.0.0.1", port, keepalive=30)
         self.client.loop_start()
 
-    def publish(self, rest: str, payload: dict | bytes | str, qos: int = 1, retain: bool = False, timeout: float = 10.0) -> bool:
+    def publish(
+        self, rest: str, payload: dict | bytes | str, qos: int = 1, retain: bool = False, timeout: float = 10.0
+    ) -> bool:
         """True once the broker acknowledged it (the only answer zigbee2mqtt ever gets)."""
         body = json.dumps(payload).encode() if isinstance(payload, dict) else payload
         info = self.client.publish(f"{self.base}/{rest}", body, qos=qos, retain=retain)
@@ -108,7 +118,7 @@ class ForwarderProcess:
         self.url = f"http://127.0.0.1:{env['FORWARDER_HTTP_PORT']}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30.0) -> "ForwarderProcess":
+    def start(self, timeout: float = 30.0) -> ForwarderProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edge_bridge.forwarder"],
             env=self.env,
@@ -122,7 +132,9 @@ class ForwarderProcess:
 
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
-            raise AssertionError(f"the forwarder exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
+            raise AssertionError(
+                f"the forwarder exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}"
+            )
         try:
             status = requests.get(self.url + "/status", timeout=1).json()
         except (requests.RequestException, ValueError):

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
-
 import uuid
+from datetime import UTC, datetime
 
 import pytest
 from pysiaalarm import SIAAccount, SIAEvent
@@ -15,20 +14,41 @@ from edge_bridge.catalog import load_event_catalog
 from edge_bridge.ingress.sia import HUB_EVENT_SIA_CODES, build_frame
 
 SITE = "site-123"
-RECEIVED = datetime(2024, 1, 15, 10, 30, 5, tzinfo=timezone.utc)
+RECEIVED = datetime(2024, 1, 15, 10, 30, 5, tzinfo=UTC)
 
 AJAX_INTRUSION = {
-    "hubId": "002A3F1C", "deviceId": "3B41F2", "deviceType": "MotionProtect", "eventCode": "INTRUSION",
-    "room": "Lobby", "timestamp": 1705314600123, "userName": None,
+    "hubId": "002A3F1C",
+    "deviceId": "3B41F2",
+    "deviceType": "MotionProtect",
+    "eventCode": "INTRUSION",
+    "room": "Lobby",
+    "timestamp": 1705314600123,
+    "userName": None,
 }
-ZIGBEE_CONTACT = {"contact": False, "battery": 91, "linkquality": 120, "voltage": 2995, "last_seen": "2024-01-15T10:30:00.000Z"}
+ZIGBEE_CONTACT = {
+    "contact": False,
+    "battery": 91,
+    "linkquality": 120,
+    "voltage": 2995,
+    "last_seen": "2024-01-15T10:30:00.000Z",
+}
 NVR_LINE = {
-    "ipAddress": "10.0.3.21", "macAddress": "44:19:B6:0A:11:02", "channelID": 4, "dateTime": "2024-01-15T11:30:00+01:00",
-    "eventType": "linedetection", "eventState": "active", "eventDescription": "Line crossing alarm", "regionID": 2,
+    "ipAddress": "10.0.3.21",
+    "macAddress": "44:19:B6:0A:11:02",
+    "channelID": 4,
+    "dateTime": "2024-01-15T11:30:00+01:00",
+    "eventType": "linedetection",
+    "eventState": "active",
+    "eventDescription": "Line crossing alarm",
+    "regionID": 2,
 }
 IDP_DENIED = {
-    "eventId": "a9f3c0", "occurredAt": "2024-01-15T10:30:00Z", "door": {"id": "door-456", "name": "Main"},
-    "credential": {"type": "card", "id": "card-77"}, "decision": "denied", "reason": "outside schedule",
+    "eventId": "a9f3c0",
+    "occurredAt": "2024-01-15T10:30:00Z",
+    "door": {"id": "door-456", "name": "Main"},
+    "credential": {"type": "card", "id": "card-77"},
+    "decision": "denied",
+    "reason": "outside schedule",
 }
 
 
@@ -39,7 +59,7 @@ def raw(data) -> bytes:
 def test_ajax_intrusion_becomes_an_intrusion_alert_at_the_hub_time():
     env = ajax.adapt(SITE, "ajax/events", raw(AJAX_INTRUSION))
     assert (env.source, env.event_type, env.device_id) == ("ajax", "intrusion_alert", "ajax-002A3F1C-3B41F2")
-    assert env.timestamp == datetime(2024, 1, 15, 10, 30, 0, 123000, tzinfo=timezone.utc)
+    assert env.timestamp == datetime(2024, 1, 15, 10, 30, 0, 123000, tzinfo=UTC)
     assert env.topic == "sites/site-123/events/ajax/intrusion_alert"
     assert env.payload["room"] == "Lobby"
 
@@ -47,16 +67,24 @@ def test_ajax_intrusion_becomes_an_intrusion_alert_at_the_hub_time():
 @pytest.mark.parametrize(
     "code,event_type",
     [
-        ("ARM", "arm"), ("DISARM", "disarm"), ("FIRE", "fire_alarm"), ("SMOKE", "fire_alarm"), ("LEAK", "water_leak"),
-        ("TAMPER", "tamper"), ("PANIC", "panic_button"), ("BATTERY_LOW", "battery_low"), ("CONNECTION_LOST", "device_offline"),
-        ("CONNECTION_RESTORED", "device_online"), ("PERIODIC_TEST", "device_heartbeat"),
+        ("ARM", "arm"),
+        ("DISARM", "disarm"),
+        ("FIRE", "fire_alarm"),
+        ("SMOKE", "fire_alarm"),
+        ("LEAK", "water_leak"),
+        ("TAMPER", "tamper"),
+        ("PANIC", "panic_button"),
+        ("BATTERY_LOW", "battery_low"),
+        ("CONNECTION_LOST", "device_offline"),
+        ("CONNECTION_RESTORED", "device_online"),
+        ("PERIODIC_TEST", "device_heartbeat"),
     ],
 )
 def test_every_ajax_event_family_maps_to_its_event_type(code, event_type):
     assert ajax.adapt(SITE, "ajax/events", raw({**AJAX_INTRUSION, "eventCode": code})).event_type == event_type
 
 
-FRAME_TIME = datetime(2024, 1, 15, 10, 30, 0, tzinfo=timezone.utc)
+FRAME_TIME = datetime(2024, 1, 15, 10, 30, 0, tzinfo=UTC)
 
 
 def sia_event(code: str, zone: int = 0, seq: int = 42, account: str = "A1B2C3", area: int = 1):
@@ -74,7 +102,13 @@ def test_ajax_sia_burglary_frame_becomes_an_intrusion_alert_of_its_zone_at_the_f
     assert (env.source, env.event_type, env.device_id) == ("ajax", "intrusion_alert", "ajax-A1B2C3-zone-3")
     assert env.timestamp == FRAME_TIME and env.received_at == RECEIVED
     assert {k: env.payload[k] for k in ("protocol", "account", "sequence", "code", "area", "zone", "restore")} == {
-        "protocol": "SIA-DCS", "account": "A1B2C3", "sequence": "0042", "code": "BA", "area": 1, "zone": 3, "restore": False,
+        "protocol": "SIA-DCS",
+        "account": "A1B2C3",
+        "sequence": "0042",
+        "code": "BA",
+        "area": 1,
+        "zone": 3,
+        "restore": False,
     }
 
 
@@ -91,30 +125,74 @@ def test_ajax_closing_report_arms_and_names_the_user_not_a_zone():
 @pytest.mark.parametrize(
     "code,event_type",
     [
-        ("BA", "intrusion_alert"), ("BV", "intrusion_alert"), ("BT", "intrusion_alert"), ("FA", "fire_alarm"), ("PA", "panic_button"),
-        ("HA", "panic_button"), ("WA", "water_leak"), ("TA", "tamper"), ("YT", "battery_low"), ("YM", "battery_low"),
-        ("RP", "device_heartbeat"), ("RX", "device_heartbeat"), ("YS", "device_offline"), ("YC", "device_offline"),
-        ("YK", "device_online"), ("CL", "arm"), ("OP", "disarm"),
+        ("BA", "intrusion_alert"),
+        ("BV", "intrusion_alert"),
+        ("BT", "intrusion_alert"),
+        ("FA", "fire_alarm"),
+        ("PA", "panic_button"),
+        ("HA", "panic_button"),
+        ("WA", "water_leak"),
+        ("TA", "tamper"),
+        ("YT", "battery_low"),
+        ("YM", "battery_low"),
+        ("RP", "device_heartbeat"),
+        ("RX", "device_heartbeat"),
+        ("YS", "device_offline"),
+        ("YC", "device_offline"),
+        ("YK", "device_online"),
+        ("CL", "arm"),
+        ("OP", "disarm"),
         # Contact ID: qualifier 1 a new event, 3 its restore (an opening/closing: 1 disarmed, 3 armed)
-        ("1130", "intrusion_alert"), ("1110", "fire_alarm"), ("1120", "panic_button"), ("1154", "water_leak"),
-        ("1383", "tamper"), ("1144", "tamper"), ("1302", "battery_low"), ("1384", "battery_low"), ("1602", "device_heartbeat"),
-        ("1381", "device_offline"), ("3381", "device_online"), ("1401", "disarm"), ("3401", "arm"),
+        ("1130", "intrusion_alert"),
+        ("1110", "fire_alarm"),
+        ("1120", "panic_button"),
+        ("1154", "water_leak"),
+        ("1383", "tamper"),
+        ("1144", "tamper"),
+        ("1302", "battery_low"),
+        ("1384", "battery_low"),
+        ("1602", "device_heartbeat"),
+        ("1381", "device_offline"),
+        ("3381", "device_online"),
+        ("1401", "disarm"),
+        ("3401", "arm"),
     ],
 )
 def test_every_sia_and_contact_id_code_maps_to_its_event_type(code, event_type):
     assert adapt_frame(code, zone=2).event_type == event_type
 
 
-@pytest.mark.parametrize("code,restores", [("BR", "intrusion_alert"), ("FH", "fire_alarm"), ("WH", "water_leak"), ("TR", "tamper"), ("3130", "intrusion_alert"), ("3110", "fire_alarm")])
+@pytest.mark.parametrize(
+    "code,restores",
+    [
+        ("BR", "intrusion_alert"),
+        ("FH", "fire_alarm"),
+        ("WH", "water_leak"),
+        ("TR", "tamper"),
+        ("3130", "intrusion_alert"),
+        ("3110", "fire_alarm"),
+    ],
+)
 def test_an_alarm_restoral_is_a_heartbeat_naming_the_condition_it_ends(code, restores):
     env = adapt_frame(code, zone=4)
-    assert (env.event_type, env.device_id, env.payload["restore"], env.payload["restores"]) == ("device_heartbeat", "ajax-A1B2C3-zone-4", True, restores)
+    assert (env.event_type, env.device_id, env.payload["restore"], env.payload["restores"]) == (
+        "device_heartbeat",
+        "ajax-A1B2C3-zone-4",
+        True,
+        restores,
+    )
 
 
 def sia_code_table() -> list[str]:
-    return sorted(ajax.SIA_EVENT_TYPES) + sorted(ajax.SIA_RESTORALS) + [
-        f"{q}{e}" for e in sorted(set(ajax.CID_EVENT_TYPES) | ajax.CID_OPEN_CLOSE) for q in (ajax.CID_NEW, ajax.CID_RESTORE)
-    ]
+    return (
+        sorted(ajax.SIA_EVENT_TYPES)
+        + sorted(ajax.SIA_RESTORALS)
+        + [
+            f"{q}{e}"
+            for e in sorted(set(ajax.CID_EVENT_TYPES) | ajax.CID_OPEN_CLOSE)
+            for q in (ajax.CID_NEW, ajax.CID_RESTORE)
+        ]
+    )
 
 
 def test_every_sia_and_contact_id_code_is_a_catalog_type_of_the_ajax_family_and_covers_all_of_them():
@@ -162,7 +240,7 @@ def test_zigbee_contact_state_becomes_a_contact_event_keeping_every_field():
     env = zigbee.adapt(SITE, "zigbee2mqtt/front_door", raw(ZIGBEE_CONTACT), RECEIVED)
     assert (env.source, env.event_type, env.device_id) == ("zigbee", "contact", "zigbee-front_door")
     assert env.payload["battery"] == 91 and env.payload["linkquality"] == 120
-    assert env.timestamp == datetime(2024, 1, 15, 10, 30, tzinfo=timezone.utc)
+    assert env.timestamp == datetime(2024, 1, 15, 10, 30, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(
@@ -197,7 +275,12 @@ def test_zigbee_state_with_several_facts_is_typed_by_the_most_urgent_one_that_ho
 
 @pytest.mark.parametrize(
     "payload,event_type",
-    [(raw({"state": "offline"}), "device_offline"), (raw({"state": "online"}), "device_online"), (b"offline", "device_offline"), (b"online", "device_online")],
+    [
+        (raw({"state": "offline"}), "device_offline"),
+        (raw({"state": "online"}), "device_online"),
+        (b"offline", "device_offline"),
+        (b"online", "device_online"),
+    ],
 )
 def test_zigbee_availability_becomes_device_offline_or_online_at_the_receive_time(payload, event_type):
     env = zigbee.adapt(SITE, "zigbee2mqtt/front_door/availability", payload, RECEIVED)
@@ -216,13 +299,19 @@ def test_zigbee_without_last_seen_takes_the_receive_time_so_the_key_stays_determ
 def test_nvr_line_crossing_is_normalised_to_utc_per_channel():
     env = nvr.adapt(SITE, "nvr/alarms", raw(NVR_LINE))
     assert (env.source, env.event_type, env.device_id) == ("nvr", "line_crossing", "nvr-4419b60a1102-ch4")
-    assert env.timestamp == datetime(2024, 1, 15, 10, 30, tzinfo=timezone.utc)
+    assert env.timestamp == datetime(2024, 1, 15, 10, 30, tzinfo=UTC)
     assert env.payload["region_id"] == 2
 
 
 @pytest.mark.parametrize(
     "kind,event_type",
-    [("VMD", "motion"), ("fielddetection", "intrusion_zone"), ("videoloss", "video_loss"), ("shelteralarm", "tamper"), ("tamperdetection", "tamper")],
+    [
+        ("VMD", "motion"),
+        ("fielddetection", "intrusion_zone"),
+        ("videoloss", "video_loss"),
+        ("shelteralarm", "tamper"),
+        ("tamperdetection", "tamper"),
+    ],
 )
 def test_every_nvr_alarm_maps_to_its_event_type(kind, event_type):
     assert nvr.adapt(SITE, "nvr/alarms", raw({**NVR_LINE, "eventType": kind})).event_type == event_type
@@ -236,12 +325,20 @@ def test_nvr_inactive_videoloss_is_the_recorders_keepalive_not_a_lost_signal():
 def test_idp_denied_access_keeps_door_credential_and_result():
     env = idp.adapt(SITE, "idp/access", raw(IDP_DENIED))
     assert (env.source, env.event_type, env.device_id) == ("idp", "door_access", "idp-door-456")
-    assert {k: env.payload[k] for k in ("door", "credential", "result")} == {"door": "door-456", "credential": "card-77", "result": "denied"}
+    assert {k: env.payload[k] for k in ("door", "credential", "result")} == {
+        "door": "door-456",
+        "credential": "card-77",
+        "result": "denied",
+    }
     assert env.idempotency_key == "site-123-idp-door-456-door_access-2024-01-15T10:30:00Z"
 
 
 def test_the_same_device_message_always_yields_the_same_key_and_a_fresh_event_id():
-    for family, topic, data in [("ajax", "ajax/events", AJAX_INTRUSION), ("nvr", "nvr/alarms", NVR_LINE), ("idp", "idp/access", IDP_DENIED)]:
+    for family, topic, data in [
+        ("ajax", "ajax/events", AJAX_INTRUSION),
+        ("nvr", "nvr/alarms", NVR_LINE),
+        ("idp", "idp/access", IDP_DENIED),
+    ]:
         a, b = (ADAPTERS[family](SITE, topic, raw(data), RECEIVED) for _ in range(2))
         assert a.idempotency_key == b.idempotency_key
         assert a.event_id != b.event_id

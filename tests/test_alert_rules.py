@@ -33,7 +33,11 @@ def test_promtool_check_rules_accepts_the_alert_rules():
 
 
 def test_promtool_unit_tests_of_the_alert_rules_pass():
-    assert [p.name for p in ALERTS_TESTS] == ["alerts_freshness_test.yml", "alerts_quarantine_test.yml", "alerts_test.yml"]
+    assert [p.name for p in ALERTS_TESTS] == [
+        "alerts_freshness_test.yml",
+        "alerts_quarantine_test.yml",
+        "alerts_test.yml",
+    ]
     result = promtool("test", "rules", *map(str, ALERTS_TESTS))
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -46,7 +50,11 @@ def test_every_alert_names_a_runbook_section_that_exists():
             title = line.lstrip("#").strip().lower()
             anchors.add("".join(c for c in title if c.isalnum() or c in " -").replace(" ", "-"))
     rules = [rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
-    missing = {r["alert"]: r["annotations"]["runbook"] for r in rules if r["annotations"]["runbook"].split("#")[1] not in anchors}
+    missing = {
+        r["alert"]: r["annotations"]["runbook"]
+        for r in rules
+        if r["annotations"]["runbook"].split("#")[1] not in anchors
+    }
     assert not missing, f"runbook anchors not found in docs/runbook.md: {missing}"
 
 
@@ -76,7 +84,12 @@ MUTATIONS = [
     ("EdgeQuarantineDropping", "expr", "[10m]) > 0", "[15m]) > 0"),
     ("EdgeQuarantineDropping", "expr", "> 0", ">= 0"),
     ("EdgeQuarantineDropping", "expr", "> 0", "> 1"),
-    ("EdgeQuarantineDropping", "expr", "increase(edge_quarantine_dropped_total", "increase(edge_events_quarantined_total"),
+    (
+        "EdgeQuarantineDropping",
+        "expr",
+        "increase(edge_quarantine_dropped_total",
+        "increase(edge_events_quarantined_total",
+    ),
     ("ArchiveFreshnessStale", "expr", "> 600", "> 660"),
     ("ArchiveFreshnessStale", "expr", "> 600", ">= 600"),
     ("ArchiveFreshnessStale", "expr", "> 600", "> 540"),
@@ -96,6 +109,8 @@ def test_rule_unit_tests_reject_a_wrong_threshold_or_duration(tmp_path, alert, f
     (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules, sort_keys=False))
     for tests in ALERTS_TESTS:
         shutil.copy(tests, tmp_path / tests.name)
-    assert promtool("check", "rules", "alerts.yml", cwd=tmp_path).returncode == 0, "the mutant must still be a valid rule"
+    assert promtool("check", "rules", "alerts.yml", cwd=tmp_path).returncode == 0, (
+        "the mutant must still be a valid rule"
+    )
     result = promtool("test", "rules", *(tests.name for tests in ALERTS_TESTS), cwd=tmp_path)
     assert result.returncode != 0, f"promtool test rules accepted {alert} with {field} {old!r} -> {new!r}"

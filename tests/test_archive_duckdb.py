@@ -1,13 +1,13 @@
 """Analysts read the archive where it is: DuckDB over s3:// (the local endpoint here), hive-partitioned."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pipeline import analyst
 from pipeline.archive import compact_hour
 from pipeline.stack import s3_filesystem
 from tests import datagen
 
-START = datetime(2024, 3, 4, 0, 0, tzinfo=timezone.utc)
+START = datetime(2024, 3, 4, 0, 0, tzinfo=UTC)
 
 
 def test_duckdb_reads_the_archive_over_s3_with_hour_partitions_from_the_path(aws):

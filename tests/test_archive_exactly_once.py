@@ -1,7 +1,7 @@
 """The hourly archive holds every event exactly once although SQS delivers at least once."""
 
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pyarrow.parquet as pq
 from dagster import DagsterInstance, build_sensor_context, materialize
@@ -15,7 +15,7 @@ from pipeline.stack import aws_client, s3_filesystem
 from tests import datagen
 from tests.conftest import sample_envelope
 
-BASE = datetime(2024, 1, 15, 10, 0, tzinfo=timezone.utc)
+BASE = datetime(2024, 1, 15, 10, 0, tzinfo=UTC)
 HOUR = hour_key(BASE)
 
 
@@ -28,7 +28,9 @@ def send(url, envelopes):
     sqs = aws_client("sqs")
     for start in range(0, len(envelopes), 10):
         chunk = envelopes[start : start + 10]
-        sqs.send_message_batch(QueueUrl=url, Entries=[{"Id": str(i), "MessageBody": e.to_json()} for i, e in enumerate(chunk)])
+        sqs.send_message_batch(
+            QueueUrl=url, Entries=[{"Id": str(i), "MessageBody": e.to_json()} for i, e in enumerate(chunk)]
+        )
 
 
 def drain(instance):
@@ -81,7 +83,9 @@ def test_a_late_event_reopens_its_hour_and_the_archive_stays_exactly_once(aws):
 
         send(url, [late, on_time[0], on_time[1]])  # the late event arrives with two redeliveries
         drain(instance)
-        second = archive_hours_sensor(build_sensor_context(instance=instance, cursor=first.cursor, resources=resources()))
+        second = archive_hours_sensor(
+            build_sensor_context(instance=instance, cursor=first.cursor, resources=resources())
+        )
         assert [r.partition_key for r in second.run_requests] == [HOUR], "the late event re-opens its hour"
         assert second.run_requests[0].run_key != first.run_requests[0].run_key
         result = compact(instance)
@@ -102,19 +106,25 @@ def test_many_landing_micro_batches_compact_into_one_file_sorted_by_event_time(a
 
     assert result.landing_files == 40 and result.archived_rows == 3000
     assert [p.rsplit("/", 1)[1] for p in result.files] == ["events_0001.parquet"]
-    stamps = pq.read_table(result.files[0], filesystem=filesystem, columns=["timestamp"]).column("timestamp").to_pylist()
+    stamps = (
+        pq.read_table(result.files[0], filesystem=filesystem, columns=["timestamp"]).column("timestamp").to_pylist()
+    )
     assert stamps == sorted(stamps)
 
 
 def test_recompaction_into_fewer_files_removes_the_files_of_the_earlier_compaction(aws):
     filesystem = s3_filesystem()
-    datagen.write_landing_batches(filesystem, "events-archive", "landing", datagen.events_table(1000, start=BASE, hours=1), batches_per_hour=4)
+    datagen.write_landing_batches(
+        filesystem, "events-archive", "landing", datagen.events_table(1000, start=BASE, hours=1), batches_per_hour=4
+    )
     compact_hour(filesystem, "events-archive", "landing", HOUR, rows_per_file=300)
 
     result = compact_hour(filesystem, "events-archive", "landing", HOUR)
 
     assert len(result.removed_files) == 3
-    listed = aws_client("s3").list_objects_v2(Bucket="events-archive", Prefix=archive_dir("", HOUR).lstrip("/"))["Contents"]
+    listed = aws_client("s3").list_objects_v2(Bucket="events-archive", Prefix=archive_dir("", HOUR).lstrip("/"))[
+        "Contents"
+    ]
     assert [o["Key"].rsplit("/", 1)[1] for o in listed if o["Key"].endswith(".parquet")] == ["events_0001.parquet"]
     assert read_archive_hour(filesystem, "events-archive", HOUR).num_rows == 1000
 
@@ -127,7 +137,11 @@ def test_reconciliation_check_fails_when_a_landing_file_a_drain_run_reported_is_
         send(url, [sample_envelope(device_id=f"b{i}", timestamp=BASE + timedelta(minutes=i)) for i in range(10)])
         drain(instance)
         s3 = aws_client("s3")
-        landing = [o["Key"] for o in s3.list_objects_v2(Bucket="events-archive", Prefix="landing/")["Contents"] if o["Key"].endswith(".parquet")]
+        landing = [
+            o["Key"]
+            for o in s3.list_objects_v2(Bucket="events-archive", Prefix="landing/")["Contents"]
+            if o["Key"].endswith(".parquet")
+        ]
         assert len(landing) == 2
         s3.delete_object(Bucket="events-archive", Key=landing[0])  # lost between landing and compaction
         result = compact(instance)
@@ -146,6 +160,8 @@ def test_archive_materialization_reports_files_written_and_archival_lag(aws):
 
     meta = result.asset_materializations_for_node("events_archive")[0].metadata
     assert meta["parquet_files_written"].value == 1
-    assert meta["archival_lag_minutes"].value > 60 * 24 * 365, "events ingested in 2024 and archived now waited over a year"
+    assert meta["archival_lag_minutes"].value > 60 * 24 * 365, (
+        "events ingested in 2024 and archived now waited over a year"
+    )
     lag = checks_by_name(result)["archival_lag"]
     assert not lag.passed and lag.severity.value == "WARN"

@@ -32,7 +32,14 @@ def store() -> ArchiveStore:
 
 
 def land(envelopes, batch_id: str, ingested_minutes_ago: float) -> None:
-    write_landing(store().filesystem(), BUCKET, "landing", envelopes, batch_id, utc_now() - timedelta(minutes=ingested_minutes_ago))
+    write_landing(
+        store().filesystem(),
+        BUCKET,
+        "landing",
+        envelopes,
+        batch_id,
+        utc_now() - timedelta(minutes=ingested_minutes_ago),
+    )
 
 
 def events(n: int, hours_ago: int = 2, prefix: str = "door"):
@@ -60,7 +67,9 @@ def test_the_lag_is_the_age_of_the_oldest_landed_event_that_compaction_has_not_a
 
     after = freshness()
     assert after.unarchived_files == 2, "the compacted batch no longer counts; both new ones do"
-    assert after.lag_minutes == pytest.approx(5, abs=0.5), "the oldest *landed* file is batch-2 (its events were ingested 5 minutes ago)"
+    assert after.lag_minutes == pytest.approx(5, abs=0.5), (
+        "the oldest *landed* file is batch-2 (its events were ingested 5 minutes ago)"
+    )
 
 
 def test_events_stamped_ahead_of_the_clock_do_not_count_until_their_hour_opens(aws):
@@ -74,8 +83,15 @@ def test_events_stamped_ahead_of_the_clock_do_not_count_until_their_hour_opens(a
 def test_events_older_than_the_lookback_are_not_listed(aws):
     land(events(1, hours_ago=30), "batch-old", ingested_minutes_ago=50)
 
-    assert measure_archive_freshness(store().get_client(), BUCKET, "landing", utc_now(), store().filesystem(), lookback=24).lag_minutes == 0.0
-    assert measure_archive_freshness(store().get_client(), BUCKET, "landing", utc_now(), store().filesystem(), lookback=48).lag_minutes == pytest.approx(50, abs=0.5)
+    assert (
+        measure_archive_freshness(
+            store().get_client(), BUCKET, "landing", utc_now(), store().filesystem(), lookback=24
+        ).lag_minutes
+        == 0.0
+    )
+    assert measure_archive_freshness(
+        store().get_client(), BUCKET, "landing", utc_now(), store().filesystem(), lookback=48
+    ).lag_minutes == pytest.approx(50, abs=0.5)
 
 
 def live_test_rules(tmp_path):
@@ -95,13 +111,13 @@ def live_test_rules(tmp_path):
     return tmp_path / "prometheus.yml"
 
 
-
-
 @pytest.fixture
 def monitoring(tmp_path, monkeypatch):
     gateway = Pushgateway(tmp_path / "pushgateway").start()
     monkeypatch.setenv("PIPELINE_PUSHGATEWAY_URL", gateway.url)
-    prometheus = Prometheus(tmp_path / "prometheus", targets={"pushgateway": [gateway.target]}, template=live_test_rules(tmp_path)).start()
+    prometheus = Prometheus(
+        tmp_path / "prometheus", targets={"pushgateway": [gateway.target]}, template=live_test_rules(tmp_path)
+    ).start()
     yield prometheus
     prometheus.stop()
     gateway.stop()
@@ -144,12 +160,18 @@ def test_with_compaction_blocked_the_lag_grows_on_the_timer_and_the_alerts_fire_
     assert not firing(prometheus, "ArchiveFreshnessStale"), "a timer that ticks every second is not stale"
 
     # The timer stops (sensor off, daemon down): the last value stays, and the staleness alert says so.
-    [stale] = wait_until(lambda: firing(prometheus, "ArchiveFreshnessStale"), 60, interval=0.5, message="ArchiveFreshnessStale to fire")
+    [stale] = wait_until(
+        lambda: firing(prometheus, "ArchiveFreshnessStale"), 60, interval=0.5, message="ArchiveFreshnessStale to fire"
+    )
     assert stale["metric"]["job"] == "pipeline_archive"
 
     # Compaction runs again: it archives the batch and pushes the data's lag (0) at once.
     assert materialize([events_archive], partition_key=hour, resources={"archive": store()}).success
-    wait_until(lambda: not firing(prometheus, "ArchivalLagHigh") and not firing(prometheus, "ArchiveFreshnessStale"), 30, message="both alerts to clear")
+    wait_until(
+        lambda: not firing(prometheus, "ArchivalLagHigh") and not firing(prometheus, "ArchiveFreshnessStale"),
+        30,
+        message="both alerts to clear",
+    )
     assert pushed_lag(prometheus) == 0.0
 
 

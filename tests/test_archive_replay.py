@@ -10,36 +10,49 @@ from __future__ import annotations
 
 import base64
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from devstack.partner_receiver import PartnerReceiver
 from pipeline.archive import compact_hour, write_landing
 from pipeline.archive_range import ReplayRangeError, hours_in_range, parse_utc
-from pipeline.routing.provisioning import provision_routing
 from pipeline.routing.config import load_routing_config
+from pipeline.routing.provisioning import provision_routing
 from pipeline.stack import aws_client, s3_filesystem
 from tests.conftest import sample_envelope
 from tests.test_routing_config import routing_file
 
-T10 = datetime(2024, 1, 15, 10, 0, tzinfo=timezone.utc)
+T10 = datetime(2024, 1, 15, 10, 0, tzinfo=UTC)
 START, END = "2024-01-15T10:00:00Z", "2024-01-15T12:00:00Z"
 
 
 def event(event_type: str, at: datetime, n: int):
-    return sample_envelope(event_type=event_type, device_id=f"dev-{n}", timestamp=at, payload={"zone": f"z{n}", "credential": f"card-{n}", "note": "internal"})
+    return sample_envelope(
+        event_type=event_type,
+        device_id=f"dev-{n}",
+        timestamp=at,
+        payload={"zone": f"z{n}", "credential": f"card-{n}", "note": "internal"},
+    )
 
 
 @pytest.fixture
 def archived(aws):
     """Events around a two-hour range, archived exactly as drain runs + compaction leave them."""
-    inside = [event(t, T10 + timedelta(minutes=17 * i), i) for i, t in enumerate(["door_access", "intrusion_alert", "motion"] * 3)]
-    outside = [event("door_access", T10 - timedelta(seconds=1), 90), event("intrusion_alert", T10 + timedelta(hours=2), 91)]
+    inside = [
+        event(t, T10 + timedelta(minutes=17 * i), i)
+        for i, t in enumerate(["door_access", "intrusion_alert", "motion"] * 3)
+    ]
+    outside = [
+        event("door_access", T10 - timedelta(seconds=1), 90),
+        event("intrusion_alert", T10 + timedelta(hours=2), 91),
+    ]
     filesystem = s3_filesystem()
-    ingested = datetime.now(timezone.utc)
+    ingested = datetime.now(UTC)
     hours = write_landing(filesystem, "events-archive", "landing", inside + outside, "run-a", ingested)
-    write_landing(filesystem, "events-archive", "landing", inside[:4], "run-b-redelivered", ingested)  # SQS redelivered a window
+    write_landing(
+        filesystem, "events-archive", "landing", inside[:4], "run-b-redelivered", ingested
+    )  # SQS redelivered a window
     for hour in hours:
         compact_hour(filesystem, "events-archive", "landing", hour)
     return inside, outside
@@ -73,7 +86,9 @@ def run_job(name: str, op: str, config: dict):
 
 
 def replay_and_deliver(partner: str = "newco") -> int:
-    replay = run_job("archive_replay_job", "replay_archive_range_to_partner", {"partner": partner, "start": START, "end": END})
+    replay = run_job(
+        "archive_replay_job", "replay_archive_range_to_partner", {"partner": partner, "start": START, "end": END}
+    )
     assert replay.success
     delivery = run_job("partner_delivery_job", "deliver_partner_queue", {"partner": partner})
     assert delivery.success
@@ -123,14 +138,21 @@ def test_a_replay_states_the_contract_it_used_records_it_and_delivers_under_it(a
     from pipeline.routing.config import contract_version
 
     version = load_routing_config().partner("newco").contract_version
-    replay = run_job("archive_replay_job", "replay_archive_range_to_partner", {"partner": "newco", "start": START, "end": END})
+    replay = run_job(
+        "archive_replay_job", "replay_archive_range_to_partner", {"partner": "newco", "start": START, "end": END}
+    )
     [output] = [e for e in replay.all_events if e.event_type_value == "STEP_OUTPUT"]
     assert output.event_specific_data.metadata["contract_version"].value == version
 
     run_job("partner_delivery_job", "deliver_partner_queue", {"partner": "newco"})
 
     assert {r.contract_version for r in newco.requests} == {version}
-    recorded = aws_client("s3").get_object(Bucket="events-archive", Key=f"partner_contracts/newco/{version}.json")["Body"].read().decode()
+    recorded = (
+        aws_client("s3")
+        .get_object(Bucket="events-archive", Key=f"partner_contracts/newco/{version}.json")["Body"]
+        .read()
+        .decode()
+    )
     assert contract_version(recorded) == version
 
 
@@ -138,7 +160,10 @@ def test_an_unknown_partner_fails_the_run_naming_the_known_ones(archived, newco)
     from pipeline.definitions import defs
 
     result = defs.get_job_def("archive_replay_job").execute_in_process(
-        run_config={"ops": {"replay_archive_range_to_partner": {"config": {"partner": "nobody", "start": START, "end": END}}}}, raise_on_error=False
+        run_config={
+            "ops": {"replay_archive_range_to_partner": {"config": {"partner": "nobody", "start": START, "end": END}}}
+        },
+        raise_on_error=False,
     )
 
     assert not result.success
@@ -148,7 +173,10 @@ def test_an_unknown_partner_fails_the_run_naming_the_known_ones(archived, newco)
 
 
 def test_a_range_is_read_hour_by_hour_and_a_bad_range_is_refused():
-    assert hours_in_range(parse_utc("2024-01-15T10:30:00Z"), parse_utc("2024-01-15T12:00:00Z")) == ["2024-01-15-10:00", "2024-01-15-11:00"]
+    assert hours_in_range(parse_utc("2024-01-15T10:30:00Z"), parse_utc("2024-01-15T12:00:00Z")) == [
+        "2024-01-15-10:00",
+        "2024-01-15-11:00",
+    ]
     with pytest.raises(ReplayRangeError, match="not after start"):
         hours_in_range(parse_utc(END), parse_utc(START))
     with pytest.raises(ReplayRangeError, match="no UTC offset"):

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 from dagster import materialize
 
 import edge_bridge.envelope as envelope_module
@@ -42,7 +41,9 @@ def test_a_quarantined_message_is_listed_with_its_reason_and_drains_normally_onc
     assert quarantine.main(["release", ref]) == 0
     drain_all(events_url)
     assert materialize([events_archive], partition_key=hour_key(good.timestamp), resources=resources()).success
-    archived = read_archive_hour(s3_filesystem(), "events-archive", hour_key(good.timestamp)).column("event_id").to_pylist()
+    archived = (
+        read_archive_hour(s3_filesystem(), "events-archive", hour_key(good.timestamp)).column("event_id").to_pylist()
+    )
     assert sorted(archived) == sorted([good.event_id, newer["event_id"]])
 
     capsys.readouterr()

@@ -1,7 +1,7 @@
 """The priority consumer keeps one message's trouble to that message: poison, claim checks, bounds, old files."""
 
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import duckdb
 import pytest
@@ -26,7 +26,9 @@ def high_events(n, **overrides):
     return [sample_envelope(event_type="intrusion_alert", device_id=f"panel-{i}", **overrides) for i in range(n)]
 
 
-def test_a_message_that_fails_alone_is_rejected_with_its_reason_while_its_batch_mates_are_handled_once(priority, tmp_path, monkeypatch):
+def test_a_message_that_fails_alone_is_rejected_with_its_reason_while_its_batch_mates_are_handled_once(
+    priority, tmp_path, monkeypatch
+):
     routing, urls = priority
     original = ConsumerStore._insert
     failed_inserts = []  # rows per insert that held the poison
@@ -43,16 +45,24 @@ def test_a_message_that_fails_alone_is_rejected_with_its_reason_while_its_batch_
     send(urls["high"], [e.to_json() for e in good[:10]] + [poison.to_json()] + [e.to_json() for e in good[10:]])
     consumer = consumer_in_process(routing, tmp_path)
     try:
-        wait_until(lambda: handled_total(consumer) == 20 and counter(consumer.metrics.rejected) == 1, 30, message="20 handled and the poison rejected")
+        wait_until(
+            lambda: handled_total(consumer) == 20 and counter(consumer.metrics.rejected) == 1,
+            30,
+            message="20 handled and the poison rejected",
+        )
         wait_until(lambda: queue_counts(urls["high"]) == (0, 0), 20, message="the high queue to empty")
     finally:
         consumer.stop()
     assert max(failed_inserts) > 1 and failed_inserts[-1] == 1  # it failed a batch with good events in it, then alone
     assert sorted(query(tmp_path, "SELECT site_id, event_id FROM events")) == sorted(e.key for e in good)
-    [(reason, error_type, message_id, receive_count, prio, body)] = query(tmp_path, "SELECT reason, error_type, message_id, receive_count, priority, body FROM rejected")
+    [(reason, error_type, message_id, receive_count, prio, body)] = query(
+        tmp_path, "SELECT reason, error_type, message_id, receive_count, priority, body FROM rejected"
+    )
     assert reason == "handling_failed: RuntimeError: the store trips over this event" and error_type == "RuntimeError"
     assert message_id and receive_count == 1 and prio == "high" and body == poison.to_json()
-    dlq = aws_client("sqs").get_queue_url(QueueName=dead_letter_queue_name(routing.priority.queue_for("high")))["QueueUrl"]
+    dlq = aws_client("sqs").get_queue_url(QueueName=dead_letter_queue_name(routing.priority.queue_for("high")))[
+        "QueueUrl"
+    ]
     assert queue_counts(dlq) == (0, 0)
 
 
@@ -70,7 +80,10 @@ def test_a_database_that_cannot_be_written_leaves_every_message_in_sqs(priority,
         wait_until(lambda: counter(consumer.metrics.left) >= 5, 20, message="the batch to be left for redelivery")
     finally:
         consumer.stop()
-    assert queue_counts(urls["high"]) == (0, 5)  # still in flight: SQS brings them back, and redrives them after 5 receives
+    assert queue_counts(urls["high"]) == (
+        0,
+        5,
+    )  # still in flight: SQS brings them back, and redrives them after 5 receives
     assert query(tmp_path, "SELECT count(*) FROM rejected") == [(0,)]
 
 
@@ -97,11 +110,19 @@ def test_a_claim_checked_event_in_the_high_queue_is_fetched_and_handled(priority
 def test_a_claim_check_pointer_whose_object_was_altered_is_rejected(priority, tmp_path):
     routing, urls = priority
     big, pointer = claim_checked(size=1000)
-    aws_client("s3").put_object(Bucket=CLAIM_CHECK_BUCKET, Key=f"claim-check-routed/{big.site_id}/{big.event_id}.json", Body=big.to_json().replace("x", "y").encode())
+    aws_client("s3").put_object(
+        Bucket=CLAIM_CHECK_BUCKET,
+        Key=f"claim-check-routed/{big.site_id}/{big.event_id}.json",
+        Body=big.to_json().replace("x", "y").encode(),
+    )
     send(urls["high"], [pointer, high_events(1)[0].to_json()])
     consumer = consumer_in_process(routing, tmp_path)
     try:
-        wait_until(lambda: queue_counts(urls["high"]) == (0, 0) and handled_total(consumer) == 1, 20, message="the neighbour handled and the pointer settled")
+        wait_until(
+            lambda: queue_counts(urls["high"]) == (0, 0) and handled_total(consumer) == 1,
+            20,
+            message="the neighbour handled and the pointer settled",
+        )
     finally:
         consumer.stop()
     [(reason, body)] = query(tmp_path, "SELECT reason, body FROM rejected")
@@ -115,14 +136,20 @@ def test_a_claim_check_that_s3_cannot_serve_stays_in_sqs_while_its_neighbours_ar
     unreachable = aws_client("s3", endpoint_url=f"http://127.0.0.1:{free_port()}")
     consumer = consumer_in_process(routing, tmp_path, s3=unreachable)
     try:
-        wait_until(lambda: handled_total(consumer) == 2 and counter(consumer.metrics.left) == 1, 30, message="the neighbours handled and the pointer left")
+        wait_until(
+            lambda: handled_total(consumer) == 2 and counter(consumer.metrics.left) == 1,
+            30,
+            message="the neighbours handled and the pointer left",
+        )
     finally:
         consumer.stop()
     assert queue_counts(urls["high"]) == (0, 1)  # the pointer, in flight until SQS hands it out again
     assert query(tmp_path, "SELECT count(*) FROM rejected") == [(0,)]
 
 
-def test_the_high_poller_stops_receiving_while_its_bound_is_pending_and_resumes_when_written(priority, tmp_path, monkeypatch):
+def test_the_high_poller_stops_receiving_while_its_bound_is_pending_and_resumes_when_written(
+    priority, tmp_path, monkeypatch
+):
     routing, urls = priority
     writer_may_go = threading.Event()
     original_handle, original_room = ConsumerStore.handle_batch, PendingWork.wait_for_high_room
@@ -199,9 +226,12 @@ def test_a_consumer_file_keyed_by_event_id_alone_is_migrated_keeping_its_rows(tm
     store = ConsumerStore(path, automation)
     try:
         theirs = sample_envelope(site_id="site-b", event_type="intrusion_alert", event_id="evt-1")
-        result = store.handle_batch([Item("high", "handle", datetime.now(timezone.utc), theirs, theirs.to_json())])
+        result = store.handle_batch([Item("high", "handle", datetime.now(UTC), theirs, theirs.to_json())])
         assert len(result.handled) == 1 and len(result.new_incidents) == 1
-        assert store.con.sql("SELECT site_id, event_id, exported FROM events ORDER BY site_id").fetchall() == [("site-a", "evt-1", True), ("site-b", "evt-1", False)]
+        assert store.con.sql("SELECT site_id, event_id, exported FROM events ORDER BY site_id").fetchall() == [
+            ("site-a", "evt-1", True),
+            ("site-b", "evt-1", False),
+        ]
         assert store.con.sql("SELECT count(*) FROM incidents").fetchall() == [(2,)]
         assert store.con.sql("SELECT reason, error_type FROM rejected").fetchall() == [("bad_json: x", None)]
     finally:

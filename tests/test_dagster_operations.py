@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -65,11 +65,20 @@ class Daemon:
         self.home, self.log = home, log
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Daemon":
-        env = {**os.environ, "DAGSTER_HOME": str(self.home), "PYTHONUNBUFFERED": "1", "PATH": os.pathsep.join([str(PROJECT_ROOT / ".venv" / "bin"), os.environ.get("PATH", "")])}
+    def start(self) -> Daemon:
+        env = {
+            **os.environ,
+            "DAGSTER_HOME": str(self.home),
+            "PYTHONUNBUFFERED": "1",
+            "PATH": os.pathsep.join([str(PROJECT_ROOT / ".venv" / "bin"), os.environ.get("PATH", "")]),
+        }
         self.proc = subprocess.Popen(
             [str(PROJECT_ROOT / ".venv" / "bin" / "dagster-daemon"), "run", "-w", str(PROJECT_ROOT / "workspace.yaml")],
-            cwd=PROJECT_ROOT, env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=open(self.log, "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         return self
 
@@ -91,15 +100,27 @@ def dagster_home(path: Path) -> Path:
 def land(instance: DagsterInstance, hour: str, rows: int, batch: str) -> None:
     """What a drain run does for an hour: landing files in S3, then a landing materialization."""
     if rows:
-        start = datetime.strptime(hour, "%Y-%m-%d-%H:%M").replace(tzinfo=timezone.utc)
+        start = datetime.strptime(hour, "%Y-%m-%d-%H:%M").replace(tzinfo=UTC)
         from pipeline.stack import s3_filesystem
 
-        datagen.write_landing_batches(s3_filesystem(), "events-archive", "landing", datagen.events_table(rows, start=start, hours=1), batches_per_hour=4)
-    instance.report_runless_asset_event(AssetMaterialization("events_landing", partition=hour, metadata={"rows": rows, "batch": batch}))
+        datagen.write_landing_batches(
+            s3_filesystem(),
+            "events-archive",
+            "landing",
+            datagen.events_table(rows, start=start, hours=1),
+            batches_per_hour=4,
+        )
+    instance.report_runless_asset_event(
+        AssetMaterialization("events_landing", partition=hour, metadata={"rows": rows, "batch": batch})
+    )
 
 
 def compactions(instance: DagsterInstance, hour: str, *statuses: DagsterRunStatus) -> list:
-    return list(instance.get_runs(RunsFilter(job_name="archive_hour_job", tags={"pipeline/archive_hour": hour}, statuses=list(statuses))))
+    return list(
+        instance.get_runs(
+            RunsFilter(job_name="archive_hour_job", tags={"pipeline/archive_hour": hour}, statuses=list(statuses))
+        )
+    )
 
 
 def compaction_in_its_step(instance: DagsterInstance, hour: str):
@@ -110,17 +131,28 @@ def compaction_in_its_step(instance: DagsterInstance, hour: str):
 
 
 def worker_pid(instance: DagsterInstance, run_id: str) -> int:
-    [record] = [r for r in instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT) if r.message.startswith(WORKER_STARTED)]
+    [record] = [
+        r
+        for r in instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT)
+        if r.message.startswith(WORKER_STARTED)
+    ]
     return int(record.dagster_event.engine_event_data.metadata["pid"].value)
 
 
 def freeze_mid_run(instance: DagsterInstance, hour: str) -> tuple[str, int]:
     """The hour's compaction, stopped (SIGSTOP) inside its step: STARTED, nothing materialized yet."""
-    run = wait_until(lambda: compaction_in_its_step(instance, hour), 240, interval=0.1, message=f"the compaction of {hour} in its step")
+    run = wait_until(
+        lambda: compaction_in_its_step(instance, hour),
+        240,
+        interval=0.1,
+        message=f"the compaction of {hour} in its step",
+    )
     pid = worker_pid(instance, run.run_id)
     os.kill(pid, signal.SIGSTOP)
     assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.STARTED
-    assert not instance.all_logs(run.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION), "the compaction finished before it could be stopped"
+    assert not instance.all_logs(run.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION), (
+        "the compaction finished before it could be stopped"
+    )
     return run.run_id, pid
 
 
@@ -138,7 +170,11 @@ def emulator():
     """One SQS + S3 endpoint for the module (each test compacts its own hour), this process pointed at it."""
     with pytest.MonkeyPatch.context() as patch:
         endpoint = AwsEmulator().start()
-        for key, value in {**aws_env(endpoint.endpoint_url), "PIPELINE_EVENTS_QUEUE": "events", "PIPELINE_ARCHIVE_BUCKET": "events-archive"}.items():
+        for key, value in {
+            **aws_env(endpoint.endpoint_url),
+            "PIPELINE_EVENTS_QUEUE": "events",
+            "PIPELINE_ARCHIVE_BUCKET": "events-archive",
+        }.items():
             patch.setenv(key, value)
         from pipeline.provisioning import provision
 
@@ -177,7 +213,9 @@ def test_every_promised_schedule_and_sensor_is_running_as_soon_as_the_daemon_loa
 
 
 @pytest.mark.timeout(600)  # real daemons, code servers and run workers: slow on a busy machine
-def test_a_compaction_whose_worker_is_killed_mid_run_is_failed_at_once_and_the_next_compaction_of_its_hour_completes(running_daemon):
+def test_a_compaction_whose_worker_is_killed_mid_run_is_failed_at_once_and_the_next_compaction_of_its_hour_completes(
+    running_daemon,
+):
     _, instance = running_daemon
     hour = "2024-03-04-10:00"
     land(instance, hour, EVENTS_PER_HOUR, "window-1")
@@ -186,15 +224,29 @@ def test_a_compaction_whose_worker_is_killed_mid_run_is_failed_at_once_and_the_n
     killed = time.monotonic()
 
     # The code server that started the worker sees its child gone and fails the run.
-    wait_until(lambda: failed(instance, run_id), MONITOR["poll_interval_seconds"], interval=0.1, message="the killed compaction marked FAILURE")
+    wait_until(
+        lambda: failed(instance, run_id),
+        MONITOR["poll_interval_seconds"],
+        interval=0.1,
+        message="the killed compaction marked FAILURE",
+    )
     noticed = time.monotonic() - killed
     land(instance, hour, 0, "window-2")
-    wait_until(lambda: compactions(instance, hour, DagsterRunStatus.SUCCESS), 180, interval=0.5, message=f"the next compaction of {hour} to succeed")
-    print(f"worker killed: run failed after {noticed:.1f} s, the next compaction of the hour done {time.monotonic() - killed:.0f} s after the kill")
+    wait_until(
+        lambda: compactions(instance, hour, DagsterRunStatus.SUCCESS),
+        180,
+        interval=0.5,
+        message=f"the next compaction of {hour} to succeed",
+    )
+    print(
+        f"worker killed: run failed after {noticed:.1f} s, the next compaction of the hour done {time.monotonic() - killed:.0f} s after the kill"
+    )
 
 
 @pytest.mark.timeout(600)  # real daemons, code servers and run workers: slow on a busy machine
-def test_a_compaction_left_started_by_a_dead_daemon_and_code_server_is_failed_by_the_run_monitor_and_its_hour_compacts_again(emulator, tmp_path):
+def test_a_compaction_left_started_by_a_dead_daemon_and_code_server_is_failed_by_the_run_monitor_and_its_hour_compacts_again(
+    emulator, tmp_path
+):
     home = dagster_home(tmp_path / "dagster_home")
     instance = DagsterInstance.from_config(str(home))
     hour = "2024-03-04-11:00"
@@ -213,11 +265,26 @@ def test_a_compaction_left_started_by_a_dead_daemon_and_code_server_is_failed_by
     second = Daemon(home, tmp_path / "daemon-2.log").start()
     try:
         # The bound holds from the moment a run monitor runs again: it looks at once, then every poll interval.
-        wait_until(lambda: monitor_heartbeat_since(instance, restarted), 240, interval=0.5, message="the new daemon's run monitor")
+        wait_until(
+            lambda: monitor_heartbeat_since(instance, restarted),
+            240,
+            interval=0.5,
+            message="the new daemon's run monitor",
+        )
         up = time.time()
-        wait_until(lambda: failed(instance, run_id), MONITOR["poll_interval_seconds"], interval=0.5, message="the run monitor to fail the dead compaction")
+        wait_until(
+            lambda: failed(instance, run_id),
+            MONITOR["poll_interval_seconds"],
+            interval=0.5,
+            message="the run monitor to fail the dead compaction",
+        )
         noticed = time.time() - up
-        wait_until(lambda: compactions(instance, hour, DagsterRunStatus.SUCCESS), 180, interval=0.5, message=f"the next compaction of {hour} to succeed")
+        wait_until(
+            lambda: compactions(instance, hour, DagsterRunStatus.SUCCESS),
+            180,
+            interval=0.5,
+            message=f"the next compaction of {hour} to succeed",
+        )
         print(
             f"daemon, code server and worker killed: monitor up {up - restarted:.0f} s after the restart, "
             f"run failed {noticed:.1f} s later, the hour compacted {time.time() - restarted:.0f} s after the restart"
@@ -247,9 +314,15 @@ def launcher():
         checker.register_instance(instance)
 
         def started_run(pid: int | None, host: str = "localhost"):
-            run = instance.create_run_for_job(announced_job, status=DagsterRunStatus.STARTED, tags={GRPC_INFO_TAG: json.dumps({"host": host, "port": 4000})})
+            run = instance.create_run_for_job(
+                announced_job,
+                status=DagsterRunStatus.STARTED,
+                tags={GRPC_INFO_TAG: json.dumps({"host": host, "port": 4000})},
+            )
             if pid is not None:
-                instance.report_engine_event(f"{WORKER_STARTED} run (pid: {pid}).", run, EngineEventData.in_process(pid))
+                instance.report_engine_event(
+                    f"{WORKER_STARTED} run (pid: {pid}).", run, EngineEventData.in_process(pid)
+                )
             return run
 
         yield checker, started_run

@@ -16,8 +16,17 @@ from devstack.demo import INSTIGATORS_QUERY, Demo
 from devstack.processes import free_port
 from tests.conftest import PROJECT_ROOT, alive, wait_until
 
-PORTS = ("DEMO_MQTT_PORT", "DEMO_AWS_PORT", "DEMO_DAGSTER_PORT", "DEMO_PROMETHEUS_PORT", "DEMO_PUSHGATEWAY_PORT", "DEMO_EDGE_ADMIN_PORT", "DEMO_CONSUMER_METRICS_PORT", "DEMO_PARTNER_PORT")
-IN_FLIGHT = '{ runsOrError(filter: {statuses: [STARTING, STARTED]}) { ... on Runs { results { runId jobName } } } }'
+PORTS = (
+    "DEMO_MQTT_PORT",
+    "DEMO_AWS_PORT",
+    "DEMO_DAGSTER_PORT",
+    "DEMO_PROMETHEUS_PORT",
+    "DEMO_PUSHGATEWAY_PORT",
+    "DEMO_EDGE_ADMIN_PORT",
+    "DEMO_CONSUMER_METRICS_PORT",
+    "DEMO_PARTNER_PORT",
+)
+IN_FLIGHT = "{ runsOrError(filter: {statuses: [STARTING, STARTED]}) { ... on Runs { results { runId jobName } } } }"
 
 
 def descendants(pid: int) -> set[int]:
@@ -49,7 +58,14 @@ class RunningDemo:
     def __init__(self, env: dict[str, str], output: Path) -> None:
         self.port, self.output = int(env["DEMO_DAGSTER_PORT"]), output
         with open(output, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "devstack.demo"], cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "devstack.demo"],
+                cwd=PROJECT_ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.seen: set[int] = set()
 
     def lines(self) -> list[str]:
@@ -63,7 +79,10 @@ class RunningDemo:
         def loaded():
             self.look()
             try:
-                data = graphql(self.port, "{ workspaceOrError { ... on Workspace { locationEntries { name locationOrLoadError { __typename } } } } }")
+                data = graphql(
+                    self.port,
+                    "{ workspaceOrError { ... on Workspace { locationEntries { name locationOrLoadError { __typename } } } } }",
+                )
             except requests.RequestException:
                 return False
             entries = data["workspaceOrError"]["locationEntries"]
@@ -73,12 +92,18 @@ class RunningDemo:
 
     def archived_partition(self):
         self.look()
-        data = graphql(self.port, '{ assetOrError(assetKey: {path: ["events_archive"]}) { ... on Asset { assetMaterializations(limit: 1) { partition } } } }')
+        data = graphql(
+            self.port,
+            '{ assetOrError(assetKey: {path: ["events_archive"]}) { ... on Asset { assetMaterializations(limit: 1) { partition } } } }',
+        )
         asset = data["assetOrError"]
         return asset and asset.get("assetMaterializations")
 
     def drained_and_archived(self):
-        runs = graphql(self.port, '{ runsOrError(filter: {pipelineName: "drain_events_job", statuses: [SUCCESS]}, limit: 1) { ... on Runs { results { runId } } } }')
+        runs = graphql(
+            self.port,
+            '{ runsOrError(filter: {pipelineName: "drain_events_job", statuses: [SUCCESS]}, limit: 1) { ... on Runs { results { runId } } } }',
+        )
         return runs["runsOrError"]["results"] and self.archived_partition()
 
     def runs_in_flight(self) -> list[dict]:
@@ -90,14 +115,25 @@ class RunningDemo:
         self.seen.update(descendants(self.proc.pid))
         stop()
         self.proc.wait(60)
-        wait_until(lambda: not [p for p in self.seen if alive(p)], 20, message=f"no stray processes (left: {[p for p in self.seen if alive(p)]})")
-        assert len(self.seen) >= 5, "the demo should have started mosquitto, the emulator, the edge, traffic and dagster"
+        wait_until(
+            lambda: not [p for p in self.seen if alive(p)],
+            20,
+            message=f"no stray processes (left: {[p for p in self.seen if alive(p)]})",
+        )
+        assert len(self.seen) >= 5, (
+            "the demo should have started mosquitto, the emulator, the edge, traffic and dagster"
+        )
         assert any(line.endswith("demo stopped") for line in self.lines()), "the demo did not stop its children itself"
 
 
 @pytest.mark.timeout(900)  # two demos, one after the other, each under the deadlines the first one always had
 def test_demo_stopped_with_runs_in_flight_starts_again_fresh_and_archives_as_the_first_time(tmp_path):
-    env = {**os.environ, **{name: str(free_port()) for name in PORTS}, "DEMO_STATE_DIR": str(tmp_path / "demo"), "DAGSTER_HOME": str(tmp_path / "dagster_home")}
+    env = {
+        **os.environ,
+        **{name: str(free_port()) for name in PORTS},
+        "DEMO_STATE_DIR": str(tmp_path / "demo"),
+        "DAGSTER_HOME": str(tmp_path / "dagster_home"),
+    }
 
     first = RunningDemo(env, tmp_path / "first.out")
     try:
@@ -107,23 +143,40 @@ def test_demo_stopped_with_runs_in_flight_starts_again_fresh_and_archives_as_the
         # The demo's promise: soon after the UI answers, successful drain runs and a materialized archive
         # partition (a generous deadline here; the time taken is printed).
         up = time.monotonic()
-        materialized = wait_until(first.drained_and_archived, 240, interval=2, message="a successful drain run and a materialized archive partition")
+        materialized = wait_until(
+            first.drained_and_archived,
+            240,
+            interval=2,
+            message="a successful drain run and a materialized archive partition",
+        )
         print(f"first demo: drain run + archive partition {time.monotonic() - up:.0f} s after the UI answered")
         assert materialized[0]["partition"]
-        in_flight = wait_until(first.runs_in_flight, 120, interval=0.5, message="a run in flight to stop the demo under")
+        in_flight = wait_until(
+            first.runs_in_flight, 120, interval=0.5, message="a run in flight to stop the demo under"
+        )
     finally:
         # `make demo-stop`, while runs are starting or running.
-        first.finish(lambda: subprocess.run([sys.executable, "-m", "devstack.demo", "--stop"], cwd=PROJECT_ROOT, env=env, timeout=90, check=True))
+        first.finish(
+            lambda: subprocess.run(
+                [sys.executable, "-m", "devstack.demo", "--stop"], cwd=PROJECT_ROOT, env=env, timeout=90, check=True
+            )
+        )
 
     second = RunningDemo(env, tmp_path / "second.out")
     try:
         second.wait_for_the_code_location()
         # Dagster starts as empty as the emulator: no run of the first demo, in flight or not, is left to hold a slot.
         for run in in_flight:
-            found = graphql(second.port, f'{{ runOrError(runId: "{run["runId"]}") {{ __typename }} }}')["runOrError"]["__typename"]
-            assert found == "RunNotFoundError", f"{run['jobName']} {run['runId']} of the first demo is still in the instance"
+            found = graphql(second.port, f'{{ runOrError(runId: "{run["runId"]}") {{ __typename }} }}')["runOrError"][
+                "__typename"
+            ]
+            assert found == "RunNotFoundError", (
+                f"{run['jobName']} {run['runId']} of the first demo is still in the instance"
+            )
         up = time.monotonic()
-        materialized = wait_until(second.archived_partition, 240, interval=2, message="an archive partition materialized by the second demo")
+        materialized = wait_until(
+            second.archived_partition, 240, interval=2, message="an archive partition materialized by the second demo"
+        )
         print(f"second demo: archive partition {time.monotonic() - up:.0f} s after the UI answered")
         assert materialized[0]["partition"]
 
@@ -133,7 +186,12 @@ def test_demo_stopped_with_runs_in_flight_starts_again_fresh_and_archives_as_the
         states |= {s["name"]: s["sensorState"]["status"] for r in repositories for s in r["sensors"]}
         assert set(states.values()) == {"RUNNING"}, states
         schedules = [s["name"] for r in repositories for s in r["schedules"]]
-        progress = wait_until(lambda: [line for line in second.lines() if " | next: " in line], 60, interval=1, message="a progress line with the schedules' next ticks")
+        progress = wait_until(
+            lambda: [line for line in second.lines() if " | next: " in line],
+            60,
+            interval=1,
+            message="a progress line with the schedules' next ticks",
+        )
         assert all(f"{name} " in progress[-1] for name in schedules) and " OFF" not in progress[-1], progress[-1]
     finally:
         second.finish(lambda: second.proc.send_signal(signal.SIGINT))  # Ctrl-C
@@ -147,7 +205,9 @@ def test_a_demo_start_empties_its_dagster_home_and_keeps_the_link_to_the_project
     (home / "dagster.yaml").symlink_to(PROJECT_ROOT / "dagster.yaml")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     Demo().fresh_dagster_home()
-    assert [p.name for p in home.iterdir()] == ["dagster.yaml"] and (home / "dagster.yaml").resolve() == (PROJECT_ROOT / "dagster.yaml").resolve()
+    assert [p.name for p in home.iterdir()] == ["dagster.yaml"] and (home / "dagster.yaml").resolve() == (
+        PROJECT_ROOT / "dagster.yaml"
+    ).resolve()
 
 
 def test_a_demo_refuses_to_empty_a_dagster_home_with_a_dagster_yaml_of_its_own(tmp_path, monkeypatch):
@@ -163,12 +223,22 @@ def test_the_status_line_gives_each_schedules_next_tick_soonest_first_and_names_
     now = time.time()
 
     def schedule(name: str, status: str, tick: float | None = None, zone: str = "UTC") -> dict:
-        return {"name": name, "executionTimezone": zone, "scheduleState": {"status": status, "nextTick": {"timestamp": tick} if tick else None}}
+        return {
+            "name": name,
+            "executionTimezone": zone,
+            "scheduleState": {"status": status, "nextTick": {"timestamp": tick} if tick else None},
+        }
 
     nodes = [
-        {"schedules": [schedule("dbt_daily_build", "RUNNING", now + 5 * 3600 + 60)], "sensors": [{"name": "events_queue_sensor", "sensorState": {"status": "RUNNING"}}]},
         {
-            "schedules": [schedule("edge_dlq_replay_0200", "STOPPED"), schedule("partner_redelivery_job_schedule", "RUNNING", now + 7 * 60, zone="Europe/Berlin")],
+            "schedules": [schedule("dbt_daily_build", "RUNNING", now + 5 * 3600 + 60)],
+            "sensors": [{"name": "events_queue_sensor", "sensorState": {"status": "RUNNING"}}],
+        },
+        {
+            "schedules": [
+                schedule("edge_dlq_replay_0200", "STOPPED"),
+                schedule("partner_redelivery_job_schedule", "RUNNING", now + 7 * 60, zone="Europe/Berlin"),
+            ],
             "sensors": [{"name": "archive_hours_sensor", "sensorState": {"status": "STOPPED"}}],
         },
     ]

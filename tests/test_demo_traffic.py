@@ -25,14 +25,23 @@ def test_each_demo_site_gets_every_family_through_its_own_forwarder(tmp_path, mo
 
     def spawn(name: str, args: list[str], env: dict[str, str]) -> None:
         log = open(tmp_path / f"{name}.log", "ab")
-        spawned.append(subprocess.Popen(args, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        spawned.append(
+            subprocess.Popen(
+                args, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        )
 
     subscriber = SiteSubscriber(broker.port, client_id="edge", username="edge", password="edge-pw")
     monkeypatch.setenv("DEMO_RATE", "40")
     try:
         traffic.start(spawn, {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, broker.port, passwords, {})
         every = {(site, family) for site in SITES for family in FAMILIES}
-        wait_until(lambda: {(m["site_id"], m["source"]) for m in subscriber.snapshot()} >= every, 90, interval=0.5, message="every family of every site at the broker")
+        wait_until(
+            lambda: {(m["site_id"], m["source"]) for m in subscriber.snapshot()} >= every,
+            90,
+            interval=0.5,
+            message="every family of every site at the broker",
+        )
     finally:
         for proc in spawned:
             stop_process(proc)

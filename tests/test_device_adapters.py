@@ -4,7 +4,7 @@ ISAPI notifications in XML and JSON, become the right catalog types at the right
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -12,7 +12,7 @@ from edge_bridge.adapters import AdapterRejected, nvr, zigbee
 from edge_bridge.catalog import load_event_catalog
 
 SITE = "site-123"
-RECEIVED = datetime(2024, 1, 15, 10, 30, 5, tzinfo=timezone.utc)
+RECEIVED = datetime(2024, 1, 15, 10, 30, 5, tzinfo=UTC)
 
 
 def adapt_state(state: dict, name: str = "device_1"):
@@ -22,16 +22,25 @@ def adapt_state(state: dict, name: str = "device_1"):
 @pytest.mark.parametrize(
     "state,event_type",
     [
-        ({"action": "emergency", "battery": 100, "linkquality": 80}, "panic_button"),  # an SOS button (Heiman, Tuya, Develco)
+        (
+            {"action": "emergency", "battery": 100, "linkquality": 80},
+            "panic_button",
+        ),  # an SOS button (Heiman, Tuya, Develco)
         ({"action": "SOS"}, "panic_button"),
         ({"sos": True, "battery": 90}, "panic_button"),
         ({"sos": False, "battery": 90}, "device_heartbeat"),
         ({"action": "single", "battery": 100, "linkquality": 80}, "button_press"),
         ({"action": "brightness_move_up", "linkquality": 80}, "button_press"),
-        ({"action": "double", "battery_low": True}, "button_press"),  # the press is what happened; the battery rides along
+        (
+            {"action": "double", "battery_low": True},
+            "button_press",
+        ),  # the press is what happened; the battery rides along
         ({"action": "", "battery": 100, "linkquality": 80}, "device_heartbeat"),  # zigbee2mqtt's cleared action
         ({"action": "single", "smoke": True}, "fire_alarm"),
-        ({"state": "ON", "power": 1250.5, "energy": 3.2, "voltage": 230, "current": 5.4, "linkquality": 120}, "switch_state"),
+        (
+            {"state": "ON", "power": 1250.5, "energy": 3.2, "voltage": 230, "current": 5.4, "linkquality": 120},
+            "switch_state",
+        ),
         ({"state": "OFF", "linkquality": 120}, "switch_state"),
         ({"power": 0.4, "linkquality": 120}, "switch_state"),
         ({"state": "ON", "brightness": 254, "color_temp": 370}, "switch_state"),  # a light
@@ -51,11 +60,11 @@ def test_a_zigbee_state_is_typed_by_what_the_device_reports(state, event_type):
 @pytest.mark.parametrize(
     "last_seen,expected",
     [
-        ("2024-01-15T10:30:00.000Z", datetime(2024, 1, 15, 10, 30, tzinfo=timezone.utc)),  # ISO_8601
-        ("2024-01-15T11:30:00.000+0100", datetime(2024, 1, 15, 10, 30, tzinfo=timezone.utc)),  # ISO_8601_local, older
-        ("2024-01-15T11:30:00+01:00", datetime(2024, 1, 15, 10, 30, tzinfo=timezone.utc)),  # ISO_8601_local
-        (1705314600123, datetime(2024, 1, 15, 10, 30, 0, 123000, tzinfo=timezone.utc)),  # epoch (ms)
-        ("1705314600123", datetime(2024, 1, 15, 10, 30, 0, 123000, tzinfo=timezone.utc)),
+        ("2024-01-15T10:30:00.000Z", datetime(2024, 1, 15, 10, 30, tzinfo=UTC)),  # ISO_8601
+        ("2024-01-15T11:30:00.000+0100", datetime(2024, 1, 15, 10, 30, tzinfo=UTC)),  # ISO_8601_local, older
+        ("2024-01-15T11:30:00+01:00", datetime(2024, 1, 15, 10, 30, tzinfo=UTC)),  # ISO_8601_local
+        (1705314600123, datetime(2024, 1, 15, 10, 30, 0, 123000, tzinfo=UTC)),  # epoch (ms)
+        ("1705314600123", datetime(2024, 1, 15, 10, 30, 0, 123000, tzinfo=UTC)),
         ("5 seconds ago", RECEIVED - timedelta(seconds=5)),  # relative
         ("2 min ago", RECEIVED - timedelta(minutes=2)),
         ("just now", RECEIVED),
@@ -94,14 +103,24 @@ def test_a_friendly_name_with_a_slash_is_the_device_id():
 
 
 def test_a_base_topic_of_the_sites_own_is_read_with_it():
-    assert zigbee.topic_kind("z2m/site-a/front_door/availability", "z2m/site-a") == ("availability", "front_door/availability")
+    assert zigbee.topic_kind("z2m/site-a/front_door/availability", "z2m/site-a") == (
+        "availability",
+        "front_door/availability",
+    )
     assert zigbee.topic_kind("z2m/site-a/bridge/state", "z2m/site-a/") == ("bridge", "bridge/state")
 
 
 LINE = {
-    "ipAddress": "10.0.3.21", "macAddress": "44:19:b6:0a:11:02", "channelID": "4", "dateTime": "2024-01-15T11:30:00+01:00",
-    "activePostCount": "3", "eventType": "linedetection", "eventState": "active", "eventDescription": "linedetection alarm",
-    "channelName": "Gate", "regionID": "2",
+    "ipAddress": "10.0.3.21",
+    "macAddress": "44:19:b6:0a:11:02",
+    "channelID": "4",
+    "dateTime": "2024-01-15T11:30:00+01:00",
+    "activePostCount": "3",
+    "eventType": "linedetection",
+    "eventState": "active",
+    "eventDescription": "linedetection alarm",
+    "channelName": "Gate",
+    "regionID": "2",
 }
 # As a DS-7600 series recorder posts it: namespaced, with coordinates that stay out of the envelope.
 RECORDER_XML = b"""<?xml version="1.0" encoding="UTF-8"?>
@@ -130,15 +149,33 @@ RECORDER_XML = b"""<?xml version="1.0" encoding="UTF-8"?>
 
 def test_an_isapi_xml_notification_as_a_recorder_posts_it_becomes_its_event():
     env = nvr.adapt(SITE, "nvr/isapi", RECORDER_XML, RECEIVED)
-    assert (env.event_type, env.device_id, env.timestamp) == ("intrusion_zone", "nvr-4419b60a1102-ch7", datetime(2024, 1, 15, 10, 30, tzinfo=timezone.utc))
-    assert env.payload == {"channel": 7, "state": "active", "description": "fielddetection alarm", "region_id": 3, "nvr_ip": "10.0.3.21", "channel_name": "Yard", "active_post_count": 1}
+    assert (env.event_type, env.device_id, env.timestamp) == (
+        "intrusion_zone",
+        "nvr-4419b60a1102-ch7",
+        datetime(2024, 1, 15, 10, 30, tzinfo=UTC),
+    )
+    assert env.payload == {
+        "channel": 7,
+        "state": "active",
+        "description": "fielddetection alarm",
+        "region_id": 3,
+        "nvr_ip": "10.0.3.21",
+        "channel_name": "Yard",
+        "active_post_count": 1,
+    }
 
 
-@pytest.mark.parametrize("encode", [nvr.to_xml, nvr.to_json, lambda d: json.dumps({"EventNotificationAlert": d}).encode()], ids=["xml", "json", "wrapped-json"])
+@pytest.mark.parametrize(
+    "encode",
+    [nvr.to_xml, nvr.to_json, lambda d: json.dumps({"EventNotificationAlert": d}).encode()],
+    ids=["xml", "json", "wrapped-json"],
+)
 def test_the_xml_and_json_forms_of_one_notification_are_the_same_envelope(encode):
     env = nvr.adapt(SITE, "nvr/isapi", encode(LINE), RECEIVED)
     assert (env.event_type, env.device_id, env.idempotency_key) == (
-        "line_crossing", "nvr-4419b60a1102-ch4", "site-123-nvr-4419b60a1102-ch4-line_crossing-2024-01-15T10:30:00Z",
+        "line_crossing",
+        "nvr-4419b60a1102-ch4",
+        "site-123-nvr-4419b60a1102-ch4-line_crossing-2024-01-15T10:30:00Z",
     )
     assert env.payload["region_id"] == 2 and env.payload["channel_name"] == "Gate"
 

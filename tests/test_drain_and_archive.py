@@ -1,7 +1,7 @@
 """The cloud side of the skeleton: sensor, drain job and archive asset against the local endpoint."""
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from dagster import DagsterInstance, RunRequest, SkipReason, build_sensor_context, materialize
 
@@ -39,7 +39,9 @@ def test_sensor_skips_with_a_reason_when_the_queue_is_empty(aws):
 def test_sensor_requests_bounded_drain_runs_when_messages_wait(aws):
     send_bodies(aws.provisioned.queues["events"], [sample_envelope().to_json() for _ in range(25)])
     with DagsterInstance.ephemeral() as instance:
-        requests = events_queue_sensor(build_sensor_context(instance=instance, resources=resources(window_messages=10, max_concurrent_runs=2)))
+        requests = events_queue_sensor(
+            build_sensor_context(instance=instance, resources=resources(window_messages=10, max_concurrent_runs=2))
+        )
     assert len(requests) == 2 and all(isinstance(r, RunRequest) for r in requests)
 
 
@@ -65,7 +67,7 @@ def test_drain_run_lands_unique_events_quarantines_bad_ones_and_empties_the_queu
 
 def test_archive_partition_holds_each_event_once_even_when_drained_twice(aws):
     url = aws.provisioned.queues["events"]
-    base = datetime(2024, 1, 15, 10, 0, tzinfo=timezone.utc)
+    base = datetime(2024, 1, 15, 10, 0, tzinfo=UTC)
     events = [sample_envelope(device_id=f"d{i}", timestamp=base + timedelta(minutes=59 - i)) for i in range(20)]
     for _ in range(2):  # SQS is at-least-once: the same events arrive in two windows
         send_bodies(url, [e.to_json() for e in events])

@@ -83,11 +83,16 @@ def test_two_sites_with_the_same_event_id_are_both_archived_and_routed_while_a_t
     archived = materialize([events_archive], partition_key=hour, resources=resources(path))
     assert archived.get_asset_check_evaluations() and all(c.passed for c in archived.get_asset_check_evaluations())
     rows = read_archive_hour(s3_filesystem(), ARCHIVE, hour).to_pylist()
-    assert sorted((r["site_id"], r["event_id"]) for r in rows) == [("site-a", "door-event-1"), ("site-b", "door-event-1")]
+    assert sorted((r["site_id"], r["event_id"]) for r in rows) == [
+        ("site-a", "door-event-1"),
+        ("site-b", "door-event-1"),
+    ]
 
 
 # --- size limits and claim checks -------------------------------------------------------------------
-def test_a_two_mib_event_claim_checked_by_the_edge_is_archived_whole_and_reaches_its_priority_queue_as_a_pointer(aws, routed):  # noqa: F811
+def test_a_two_mib_event_claim_checked_by_the_edge_is_archived_whole_and_reaches_its_priority_queue_as_a_pointer(
+    aws, routed
+):  # noqa: F811
     routing, path, urls, _ = routed
     s3 = aws_client("s3")
     big = sample_envelope(event_type="intrusion_alert", payload={"blob": "x" * 2_000_000, "door": "7"})
@@ -106,7 +111,11 @@ def test_a_two_mib_event_claim_checked_by_the_edge_is_archived_whole_and_reaches
     partner = {m["event_id"]: json.loads(m["body"]) for m in receive_all(urls["partner-acme"], timeout=0.5)}
     assert partner[big.event_id]["payload"] == {"door": "7"}
     materialize([events_archive], partition_key=hour_key(big.timestamp), resources=resources(path))
-    [row] = [r for r in read_archive_hour(s3_filesystem(), ARCHIVE, hour_key(big.timestamp)).to_pylist() if r["event_id"] == big.event_id]
+    [row] = [
+        r
+        for r in read_archive_hour(s3_filesystem(), ARCHIVE, hour_key(big.timestamp)).to_pylist()
+        if r["event_id"] == big.event_id
+    ]
     assert json.loads(row["payload"]) == big.payload
     assert quarantine_entries() == []
 
@@ -116,14 +125,24 @@ def test_an_event_too_big_for_its_partner_is_quarantined_and_the_rest_of_the_win
     events = door_events(6)
     huge = sample_envelope(device_id="door-huge", payload={"door": "y" * 300_000})
     pointer = ClaimChecker(aws_client("s3"), CLAIMS, LIMIT).check_in(huge.event_id, huge.site_id, huge.to_json())
-    send_bodies(aws.provisioned.queues["events"], [e.to_json() for e in events[:3]] + [pointer] + [e.to_json() for e in events[3:]])
+    send_bodies(
+        aws.provisioned.queues["events"],
+        [e.to_json() for e in events[:3]] + [pointer] + [e.to_json() for e in events[3:]],
+    )
 
     drain_once(path)
 
     assert queue_counts(aws.provisioned.queues["events"]) == (0, 0)
-    assert sorted(m["event_id"] for m in receive_all(urls["partner-acme"], timeout=0.5)) == sorted(e.event_id for e in events)
+    assert sorted(m["event_id"] for m in receive_all(urls["partner-acme"], timeout=0.5)) == sorted(
+        e.event_id for e in events
+    )
     [entry] = quarantine_entries()
-    assert (entry["stage"], entry["reason"], entry["destination"], entry["event_id"]) == ("route_to_partner_queues", "too_large_for_partner", "partner:acme", huge.event_id)
+    assert (entry["stage"], entry["reason"], entry["destination"], entry["event_id"]) == (
+        "route_to_partner_queues",
+        "too_large_for_partner",
+        "partner:acme",
+        huge.event_id,
+    )
     assert parse_envelope(entry["body"]) == huge, "the quarantine keeps what it takes to release the event"
     medium = {m["event_id"]: m for m in receive_all(urls[routing.priority.queue_for("medium")], timeout=0.5)}
     assert len(medium) == 7 and claim_check_pointer(json.dumps(medium[huge.event_id])) is not None
@@ -147,11 +166,19 @@ def test_a_partner_transform_that_raises_on_one_event_quarantines_that_event_alo
     drain_once(path)
 
     assert queue_counts(aws.provisioned.queues["events"]) == (0, 0)
-    assert sorted(m["event_id"] for m in receive_all(urls["partner-acme"], timeout=0.5)) == sorted(e.event_id for e in events if e is not poison)
-    assert len(receive_all(urls[routing.priority.queue_for("medium")], timeout=0.5)) == 12, "other destinations take it as usual"
+    assert sorted(m["event_id"] for m in receive_all(urls["partner-acme"], timeout=0.5)) == sorted(
+        e.event_id for e in events if e is not poison
+    )
+    assert len(receive_all(urls[routing.priority.queue_for("medium")], timeout=0.5)) == 12, (
+        "other destinations take it as usual"
+    )
     [entry] = quarantine_entries()
     assert (entry["stage"], entry["reason"], entry["error_type"], entry["site_id"], entry["event_id"]) == (
-        "route_to_partner_queues", "transform_failed", "RuntimeError", poison.site_id, poison.event_id,
+        "route_to_partner_queues",
+        "transform_failed",
+        "RuntimeError",
+        poison.site_id,
+        poison.event_id,
     )
     assert "transform exploded" in entry["detail"]
 
@@ -162,21 +189,31 @@ def test_an_entry_sqs_refuses_for_its_content_is_quarantined_and_its_batch_mates
     aws_client("sqs").set_queue_attributes(QueueUrl=medium_url, Attributes={"MaximumMessageSize": "1024"})
     events = door_events(8)
     refused = sample_envelope(device_id="door-wordy", payload={"door": "1", "note": "z" * 1500})
-    send_bodies(aws.provisioned.queues["events"], [e.to_json() for e in events[:4]] + [refused.to_json()] + [e.to_json() for e in events[4:]])
+    send_bodies(
+        aws.provisioned.queues["events"],
+        [e.to_json() for e in events[:4]] + [refused.to_json()] + [e.to_json() for e in events[4:]],
+    )
 
     drain_once(path)
 
     assert queue_counts(aws.provisioned.queues["events"]) == (0, 0)
     assert sorted(m["event_id"] for m in receive_all(medium_url, timeout=0.5)) == sorted(e.event_id for e in events)
     [entry] = quarantine_entries()
-    assert (entry["stage"], entry["reason"], entry["destination"], entry["event_id"]) == ("route_to_priority_queues", "refused_by_sqs", "priority:medium", refused.event_id)
+    assert (entry["stage"], entry["reason"], entry["destination"], entry["event_id"]) == (
+        "route_to_priority_queues",
+        "refused_by_sqs",
+        "priority:medium",
+        refused.event_id,
+    )
     assert entry["error_type"] == "InvalidParameterValue"
 
 
 def test_an_event_holding_characters_sqs_refuses_still_reaches_its_priority_queue(aws, routed):  # noqa: F811
     routing, path, urls, _ = routed
     odd = sample_envelope(payload={"door": "\ufffe\uffff", "note": "\x01\x7f"})
-    send_bodies(aws.provisioned.queues["events"], [json.dumps(json.loads(odd.to_json()))])  # ASCII on the wire, as the edge may send it
+    send_bodies(
+        aws.provisioned.queues["events"], [json.dumps(json.loads(odd.to_json()))]
+    )  # ASCII on the wire, as the edge may send it
 
     drain_once(path)
 
@@ -188,6 +225,7 @@ def test_an_event_holding_characters_sqs_refuses_still_reaches_its_priority_queu
 def test_when_a_quarantine_cannot_be_written_the_window_stays_in_sqs(aws, routed, monkeypatch):  # noqa: F811
     _, path, _, _ = routed
     events = door_events(4)
+
     def poison(self, wire):
         raise RuntimeError("every event is poison to this partner")
 
@@ -242,8 +280,25 @@ def test_a_pointer_to_another_bucket_or_key_is_quarantined_as_bad_input(aws):
     good = sample_envelope()
     aws_client("s3").put_object(Bucket=ARCHIVE, Key="secret.json", Body=good.to_json().encode())
     forged = [
-        json.dumps({"claim_check": {"bucket": ARCHIVE, "key": "secret.json", "bytes": 10, "sha256": "0" * 64}, "event_id": good.event_id, "site_id": good.site_id}),
-        json.dumps({"claim_check": {"bucket": CLAIMS, "key": "claim-check/site-9/other.json", "bytes": 10, "sha256": "0" * 64}, "event_id": good.event_id, "site_id": good.site_id}),
+        json.dumps(
+            {
+                "claim_check": {"bucket": ARCHIVE, "key": "secret.json", "bytes": 10, "sha256": "0" * 64},
+                "event_id": good.event_id,
+                "site_id": good.site_id,
+            }
+        ),
+        json.dumps(
+            {
+                "claim_check": {
+                    "bucket": CLAIMS,
+                    "key": "claim-check/site-9/other.json",
+                    "bytes": 10,
+                    "sha256": "0" * 64,
+                },
+                "event_id": good.event_id,
+                "site_id": good.site_id,
+            }
+        ),
     ]
 
     parsed = drain.parse_window(window_of(*forged, good.to_json()))
@@ -268,9 +323,15 @@ def test_a_pointer_s3_cannot_serve_stays_in_sqs_and_its_neighbours_go_on(aws):
     big = sample_envelope(payload={"blob": "x" * 300_000})
     pointer = ClaimChecker(aws_client("s3"), CLAIMS, LIMIT).check_in(big.event_id, big.site_id, big.to_json())
     neighbour = sample_envelope(device_id="door-2")
-    unreachable = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{free_port()}", config=Config(retries={"max_attempts": 1}, connect_timeout=1))
+    unreachable = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{free_port()}",
+        config=Config(retries={"max_attempts": 1}, connect_timeout=1),
+    )
 
-    parsed = drain.parse_window(window_of(pointer, neighbour.to_json()), s3_client=unreachable, claim_check_bucket=CLAIMS)
+    parsed = drain.parse_window(
+        window_of(pointer, neighbour.to_json()), s3_client=unreachable, claim_check_bucket=CLAIMS
+    )
 
     assert parsed.held == 1 and parsed.quarantined == []
     assert parsed.events == [neighbour] and parsed.receipts == ["r-1"], "the pointer's message is not deleted"
@@ -310,7 +371,15 @@ def test_an_event_that_cannot_become_an_archive_row_is_refused_alone_and_the_hou
     bad = unencodable(sample_envelope(device_id="door-bad"))
     refused = []
 
-    written = write_landing(s3_filesystem(), ARCHIVE, "landing", [events[0], bad, *events[1:]], "batch-1", events[0].received_at, on_refused=lambda e, exc: refused.append((e, type(exc).__name__)))
+    written = write_landing(
+        s3_filesystem(),
+        ARCHIVE,
+        "landing",
+        [events[0], bad, *events[1:]],
+        "batch-1",
+        events[0].received_at,
+        on_refused=lambda e, exc: refused.append((e, type(exc).__name__)),
+    )
 
     assert written == {hour_key(events[0].timestamp): 3}
     assert refused == [(bad, "TypeError")]
@@ -319,8 +388,12 @@ def test_an_event_that_cannot_become_an_archive_row_is_refused_alone_and_the_hou
 def test_a_loki_line_an_event_cannot_make_is_left_out_and_a_huge_payload_is_cut_short():
     good = sample_envelope(event_type="device_heartbeat")
     # Loki lines carry only declared device-health fields, so the hostile values sit in those.
-    huge = sample_envelope(event_type="device_heartbeat", device_id="cam-1", payload={"state": "x" * (MAX_LOKI_LINE_BYTES * 2)})
-    bad = sample_envelope(event_type="device_heartbeat", device_id="door-bad").model_copy(update={"payload": {"battery": float("nan")}})
+    huge = sample_envelope(
+        event_type="device_heartbeat", device_id="cam-1", payload={"state": "x" * (MAX_LOKI_LINE_BYTES * 2)}
+    )
+    bad = sample_envelope(event_type="device_heartbeat", device_id="door-bad").model_copy(
+        update={"payload": {"battery": float("nan")}}
+    )
 
     body = loki_streams([good, bad, huge])
 
@@ -366,7 +439,9 @@ def test_a_batch_sqs_refuses_as_too_long_is_resent_one_entry_a_call_and_only_the
 
 def test_a_refusal_sqs_blames_on_itself_or_an_unknown_code_fails_the_hand_over():
     for failure in ({"SenderFault": False, "Code": "InternalError"}, {"SenderFault": True, "Code": "MissingParameter"}):
-        sqs = ScriptedSQS(lambda entries, failure=failure: {"Successful": [], "Failed": [{"Id": entries[0]["Id"], **failure}]})
+        sqs = ScriptedSQS(
+            lambda entries, failure=failure: {"Successful": [], "Failed": [{"Id": entries[0]["Id"], **failure}]}
+        )
         with pytest.raises(SendFailed):
             send_all(sqs, {"q": ["a"]})
 

@@ -18,8 +18,8 @@ from pipeline.resources import ArchiveStore, DrainSettings, RoutingSettings, SQS
 from pipeline.routing.delivery import PartnerDelivery, PartnerQueues
 from pipeline.stack import aws_client
 from tests.conftest import PROJECT_ROOT, queue_counts, receive_all, sample_envelope, wait_until
-from tests.test_drain_and_archive import send_bodies
 from tests.helpers.routing import partner_routing
+from tests.test_drain_and_archive import send_bodies
 from tests.test_routing_config import routing_file
 
 
@@ -36,9 +36,13 @@ def resources(config_path):
 def routed(tmp_path, aws, monkeypatch):
     """A routing config with one partner (a live, verifying receiver), provisioned on the test endpoint."""
     with partner_routing(
-        tmp_path, monkeypatch, ["door_access", "intrusion_alert"], ["event_id", "event_type", "timestamp", "site_id", "payload.door.*"],
+        tmp_path,
+        monkeypatch,
+        ["door_access", "intrusion_alert"],
+        ["event_id", "event_type", "timestamp", "site_id", "payload.door.*"],
         priority={"rules": {"intrusion_alert": "high", "door_access": "medium"}, "default": "low"},
-        monitoring={"event_types": ["device_heartbeat"]}, automation={"rules": [{"event_type": "intrusion_alert", "incident": True}]},
+        monitoring={"event_types": ["device_heartbeat"]},
+        automation={"rules": [{"event_type": "intrusion_alert", "incident": True}]},
     ) as routed:
         yield routed
 
@@ -57,10 +61,20 @@ def test_drain_run_hands_each_destination_its_share_before_deleting(aws, routed)
 
     assert result.success and queue_counts(aws.provisioned.queues["events"]) == (0, 0)
     partner_msgs = receive_all(urls["partner-acme"], timeout=0.5)
-    assert sorted(m["event_id"] for m in partner_msgs) == sorted(e.event_id for e in events if e.event_type in ("door_access", "intrusion_alert"))
+    assert sorted(m["event_id"] for m in partner_msgs) == sorted(
+        e.event_id for e in events if e.event_type in ("door_access", "intrusion_alert")
+    )
     body = json.loads(partner_msgs[0]["body"])
-    assert set(body) <= {"event_id", "event_type", "event_time", "location_id", "payload"} and "credential" not in json.dumps(body)
-    per_priority = {p: len(receive_all(urls[routing.priority.queue_for(p)], timeout=0.5)) for p in ("high", "medium", "low")}
+    assert set(body) <= {
+        "event_id",
+        "event_type",
+        "event_time",
+        "location_id",
+        "payload",
+    } and "credential" not in json.dumps(body)
+    per_priority = {
+        p: len(receive_all(urls[routing.priority.queue_for(p)], timeout=0.5)) for p in ("high", "medium", "low")
+    }
     assert per_priority == {"high": 10, "medium": 10, "low": 20}
 
 
@@ -94,7 +108,11 @@ def test_operational_events_are_pushed_to_loki_when_a_loki_url_is_configured(aws
 def test_failed_destination_keeps_the_window_and_replay_reports_why_it_failed(aws, routed, tmp_path):
     routing, path, _, _ = routed
     (tmp_path / "broken").mkdir()
-    broken = routing_file(tmp_path / "broken", [], priority={"queues": {"high": "no-such-queue", "medium": "no-such-queue", "low": "no-such-queue"}})
+    broken = routing_file(
+        tmp_path / "broken",
+        [],
+        priority={"queues": {"high": "no-such-queue", "medium": "no-such-queue", "low": "no-such-queue"}},
+    )
     events_url, dlq_url = aws.provisioned.queues["events"], aws.provisioned.queues["events-dlq"]
     aws_client("sqs").set_queue_attributes(QueueUrl=events_url, Attributes={"VisibilityTimeout": "1"})
     events = mixed_events(6)
@@ -145,12 +163,26 @@ def test_drain_run_killed_mid_window_loses_nothing_and_duplicates_no_side_effect
     send_bodies(events_url, [e.to_json() for e in events])
     routed_urls = [urls["partner-acme"]] + [urls[routing.priority.queue_for(p)] for p in ("high", "medium", "low")]
 
-    child = subprocess.Popen([sys.executable, "-c", RUNNER], cwd=PROJECT_ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=open(tmp_path / "drain.log", "wb"), start_new_session=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", RUNNER],
+        cwd=PROJECT_ROOT,
+        env=dict(os.environ),
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "drain.log", "wb"),
+        start_new_session=True,
+    )
     try:
-        wait_until(lambda: queue_counts(routed_urls[0])[0] > 0 or child.poll() is not None, 90, interval=0.01, message="the drain run to start routing")
+        wait_until(
+            lambda: queue_counts(routed_urls[0])[0] > 0 or child.poll() is not None,
+            90,
+            interval=0.01,
+            message="the drain run to start routing",
+        )
     finally:
         kill9(child)
-    assert child.returncode == -9, f"the drain run finished before it could be killed:\n{(tmp_path / 'drain.log').read_text()[-2000:]}"
+    assert child.returncode == -9, (
+        f"the drain run finished before it could be killed:\n{(tmp_path / 'drain.log').read_text()[-2000:]}"
+    )
     routed_before = sum(queue_counts(u)[0] for u in routed_urls)
     assert routed_before > 0, "killed after destinations had accepted part of the window"
     assert sum(queue_counts(events_url)) == 600, "nothing was deleted from SQS by the killed run"
@@ -162,17 +194,25 @@ def test_drain_run_killed_mid_window_loses_nothing_and_duplicates_no_side_effect
 
     wait_until(drained, 120, interval=0.5, message="later drain runs to take the redelivered window")
 
-    consumer = PriorityConsumer(routing, aws_client("sqs"), ConsumerSettings(db_path=str(tmp_path / "consumer.duckdb"))).start()
+    consumer = PriorityConsumer(
+        routing, aws_client("sqs"), ConsumerSettings(db_path=str(tmp_path / "consumer.duckdb"))
+    ).start()
     partner = routing.partner("acme")
     queues = PartnerQueues(urls[partner.queue_name], urls[partner.dlq_name])
     stats = PartnerDelivery(partner, aws_client("sqs"), queues, routing.retry_delays_s, None).run(max_seconds=60)
     handled = lambda: sum(consumer.metrics.handled.labels(priority=p)._value.get() for p in ("high", "medium", "low"))  # noqa: E731
     try:
         wait_until(lambda: handled() >= 600, 90, message="the priority consumer to handle every event")
-        wait_until(lambda: all(queue_counts(urls[routing.priority.queue_for(p)]) == (0, 0) for p in ("high", "medium", "low")), 30, message="priority queues to empty")
+        wait_until(
+            lambda: all(queue_counts(urls[routing.priority.queue_for(p)]) == (0, 0) for p in ("high", "medium", "low")),
+            30,
+            message="priority queues to empty",
+        )
     finally:
         consumer.stop()
-    duplicate_work = receiver.duplicates + sum(consumer.metrics.duplicates.labels(priority=p)._value.get() for p in ("high", "medium", "low"))
+    duplicate_work = receiver.duplicates + sum(
+        consumer.metrics.duplicates.labels(priority=p)._value.get() for p in ("high", "medium", "low")
+    )
     assert duplicate_work > 0, "the kill made the redelivered window route some events twice"
 
     subscribed = {e.dedupe_id for e in events if e.event_type in partner.subscriptions}
@@ -180,4 +220,6 @@ def test_drain_run_killed_mid_window_loses_nothing_and_duplicates_no_side_effect
     with duckdb.connect(str(tmp_path / "consumer.duckdb"), read_only=True) as con:
         assert con.sql("SELECT count(*), count(DISTINCT event_id) FROM events").fetchall() == [(600, 600)]
         assert con.sql("SELECT count(*) FROM incidents").fetchall() == [(150,)]
-        assert sorted(r[0] for r in con.sql("SELECT event_id FROM events").fetchall()) == sorted(e.event_id for e in events)
+        assert sorted(r[0] for r in con.sql("SELECT event_id FROM events").fetchall()) == sorted(
+            e.event_id for e in events
+        )

@@ -71,7 +71,9 @@ def edge(services) -> EdgeProcess:
     return services["guarded"]
 
 
-def raw_post(edge: EdgeProcess, path: str, headers: dict[str, str] | list[tuple[str, str]], body: bytes = b"") -> tuple[int, dict]:
+def raw_post(
+    edge: EdgeProcess, path: str, headers: dict[str, str] | list[tuple[str, str]], body: bytes = b""
+) -> tuple[int, dict]:
     """A POST with exactly these headers (none added), for what requests would not send."""
     url = urlsplit(edge.admin_url)
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
@@ -110,7 +112,10 @@ def test_a_post_with_a_missing_or_wrong_token_is_refused_with_401_and_emits_noth
         headers["Authorization"] = authorization.format(token=edge.admin_token, short=edge.admin_token[:-1])
     body = json.dumps(EVENT).encode()
     status, reply = raw_post(edge, "/events", {**headers, "Content-Length": str(len(body))}, body)
-    assert (status, reply["error"]) == (401, "missing or wrong admin token: send Authorization: Bearer $EDGE_ADMIN_TOKEN")
+    assert (status, reply["error"]) == (
+        401,
+        "missing or wrong admin token: send Authorization: Bearer $EDGE_ADMIN_TOKEN",
+    )
     assert edge.post("/dlq/replay", headers={"Authorization": headers.get("Authorization", "")}).status_code == 401
     assert events_emitted(edge) == before
 
@@ -133,7 +138,9 @@ def test_a_post_with_the_token_is_accepted(edge):
         ("GET", "/status", {"Sec-Fetch-Site": "cross-site"}),
     ],
 )
-def test_a_request_a_browser_sent_for_another_origin_is_refused_even_with_the_token(edge, method, path, browser_headers):
+def test_a_request_a_browser_sent_for_another_origin_is_refused_even_with_the_token(
+    edge, method, path, browser_headers
+):
     before = events_emitted(edge)
     if method == "POST":
         response = edge.post(path, EVENT, headers=browser_headers)
@@ -150,7 +157,9 @@ def test_a_request_the_user_made_directly_in_a_browser_is_answered(edge, fetch_s
     assert response.status_code == 200
 
 
-@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"])
+@pytest.mark.parametrize(
+    "content_type", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"]
+)
 def test_a_post_body_not_declared_as_json_is_refused_with_415(edge, content_type):
     body = json.dumps(EVENT).encode()
     headers = {"Authorization": f"Bearer {edge.admin_token}", "Content-Length": str(len(body))}
@@ -168,10 +177,17 @@ def test_json_with_a_charset_parameter_is_accepted(edge):
 def test_an_oversized_body_is_refused_with_413_before_any_of_it_is_read(edge):
     """The service declares the body too big from its Content-Length: it never waits for the bytes, so it answers at once."""
     declared = MAX_REQUEST_BYTES + 1
-    headers = {"Authorization": f"Bearer {edge.admin_token}", "Content-Type": "application/json", "Content-Length": str(declared)}
+    headers = {
+        "Authorization": f"Bearer {edge.admin_token}",
+        "Content-Type": "application/json",
+        "Content-Length": str(declared),
+    }
     started = time.monotonic()
     status, reply = raw_post(edge, "/events", headers, b'{"event_type": ')
-    assert (status, reply["error"]) == (413, f"request body of {declared} bytes is over the limit of {MAX_REQUEST_BYTES} bytes")
+    assert (status, reply["error"]) == (
+        413,
+        f"request body of {declared} bytes is over the limit of {MAX_REQUEST_BYTES} bytes",
+    )
     assert time.monotonic() - started < 5
 
 
@@ -187,13 +203,22 @@ def test_a_post_with_a_body_but_no_content_length_is_refused_with_411(edge):
 
 @pytest.mark.parametrize("length", ["abc", "-1", "1e3", "12, 12", ""])
 def test_a_malformed_content_length_is_refused_with_400(edge, length):
-    headers = {"Authorization": f"Bearer {edge.admin_token}", "Content-Type": "application/json", "Content-Length": length}
+    headers = {
+        "Authorization": f"Bearer {edge.admin_token}",
+        "Content-Type": "application/json",
+        "Content-Length": length,
+    }
     status, reply = raw_post(edge, "/events", headers, b"{}")
     assert status == 400 and "malformed Content-Length" in reply["error"]
 
 
 def test_a_content_length_given_twice_is_refused_with_400(edge):
-    headers = [("Authorization", f"Bearer {edge.admin_token}"), ("Content-Type", "application/json"), ("Content-Length", "2"), ("Content-Length", "40")]
+    headers = [
+        ("Authorization", f"Bearer {edge.admin_token}"),
+        ("Content-Type", "application/json"),
+        ("Content-Length", "2"),
+        ("Content-Length", "40"),
+    ]
     assert raw_post(edge, "/events", headers, b"{}") == (400, {"error": "Content-Length given more than once"})
 
 
@@ -210,11 +235,25 @@ def test_a_content_length_given_twice_is_refused_with_400(edge):
         (b'{"event_type": "check_in", "payload": [1]}', "payload must be a JSON object"),
         (b'{"event_type": "check_in", "device_id": {"x": 1}}', "device_id must be a string"),
     ],
-    ids=["empty", "truncated", "not-utf8", "nan", "deep", "array", "event-type-number", "payload-list", "device-id-object"],
+    ids=[
+        "empty",
+        "truncated",
+        "not-utf8",
+        "nan",
+        "deep",
+        "array",
+        "event-type-number",
+        "payload-list",
+        "device-id-object",
+    ],
 )
 def test_invalid_json_or_fields_are_refused_with_400_and_the_reason(edge, body, reason):
     before = events_emitted(edge)
-    headers = {"Authorization": f"Bearer {edge.admin_token}", "Content-Type": "application/json", "Content-Length": str(len(body))}
+    headers = {
+        "Authorization": f"Bearer {edge.admin_token}",
+        "Content-Type": "application/json",
+        "Content-Length": str(len(body)),
+    }
     status, reply = raw_post(edge, "/events", headers, body)
     assert status == 400 and reason in reply["error"], reply
     assert events_emitted(edge) == before
@@ -245,7 +284,9 @@ def test_the_read_endpoints_stay_open_without_a_token(services):
 
 
 def cli(edge: EdgeProcess, *args: str, token: str | None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "EDGE_ADMIN_TOKEN"} | ({"EDGE_ADMIN_TOKEN": token} if token else {})
+    env = {k: v for k, v in os.environ.items() if k != "EDGE_ADMIN_TOKEN"} | (
+        {"EDGE_ADMIN_TOKEN": token} if token else {}
+    )
     command = [sys.executable, "-m", "edge_bridge.cli", "--admin-url", edge.admin_url, *args]
     return subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=60)
 

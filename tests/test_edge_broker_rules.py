@@ -58,10 +58,14 @@ def edge(tmp_path, broker, users, aws):
 
 def forward_some(broker, users, tmp_path, count: int = 20) -> list:
     """Simulated site-a devices through a forwarder logged in as site-a; the envelopes it published."""
-    forwarder = Forwarder.connect("site-a", "127.0.0.1", broker.port, tmp_path / "fwd", password=users["site-a"].password)
+    forwarder = Forwarder.connect(
+        "site-a", "127.0.0.1", broker.port, tmp_path / "fwd", password=users["site-a"].password
+    )
     try:
         sim = Simulator(["site-a"], malformed=0.0)
-        published = [e for m in sim.messages(count) if (e := forwarder.forward(m.family, m.topic, m.raw, m.received_at))]
+        published = [
+            e for m in sim.messages(count) if (e := forwarder.forward(m.family, m.topic, m.raw, m.received_at))
+        ]
         forwarder.client.publish("sites/site-a/sync", b"", qos=1).wait_for_publish(30)  # everything before it is acked
     finally:
         forwarder.close()
@@ -76,11 +80,18 @@ def assert_never_reconnected(edge: EdgeProcess) -> None:
 def test_the_edge_service_and_a_forwarder_deliver_with_their_credentials(edge, broker, users, aws, tmp_path):
     published = forward_some(broker, users, tmp_path)
     collector = Collector(aws.provisioned.queues["events"])
-    wait_until(lambda: collector.has_all({e.event_id for e in published}), 30, interval=0.3, message="the forwarded events in SQS")
+    wait_until(
+        lambda: collector.has_all({e.event_id for e in published}),
+        30,
+        interval=0.3,
+        message="the forwarded events in SQS",
+    )
     assert_never_reconnected(edge)
 
 
-def test_a_site_credential_connecting_with_the_edge_services_client_id_cannot_take_its_session_over(edge, broker, users, aws, tmp_path):
+def test_a_site_credential_connecting_with_the_edge_services_client_id_cannot_take_its_session_over(
+    edge, broker, users, aws, tmp_path
+):
     intruder = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=EDGE_CLIENT_ID, clean_session=False)
     intruder.username_pw_set("site-a", users["site-a"].password)
     connacks = []
@@ -98,5 +109,10 @@ def test_a_site_credential_connecting_with_the_edge_services_client_id_cannot_ta
     # that CONNACK, and these events could only reach SQS over a new one.
     published = forward_some(broker, users, tmp_path)
     collector = Collector(aws.provisioned.queues["events"])
-    wait_until(lambda: collector.has_all({e.event_id for e in published}), 30, interval=0.3, message="the events published after the intrusion in SQS")
+    wait_until(
+        lambda: collector.has_all({e.event_id for e in published}),
+        30,
+        interval=0.3,
+        message="the events published after the intrusion in SQS",
+    )
     assert_never_reconnected(edge)

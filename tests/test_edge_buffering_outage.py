@@ -13,7 +13,7 @@ import os
 import pickle
 import subprocess
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import duckdb
 import pyarrow as pa
@@ -24,7 +24,15 @@ from devstack.tcp_proxy import TcpProxy
 from edge_bridge.cli import AdminClient
 from pipeline import drain
 from pipeline.analyst import install_httpfs
-from pipeline.archive import archive_dir, audit_hour, compact_hour, hour_key, landing_dir, read_archive_hour, write_landing
+from pipeline.archive import (
+    archive_dir,
+    audit_hour,
+    compact_hour,
+    hour_key,
+    landing_dir,
+    read_archive_hour,
+    write_landing,
+)
 from pipeline.assets import events_archive
 from pipeline.jobs import drain_events_job
 from pipeline.resources import DBT_PROJECT_DIR, dbt_executable
@@ -38,9 +46,15 @@ SMALL_S = 3.0  # edge buffering with SQS reachable, with room for a loaded machi
 
 def events_now(site: str, n: int) -> list:
     """Events received by the forwarder now, stamped by devices whose clocks are right."""
-    received = datetime.now(timezone.utc)
+    received = datetime.now(UTC)
     return [
-        sample_envelope(site_id=site, device_id=f"door-{i % 20}", timestamp=received - timedelta(milliseconds=50 + i), received_at=received, payload={"n": i})
+        sample_envelope(
+            site_id=site,
+            device_id=f"door-{i % 20}",
+            timestamp=received - timedelta(milliseconds=50 + i),
+            received_at=received,
+            payload={"n": i},
+        )
         for i in range(n)
     ]
 
@@ -62,10 +76,23 @@ def dbt_build_edge_buffering(tmp_path, outage_delay_seconds: float) -> None:
     install_httpfs()
     env = {**os.environ, "DBT_DUCKDB_PATH": str(tmp_path / "analytics.duckdb")}
     command = [
-        dbt_executable(), "build", "--select", "+fct_edge_buffering", "dim_sites",
-        "--indirect-selection", "cautious", "--vars", f"{{outage_delay_seconds: {outage_delay_seconds}}}",
-        "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR),
-        "--target-path", str(tmp_path / "dbt-target"), "--log-path", str(tmp_path / "dbt-logs"),
+        dbt_executable(),
+        "build",
+        "--select",
+        "+fct_edge_buffering",
+        "dim_sites",
+        "--indirect-selection",
+        "cautious",
+        "--vars",
+        f"{{outage_delay_seconds: {outage_delay_seconds}}}",
+        "--project-dir",
+        str(DBT_PROJECT_DIR),
+        "--profiles-dir",
+        str(DBT_PROJECT_DIR),
+        "--target-path",
+        str(tmp_path / "dbt-target"),
+        "--log-path",
+        str(tmp_path / "dbt-logs"),
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:]
@@ -92,8 +119,12 @@ def test_an_sqs_cut_at_a_real_edge_shows_as_edge_buffering_in_the_mart(edge_fact
         proxy.cut()
         during = events_now("site-during", 100)
         publish_all(mosquitto.port, during, "pub-during")
-        wait_until(lambda: admin.status()["jobs_pending"] >= len(during), 30, message="the events during the cut in the retry log")
-        outage_left = CUT_S - (datetime.now(timezone.utc) - during[0].received_at).total_seconds()
+        wait_until(
+            lambda: admin.status()["jobs_pending"] >= len(during),
+            30,
+            message="the events during the cut in the retry log",
+        )
+        outage_left = CUT_S - (datetime.now(UTC) - during[0].received_at).total_seconds()
         threading.Event().wait(max(0.0, outage_left))  # the outage itself
         proxy.open()
         wait_until(lambda: admin.status()["jobs_pending"] == 0, 60, interval=0.5, message="the retry log replayed")
@@ -108,18 +139,25 @@ def test_an_sqs_cut_at_a_real_edge_shows_as_edge_buffering_in_the_mart(edge_fact
     dbt_build_edge_buffering(tmp_path, outage_delay_seconds=CUT_S / 2)
 
     cut, calm = mart(tmp_path, "site-during"), mart(tmp_path, "site-before")
-    print(f"\nfct_edge_buffering (events, with queued_at, p50 s, max s, p95 device s, outage): during the cut {cut}, before it {calm}")
+    print(
+        f"\nfct_edge_buffering (events, with queued_at, p50 s, max s, p95 device s, outage): during the cut {cut}, before it {calm}"
+    )
     assert sum(row[0] for row in cut) == len(during) and sum(row[1] for row in cut) == len(during)
     assert all(row[2] >= CUT_S and row[5] for row in cut), "every event of the cut waited the outage out in the site"
     assert sum(row[0] for row in calm) == len(before)
     assert all(row[3] < SMALL_S and not row[5] for row in calm), "with SQS reachable an event leaves the site at once"
-    assert all(row[4] < 1 for row in cut + calm), "the device clocks were right: received_at - timestamp cannot see the cut"
+    assert all(row[4] < 1 for row in cut + calm), (
+        "the device clocks were right: received_at - timestamp cannot see the cut"
+    )
 
 
 def test_landing_and_archive_files_from_before_queued_at_still_compact_and_read_it_as_null(aws):
     filesystem = s3_filesystem()
-    received = datetime(2024, 3, 4, 10, 0, tzinfo=timezone.utc)
-    old, new = sample_envelope(device_id="old", timestamp=received, received_at=received), sample_envelope(device_id="new", timestamp=received, received_at=received)
+    received = datetime(2024, 3, 4, 10, 0, tzinfo=UTC)
+    old, new = (
+        sample_envelope(device_id="old", timestamp=received, received_at=received),
+        sample_envelope(device_id="new", timestamp=received, received_at=received),
+    )
     hour = hour_key(received)
     queued = received + timedelta(seconds=12)
     write_landing(filesystem, "events-archive", "landing", [new], "after", received, queued_at=[queued])
@@ -133,22 +171,31 @@ def test_landing_and_archive_files_from_before_queued_at_still_compact_and_read_
 
     assert result.archived_rows == 2
     archived = read_archive_hour(filesystem, "events-archive", hour)
-    assert dict(zip(archived.column("device_id").to_pylist(), archived.column("queued_at").to_pylist())) == {"old": None, "new": queued}
+    assert dict(zip(archived.column("device_id").to_pylist(), archived.column("queued_at").to_pylist())) == {
+        "old": None,
+        "new": queued,
+    }
     legacy_archive = f"{archive_dir('events-archive', hour)}/events_0001.parquet"
-    pq.write_table(archived.drop_columns(["queued_at"]), legacy_archive, filesystem=filesystem)  # an hour compacted before it
+    pq.write_table(
+        archived.drop_columns(["queued_at"]), legacy_archive, filesystem=filesystem
+    )  # an hour compacted before it
     assert read_archive_hour(filesystem, "events-archive", hour).column("queued_at").to_pylist() == [None, None]
-    assert read_archive_hour(filesystem, "events-archive", hour).schema.field("queued_at").type == pa.timestamp("us", tz="UTC")
+    assert read_archive_hour(filesystem, "events-archive", hour).schema.field("queued_at").type == pa.timestamp(
+        "us", tz="UTC"
+    )
     assert audit_hour(filesystem, "events-archive", hour).schema_problems == [], "the archive's schema check accepts it"
 
 
 def test_the_drain_keeps_each_events_sqs_sent_time_from_its_first_copy_across_the_hand_over_between_ops():
     event = sample_envelope()
-    first, again = datetime(2024, 3, 4, 10, 0, 5, tzinfo=timezone.utc), datetime(2024, 3, 4, 10, 0, 9, tzinfo=timezone.utc)
-    window = drain.Window([
-        drain.QueueMessage("m-1", "r-1", event.to_json(), 1, sent_at=first),
-        drain.QueueMessage("m-2", "r-2", event.to_json(), 1, sent_at=again),  # the edge sent it twice
-        drain.QueueMessage("m-3", "r-3", sample_envelope(device_id="other").to_json(), 1),  # SQS did not say
-    ])
+    first, again = datetime(2024, 3, 4, 10, 0, 5, tzinfo=UTC), datetime(2024, 3, 4, 10, 0, 9, tzinfo=UTC)
+    window = drain.Window(
+        [
+            drain.QueueMessage("m-1", "r-1", event.to_json(), 1, sent_at=first),
+            drain.QueueMessage("m-2", "r-2", event.to_json(), 1, sent_at=again),  # the edge sent it twice
+            drain.QueueMessage("m-3", "r-3", sample_envelope(device_id="other").to_json(), 1),  # SQS did not say
+        ]
+    )
 
     parsed = pickle.loads(pickle.dumps(drain.parse_window(window)))  # as Dagster hands it from op to op
 
@@ -160,8 +207,12 @@ def test_the_drain_keeps_each_events_sqs_sent_time_from_its_first_copy_across_th
 def test_a_cloud_side_resend_keeps_the_queued_at_it_carries_and_a_bad_one_falls_back_to_sqs_sent_time():
     replayed = {"SentTimestamp": "1709550000000"}  # when the 02:00 replay sent it again
 
-    assert drain.sent_at(replayed, {"queued_at": {"DataType": "String", "StringValue": "2024-03-04T10:00:05+00:00"}}) == datetime(2024, 3, 4, 10, 0, 5, tzinfo=timezone.utc)
-    assert drain.sent_at(replayed, {"queued_at": {"DataType": "String", "StringValue": "not a time"}}) == datetime(2024, 3, 4, 11, 0, tzinfo=timezone.utc)
+    assert drain.sent_at(
+        replayed, {"queued_at": {"DataType": "String", "StringValue": "2024-03-04T10:00:05+00:00"}}
+    ) == datetime(2024, 3, 4, 10, 0, 5, tzinfo=UTC)
+    assert drain.sent_at(replayed, {"queued_at": {"DataType": "String", "StringValue": "not a time"}}) == datetime(
+        2024, 3, 4, 11, 0, tzinfo=UTC
+    )
     assert drain.sent_at({"SentTimestamp": "soon"}) is None
 
 
@@ -171,12 +222,18 @@ def test_a_claim_checked_event_is_queued_when_sqs_accepted_its_pointer(aws):
 
     s3, sqs, url = aws_client("s3"), aws_client("sqs"), aws.provisioned.queues["events"]
     big = sample_envelope(payload={"snapshot_b64": "A" * 300_000})
-    pointer = check_in(s3, load_stack_config().claim_check.bucket, EDGE_PREFIX, big.site_id, big.event_id, big.to_json())
-    before = datetime.now(timezone.utc).replace(microsecond=0)
+    pointer = check_in(
+        s3, load_stack_config().claim_check.bucket, EDGE_PREFIX, big.site_id, big.event_id, big.to_json()
+    )
+    before = datetime.now(UTC).replace(microsecond=0)
     sqs.send_message(QueueUrl=url, MessageBody=pointer)
-    after = datetime.now(timezone.utc)
+    after = datetime.now(UTC)
 
-    window = wait_until(lambda: (w := drain.receive_window(sqs, url, 10, wait_time_s=1)).messages and w, 30, message="the pointer in SQS")
+    window = wait_until(
+        lambda: (w := drain.receive_window(sqs, url, 10, wait_time_s=1)).messages and w,
+        30,
+        message="the pointer in SQS",
+    )
     parsed = drain.parse_window(window, s3_client=s3)
 
     assert [e.event_id for e in parsed.events] == [big.event_id]

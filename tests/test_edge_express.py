@@ -43,8 +43,14 @@ def test_a_medium_event_does_not_take_the_express_lane(edge_factory, mosquitto, 
     publish(mosquitto.port, door.topic, [door.to_json()])
     publish(mosquitto.port, panic.topic, [panic.to_json()])  # after the door: once it is there, the door was decided
     collector = Collector(aws.provisioned.queues["events"])
-    wait_until(lambda: collector.has_all({door.event_id, panic.event_id}), 30, message="both events in the events queue")
-    wait_until(lambda: metric_samples(edge.admin_url)["edge_express_sent_total"] == 1, 10, message="the panic's express send counted")
+    wait_until(
+        lambda: collector.has_all({door.event_id, panic.event_id}), 30, message="both events in the events queue"
+    )
+    wait_until(
+        lambda: metric_samples(edge.admin_url)["edge_express_sent_total"] == 1,
+        10,
+        message="the panic's express send counted",
+    )
     assert [body["event_id"] for body in receive_all(express, timeout=0.5)] == [panic.event_id]
 
 
@@ -59,29 +65,42 @@ def test_without_an_express_queue_a_high_priority_event_goes_to_the_events_queue
     assert metric_samples(edge.admin_url)["edge_express_sent_total"] == 0
 
 
-def test_a_failed_express_send_is_counted_and_the_event_still_reaches_the_events_queue_without_the_retry_log(edge_factory, mosquitto, aws):
+def test_a_failed_express_send_is_counted_and_the_event_still_reaches_the_events_queue_without_the_retry_log(
+    edge_factory, mosquitto, aws
+):
     missing = aws.provisioned.queues["events"].rsplit("/", 1)[0] + "/no-such-express-queue"
     edge = edge_factory(EDGE_EXPRESS_QUEUE_URL=missing)
     alarms = [sample_envelope(event_type="fire_alarm", device_id=f"smoke-{i}") for i in range(3)]
     publish(mosquitto.port, alarms[0].topic, [a.to_json() for a in alarms])
     collector = Collector(aws.provisioned.queues["events"])
     wait_until(lambda: collector.has_all({a.event_id for a in alarms}), 30, message="the alarms in the events queue")
-    samples = wait_until(lambda: (s := metric_samples(edge.admin_url))["edge_express_failed_total"] == 3 and s, 10, message="the failed express sends counted")
+    samples = wait_until(
+        lambda: (s := metric_samples(edge.admin_url))["edge_express_failed_total"] == 3 and s,
+        10,
+        message="the failed express sends counted",
+    )
     assert (samples["edge_express_sent_total"], samples["edge_events_delivered_total{path=realtime}"]) == (0, 3)
     status = edge.admin().status()
     assert (status["jobs_pending"], status["sqs_reachable"]) == (0, True)
 
 
-def test_after_an_outage_the_alarm_is_replayed_before_the_backlog_and_takes_the_express_lane(edge_factory, mosquitto, aws):
+def test_after_an_outage_the_alarm_is_replayed_before_the_backlog_and_takes_the_express_lane(
+    edge_factory, mosquitto, aws
+):
     express = express_queue()
     proxy = TcpProxy(aws.port)  # closed: SQS is cut
     edge = edge_factory(sqs_endpoint=proxy.url, EDGE_EXPRESS_QUEUE_URL=express)
-    backlog = [sample_envelope(event_type="door_access", device_id=f"door-{i}", timestamp=T0 + timedelta(milliseconds=i)) for i in range(1500)]
+    backlog = [
+        sample_envelope(event_type="door_access", device_id=f"door-{i}", timestamp=T0 + timedelta(milliseconds=i))
+        for i in range(1500)
+    ]
     alarm = sample_envelope(event_type="intrusion_alert", device_id="pir-1", timestamp=T0 + timedelta(seconds=5))
     publish(mosquitto.port, backlog[0].topic, [e.to_json() for e in backlog])
     publish(mosquitto.port, alarm.topic, [alarm.to_json()])  # the newest event of the outage
     admin = edge.admin()
-    wait_until(lambda: admin.status()["jobs_pending"] == len(backlog) + 1, 60, message="the outage's events in the retry log")
+    wait_until(
+        lambda: admin.status()["jobs_pending"] == len(backlog) + 1, 60, message="the outage's events in the retry log"
+    )
     try:
         proxy.open()
         [copy] = wait_until(lambda: receive_all(express, timeout=0.3), 30, message="the alarm in the express queue")
@@ -92,4 +111,6 @@ def test_after_an_outage_the_alarm_is_replayed_before_the_backlog_and_takes_the_
     # The emulator hands messages out in the order they arrived: the alarm went out in the first round.
     order = [body["event_id"] for body in receive_all(aws.provisioned.queues["events"], timeout=1.0)]
     assert sorted(order) == sorted(e.event_id for e in [*backlog, alarm])
-    assert order.index(alarm.event_id) < 500, f"the alarm was replayed as number {order.index(alarm.event_id)} of {len(order)}"
+    assert order.index(alarm.event_id) < 500, (
+        f"the alarm was replayed as number {order.index(alarm.event_id)} of {len(order)}"
+    )

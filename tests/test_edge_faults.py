@@ -16,14 +16,14 @@ import signal
 import threading
 import time
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from devstack.tcp_proxy import TcpProxy
 from edge_bridge.cli import AdminClient
-from tests.conftest import alive, publish, queue_counts, receive_all, sample_envelope, wait_until
+from tests.conftest import alive, publish, receive_all, sample_envelope, wait_until
 from tests.helpers.edge_flow import ContinuousPublisher, fault_with_events_inside, read_flow
 
-T0 = datetime(2024, 1, 15, 10, 30, tzinfo=timezone.utc)
+T0 = datetime(2024, 1, 15, 10, 30, tzinfo=UTC)
 SEED = int(os.environ.get("EDGE_FAULT_SEED", "14"))
 SQS_LATENCY_S = 0.05  # per SQS call: a 250-event chunk takes over a second, so events pile up inside the service
 QUIET_S = 5.0  # nothing moving for this long, with the service connected: no more events are on their way
@@ -78,7 +78,9 @@ class Collector:
         print(f"\n{name}: published {len(ids)}, distinct in SQS {len(set(self.seen) & ids)}, duplicates {duplicates}")
 
 
-def expect_every_acknowledged_event_in_sqs(name: str, url: str, acked: set[str], faults: list, edge, timeout: float = 120) -> None:
+def expect_every_acknowledged_event_in_sqs(
+    name: str, url: str, acked: set[str], faults: list, edge, timeout: float = 120
+) -> None:
     """Wait until SQS holds every acknowledged id, or until nothing has moved for QUIET_S (the service
     connected and idle, its retry log empty, no new id in SQS; STUCK_S if it still holds events it
     neither sent nor committed): whatever is missing then is lost."""
@@ -99,13 +101,22 @@ def expect_every_acknowledged_event_in_sqs(name: str, url: str, acked: set[str],
 
     wait_until(done, timeout, interval=0.5, message=f"every acknowledged id in SQS ({len(acked)})")
     collector.report(name, acked)
-    print("  at each fault, inside the service: " + ", ".join(f"{f.inside} (received {f.received}, in SQS {f.delivered}, in the retry log {f.spilled})" for f in faults))
+    print(
+        "  at each fault, inside the service: "
+        + ", ".join(
+            f"{f.inside} (received {f.received}, in SQS {f.delivered}, in the retry log {f.spilled})" for f in faults
+        )
+    )
     missing = acked - set(collector.seen)
     stuck = f" (the service holds {last['inside']} events it neither sent nor committed)" if last.get("inside") else ""
-    assert not missing, f"{len(missing)} events the broker acknowledged never reached SQS{stuck}, e.g. {sorted(missing)[:3]}"
+    assert not missing, (
+        f"{len(missing)} events the broker acknowledged never reached SQS{stuck}, e.g. {sorted(missing)[:3]}"
+    )
 
 
-def test_every_acknowledged_event_reaches_sqs_although_the_edge_service_is_killed_with_events_inside(edge_factory, mosquitto, aws):
+def test_every_acknowledged_event_reaches_sqs_although_the_edge_service_is_killed_with_events_inside(
+    edge_factory, mosquitto, aws
+):
     url = aws.provisioned.queues["events"]
     rng = random.Random(SEED)
     proxy = TcpProxy(aws.port).open().slow(SQS_LATENCY_S)
@@ -118,7 +129,11 @@ def test_every_acknowledged_event_reaches_sqs_although_the_edge_service_is_kille
             senders = AdminClient(edge.admin_url).status()["sender_pids"]
             # Its sender processes are not killed with it, as with the OOM killer: they must leave on their own.
             kills.append(fault_with_events_inside(edge.admin_url, edge.kill9_service_only, rng, minimum=100))
-            wait_until(lambda: not any(alive(pid) for pid in senders), 15, message="the killed service's sender processes to exit")
+            wait_until(
+                lambda: not any(alive(pid) for pid in senders),
+                15,
+                message="the killed service's sender processes to exit",
+            )
             edge = edge_factory(sqs_endpoint=proxy.url)
         acked = publisher.stop()
         proxy.slow(0)
@@ -128,11 +143,15 @@ def test_every_acknowledged_event_reaches_sqs_although_the_edge_service_is_kille
         proxy.cut()
 
 
-def test_every_acknowledged_event_reaches_sqs_although_the_edge_service_is_killed_while_events_go_to_the_retry_log(edge_factory, mosquitto, aws):
+def test_every_acknowledged_event_reaches_sqs_although_the_edge_service_is_killed_while_events_go_to_the_retry_log(
+    edge_factory, mosquitto, aws
+):
     url = aws.provisioned.queues["events"]
     rng = random.Random(SEED + 1)
     proxy = TcpProxy(aws.port)  # closed: SQS is cut, every event goes to the retry log
-    publisher = ContinuousPublisher(mosquitto.port, rate=500)  # the retry log takes far more: a backlog would only slow the test
+    publisher = ContinuousPublisher(
+        mosquitto.port, rate=500
+    )  # the retry log takes far more: a backlog would only slow the test
     settings = {"sqs_endpoint": proxy.url, "EDGE_PROBE_INTERVAL_S": "0.5", "EDGE_SENDER_PROCESSES": "1"}
     try:
         edge = edge_factory(**settings)
@@ -141,23 +160,31 @@ def test_every_acknowledged_event_reaches_sqs_although_the_edge_service_is_kille
         for _ in range(3):
             kills.append(fault_with_events_inside(edge.admin_url, edge.kill9, rng, minimum=10))
             edge = edge_factory(**settings)
-        assert all(k.delivered == 0 for k in kills), "SQS was cut: what was inside the service was on its way to the retry log"
+        assert all(k.delivered == 0 for k in kills), (
+            "SQS was cut: what was inside the service was on its way to the retry log"
+        )
         publisher.wait_for(len(publisher.acked) + 200)  # the last service takes traffic too
         acked = publisher.stop()
         admin = edge.admin()
         assert admin.status()["jobs_pending"] > 0
         proxy.open()
         wait_until(lambda: admin.status()["jobs_pending"] == 0, 120, interval=0.5, message="the retry log drained")
-        dead = admin.status()["dlq_size"]  # a job retried at each start-up while SQS was cut may have used its 3 attempts
+        dead = admin.status()[
+            "dlq_size"
+        ]  # a job retried at each start-up while SQS was cut may have used its 3 attempts
         if dead:
             assert admin.dlq_replay() == dead
-        expect_every_acknowledged_event_in_sqs(f"kill -9 x3 while spilling (seed {SEED + 1}), {dead} replayed from the DLQ", url, acked, kills, edge)
+        expect_every_acknowledged_event_in_sqs(
+            f"kill -9 x3 while spilling (seed {SEED + 1}), {dead} replayed from the DLQ", url, acked, kills, edge
+        )
     finally:
         publisher.close()
         proxy.cut()
 
 
-def test_every_acknowledged_event_reaches_sqs_although_mosquitto_restarts_with_events_inside_the_service(edge_factory, mosquitto, aws):
+def test_every_acknowledged_event_reaches_sqs_although_mosquitto_restarts_with_events_inside_the_service(
+    edge_factory, mosquitto, aws
+):
     url = aws.provisioned.queues["events"]
     rng = random.Random(SEED + 2)
     proxy = TcpProxy(aws.port).open().slow(SQS_LATENCY_S)
@@ -167,17 +194,29 @@ def test_every_acknowledged_event_reaches_sqs_although_mosquitto_restarts_with_e
         admin = edge.admin()
         publisher.start()
         restart = fault_with_events_inside(edge.admin_url, mosquitto.restart, rng, minimum=100)
-        wait_until(lambda: admin.status()["mqtt_connections"] >= 2 and admin.status()["mqtt_connected"], 60, message="the service to reconnect")
+        wait_until(
+            lambda: admin.status()["mqtt_connections"] >= 2 and admin.status()["mqtt_connected"],
+            60,
+            message="the service to reconnect",
+        )
         publisher.wait_for(len(publisher.acked) + 200)  # and publishers too
         acked = publisher.stop()
         proxy.slow(0)
-        expect_every_acknowledged_event_in_sqs(f"Mosquitto restart (seed {SEED + 2}), publisher reconnects {publisher.reconnects}", url, acked, [restart], edge)
+        expect_every_acknowledged_event_in_sqs(
+            f"Mosquitto restart (seed {SEED + 2}), publisher reconnects {publisher.reconnects}",
+            url,
+            acked,
+            [restart],
+            edge,
+        )
     finally:
         publisher.close()
         proxy.cut()
 
 
-def test_every_acknowledged_event_reaches_sqs_although_a_sender_process_is_killed_holding_a_chunk(edge_factory, mosquitto, aws):
+def test_every_acknowledged_event_reaches_sqs_although_a_sender_process_is_killed_holding_a_chunk(
+    edge_factory, mosquitto, aws
+):
     """The SQS senders are processes of their own: killing one mid-chunk loses nothing; the pool is rebuilt."""
     url = aws.provisioned.queues["events"]
     rng = random.Random(SEED + 3)
@@ -190,7 +229,9 @@ def test_every_acknowledged_event_reaches_sqs_although_a_sender_process_is_kille
         assert len(before) == 2
         publisher.start()
         kill = fault_with_events_inside(edge.admin_url, lambda: os.kill(before[0], signal.SIGKILL), rng, minimum=100)
-        after = wait_until(lambda: (pids := admin.status()["sender_pids"]) != before and pids, 60, message="a new sender pool")
+        after = wait_until(
+            lambda: (pids := admin.status()["sender_pids"]) != before and pids, 60, message="a new sender pool"
+        )
         assert len(after) == 2 and not set(after) & set(before)
         publisher.wait_for(len(publisher.acked) + 200)
         acked = publisher.stop()
@@ -214,7 +255,9 @@ def test_every_event_reaches_sqs_across_a_30_second_sqs_cut(edge_factory, mosqui
         proxy.cut()
         cut_at = time.monotonic()
         publish_resilient(mosquitto.port, events[1000:])
-        status = wait_until(lambda: (s := admin.status())["jobs_pending"] >= 1000 and s, 30, message="events spilled to the retry log")
+        status = wait_until(
+            lambda: (s := admin.status())["jobs_pending"] >= 1000 and s, 30, message="events spilled to the retry log"
+        )
         assert status["sqs_reachable"] is False
         threading.Event().wait(max(0.0, 30 - (time.monotonic() - cut_at)))  # the outage itself lasts 30 s
         proxy.open()

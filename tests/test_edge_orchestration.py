@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from dagster import DagsterInvalidConfigError, DefaultScheduleStatus, build_schedule_context
 
-from edge_bridge.orchestration import EdgeAdminResource, defs, edge_dlq_replay_job, edge_dlq_replay_schedule
+from edge_bridge.orchestration import EdgeAdminResource, defs, edge_dlq_replay_job
 from tests.conftest import publish, wait_until
 from tests.test_edge_faults import Collector, make_events
 
@@ -17,9 +17,13 @@ def test_replay_schedule_fires_at_two_in_the_morning_site_time(monkeypatch):
     monkeypatch.setenv("EDGE_SITE_TIMEZONE", "Europe/Berlin")
     schedule = defs().get_schedule_def("edge_dlq_replay_0200")
     assert (schedule.cron_schedule, schedule.execution_timezone) == ("0 2 * * *", "Europe/Berlin")
-    context = build_schedule_context(scheduled_execution_time=datetime(2024, 1, 15, 2, 0, tzinfo=ZoneInfo("Europe/Berlin")))
+    context = build_schedule_context(
+        scheduled_execution_time=datetime(2024, 1, 15, 2, 0, tzinfo=ZoneInfo("Europe/Berlin"))
+    )
     [request] = list(schedule.evaluate_tick(context).run_requests)
-    assert schedule.job_name == "edge_dlq_replay_job" and request.tags["dagster/schedule_name"] == "edge_dlq_replay_0200"
+    assert (
+        schedule.job_name == "edge_dlq_replay_job" and request.tags["dagster/schedule_name"] == "edge_dlq_replay_0200"
+    )
 
 
 def test_replay_schedule_is_on_without_anyone_switching_it_on():
@@ -27,7 +31,9 @@ def test_replay_schedule_is_on_without_anyone_switching_it_on():
     assert defs().get_schedule_def("edge_dlq_replay_0200").default_status == DefaultScheduleStatus.RUNNING
 
 
-def test_replay_job_delivers_the_dlq_of_a_running_service_with_the_token_from_the_environment(edge_factory, mosquitto, aws, monkeypatch):
+def test_replay_job_delivers_the_dlq_of_a_running_service_with_the_token_from_the_environment(
+    edge_factory, mosquitto, aws, monkeypatch
+):
     from pipeline.stack import aws_client
 
     url = aws.provisioned.queues["events"]

@@ -16,7 +16,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_bridge import send_workers, service as service_module
+from edge_bridge import send_workers
+from edge_bridge import service as service_module
 from edge_bridge.cli import AdminClient
 from edge_bridge.config import EdgeConfig
 from edge_bridge.service import EdgeService
@@ -112,17 +113,23 @@ def run(service: EdgeService) -> EdgeService:
 def assert_isolated(service: EdgeService, aws, good: list, poison, stage: str, exception: str) -> None:
     """Every good event in SQS, the poison alone in quarantine with its stage and type, all acked, one connection."""
     collector = Collector(aws.provisioned.queues["events"])
-    wait_until(lambda: collector.has_all({e.event_id for e in good}), 60, interval=0.3, message="every good event in SQS")
+    wait_until(
+        lambda: collector.has_all({e.event_id for e in good}), 60, interval=0.3, message="every good event in SQS"
+    )
     assert poison.event_id not in collector.seen
     [entry] = wait_until(lambda: poison_entries(service.quarantine.path), 30, message="the poison in quarantine")
     assert entry["reason"] == "processing_error"
     assert entry["detail"].startswith(f"{stage}: {exception}: "), entry["detail"]
     assert quarantine_entries(service.quarantine.path) == [entry]
-    assert service.metrics.registry.get_sample_value("edge_events_quarantined_total", {"reason": "processing_error"}) == 1
+    assert (
+        service.metrics.registry.get_sample_value("edge_events_quarantined_total", {"reason": "processing_error"}) == 1
+    )
     assert service._session == 1, "the service reconnected"
 
 
-def test_a_message_whose_parsing_raises_is_quarantined_alone_and_the_burst_reaches_sqs(edge_service, mosquitto, aws, monkeypatch):
+def test_a_message_whose_parsing_raises_is_quarantined_alone_and_the_burst_reaches_sqs(
+    edge_service, mosquitto, aws, monkeypatch
+):
     good, poison = burst()
     real_parse, parsed_poison = send_workers.parse_envelope, []
 
@@ -154,7 +161,9 @@ def test_a_message_whose_sqs_send_raises_is_quarantined_alone(edge_service, mosq
     assert_isolated(service, aws, good, poison, "send", "RuntimeError")
 
 
-def test_a_chunk_whose_sender_raises_is_split_until_the_message_at_fault_is_quarantined(edge_service, mosquitto, aws, monkeypatch):
+def test_a_chunk_whose_sender_raises_is_split_until_the_message_at_fault_is_quarantined(
+    edge_service, mosquitto, aws, monkeypatch
+):
     """Whatever escapes a sender: the chunk goes again in halves, never unchanged."""
     good, poison = burst()
     real_prepare_and_send, poisoned_chunks = service_module.prepare_and_send, []
@@ -173,7 +182,9 @@ def test_a_chunk_whose_sender_raises_is_split_until_the_message_at_fault_is_quar
     assert [len(chunk) for chunk in poisoned_chunks][-1] == 1
 
 
-def test_with_sqs_down_a_message_whose_validation_raises_is_quarantined_and_the_rest_go_to_the_retry_log(edge_service, mosquitto, aws, monkeypatch):
+def test_with_sqs_down_a_message_whose_validation_raises_is_quarantined_and_the_rest_go_to_the_retry_log(
+    edge_service, mosquitto, aws, monkeypatch
+):
     good, poison = burst()
     real_parse = send_workers.parse_envelope
 
@@ -192,7 +203,9 @@ def test_with_sqs_down_a_message_whose_validation_raises_is_quarantined_and_the_
     assert service._session == 1
 
 
-def test_a_replayed_dlq_job_whose_retry_raises_is_quarantined_and_the_others_are_delivered(edge_service, mosquitto, aws, monkeypatch):
+def test_a_replayed_dlq_job_whose_retry_raises_is_quarantined_and_the_others_are_delivered(
+    edge_service, mosquitto, aws, monkeypatch
+):
     good, poison = burst(per_site=20)
     service = edge_service(retry_max_attempts=1, retry_backoff_s=0.1)
     # What an outage left behind: every job failed its one attempt and waits in the DLQ.
@@ -212,16 +225,27 @@ def test_a_replayed_dlq_job_whose_retry_raises_is_quarantined_and_the_others_are
     run(service)
     assert service.replay_dlq() == len(envelopes)
     collector = Collector(aws.provisioned.queues["events"])
-    wait_until(lambda: collector.has_all({e.event_id for e in good}), 60, interval=0.3, message="every good replayed job in SQS")
-    wait_until(lambda: (service.retry_log.pending, service.retry_log.dlq_size) == (0, 0), 30, message="the retry log empty")
+    wait_until(
+        lambda: collector.has_all({e.event_id for e in good}),
+        60,
+        interval=0.3,
+        message="every good replayed job in SQS",
+    )
+    wait_until(
+        lambda: (service.retry_log.pending, service.retry_log.dlq_size) == (0, 0), 30, message="the retry log empty"
+    )
     [entry] = quarantine_entries(service.quarantine.path)
-    assert entry["reason"] == "processing_error" and entry["detail"].startswith(f"event {poison.event_id}: retry: RecursionError")
+    assert entry["reason"] == "processing_error" and entry["detail"].startswith(
+        f"event {poison.event_id}: retry: RecursionError"
+    )
     assert json.loads(base64.b64decode(entry["payload_b64"]))["event_id"] == poison.event_id
     assert poison.event_id not in collector.seen
     assert poisoned_chunks[-1] == 1 and len(poisoned_chunks) < 10
 
 
-def test_a_message_the_intake_cannot_take_is_quarantined_and_the_network_loop_goes_on(edge_service, mosquitto, aws, monkeypatch):
+def test_a_message_the_intake_cannot_take_is_quarantined_and_the_network_loop_goes_on(
+    edge_service, mosquitto, aws, monkeypatch
+):
     good, poison = burst(per_site=20)
     service = edge_service()
     real_put = service.inbox.put
@@ -255,12 +279,16 @@ def assert_never_reconnected(edge) -> None:
     assert metric_samples(edge.admin_url)["edge_mqtt_connections_total"] == 1
 
 
-def test_a_poison_envelope_in_a_burst_from_three_sites_is_quarantined_and_every_good_event_reaches_sqs(edge_factory, mosquitto, aws, tmp_path):
+def test_a_poison_envelope_in_a_burst_from_three_sites_is_quarantined_and_every_good_event_reaches_sqs(
+    edge_factory, mosquitto, aws, tmp_path
+):
     edge = edge_factory(EDGE_SENDER_PROCESSES="2")
     good, poison = burst(per_site=200)
     publish_burst(mosquitto.port, good, deeply_nested(poison), poison.topic)
     collector = Collector(aws.provisioned.queues["events"])
-    wait_until(lambda: collector.has_all({e.event_id for e in good}), 60, interval=0.3, message="every good event in SQS")
+    wait_until(
+        lambda: collector.has_all({e.event_id for e in good}), 60, interval=0.3, message="every good event in SQS"
+    )
     assert poison.event_id not in collector.seen
     quarantine = tmp_path / "edge_state" / "quarantine.jsonl"
     [entry] = wait_until(lambda: quarantine_entries(quarantine), 30, message="the poison in quarantine")
@@ -278,11 +306,21 @@ def test_a_qos_0_publish_among_qos_1_ones_is_delivered_without_a_puback_or_a_dis
     messages.insert(len(messages) // 2, (qos0.topic, qos0.to_json(), 0))
     publish_mixed(mosquitto.port, messages)
     collector = Collector(aws.provisioned.queues["events"])
-    wait_until(lambda: collector.has_all({e.event_id for e in good} | {qos0.event_id}), 60, interval=0.3, message="every event in SQS")
+    wait_until(
+        lambda: collector.has_all({e.event_id for e in good} | {qos0.event_id}),
+        60,
+        interval=0.3,
+        message="every event in SQS",
+    )
     # The acks of the QoS 0 message's chunk were written before these events were even published:
     # once they are in SQS, a broker that took offence at a PUBACK has long dropped the connection.
     after = [sample_envelope(site_id="site-a", device_id=f"after-{i}") for i in range(3)]
     publish_mixed(mosquitto.port, [(e.topic, e.to_json(), 1) for e in after])
-    wait_until(lambda: collector.has_all({e.event_id for e in after}), 30, interval=0.3, message="the events published after it in SQS")
+    wait_until(
+        lambda: collector.has_all({e.event_id for e in after}),
+        30,
+        interval=0.3,
+        message="the events published after it in SQS",
+    )
     assert_never_reconnected(edge)
     assert collector.seen[qos0.event_id] == 1 and max(collector.seen.values()) == 1, "events were redelivered"

@@ -58,7 +58,11 @@ def test_each_entry_is_bounded_whatever_the_message(tmp_path):
     [line] = (tmp_path / "quarantine.jsonl").read_bytes().splitlines()
     entry = json.loads(line)
     assert len(line) < 100_000
-    assert len(entry["topic"]) == MAX_TOPIC_CHARS and len(entry["detail"]) == MAX_DETAIL_CHARS and len(entry["reason"]) == 64
+    assert (
+        len(entry["topic"]) == MAX_TOPIC_CHARS
+        and len(entry["detail"]) == MAX_DETAIL_CHARS
+        and len(entry["reason"]) == 64
+    )
     assert len(base64.b64decode(entry["payload_b64"])) == MAX_PAYLOAD_BYTES and entry["payload_bytes"] == 5_000_000
 
 
@@ -68,21 +72,32 @@ def test_an_entry_that_cannot_be_written_as_given_is_kept_as_a_processing_error_
     quarantine.close()
     first, odd, last = entries(tmp_path / "quarantine.jsonl")
     assert (first["detail"], last["detail"]) == ("entry 1", "entry 2")
-    assert odd["reason"] == "processing_error" and odd["detail"].startswith("quarantine entry (reason 'bad_json'): TypeError")
+    assert odd["reason"] == "processing_error" and odd["detail"].startswith(
+        "quarantine entry (reason 'bad_json'): TypeError"
+    )
     assert odd["topic"] == "sites/site-1/events/ajax/door"
 
 
 def test_the_edge_service_rotates_its_quarantine_by_its_settings_and_exports_what_was_dropped(tmp_path):
     from edge_bridge.service import EdgeService
 
-    config = EdgeConfig(state_dir=tmp_path / "edge", admin_port=-1, queue_url_override="http://127.0.0.1:9/unused", quarantine_max_bytes=2048, quarantine_keep_files=1)
+    config = EdgeConfig(
+        state_dir=tmp_path / "edge",
+        admin_port=-1,
+        queue_url_override="http://127.0.0.1:9/unused",
+        quarantine_max_bytes=2048,
+        quarantine_keep_files=1,
+    )
     service = EdgeService(config)
     try:
         service.quarantine.put_many([bad(i) for i in range(40)])
         dropped = service.metrics.registry.get_sample_value("edge_quarantine_dropped_total")
         assert dropped == service.quarantine.dropped > 0
         assert service.status()["quarantine_dropped"] == dropped
-        assert sorted(f.name for f in (tmp_path / "edge").glob("quarantine.jsonl*")) == ["quarantine.jsonl", "quarantine.jsonl.1"]
+        assert sorted(f.name for f in (tmp_path / "edge").glob("quarantine.jsonl*")) == [
+            "quarantine.jsonl",
+            "quarantine.jsonl.1",
+        ]
     finally:
         service.retry_log.close()
         service.quarantine.close()

@@ -14,19 +14,28 @@ import requests
 
 import edge_bridge.envelope as envelope_module
 from devstack.processes import free_port
-from edge_bridge.cli import AdminClient, main as cli_main
+from edge_bridge.cli import AdminClient
+from edge_bridge.cli import main as cli_main
 from tests.conftest import receive_all, sample_envelope, wait_until
 from tests.test_edge_poison import edge_service, publish_mixed, quarantine_entries, run  # noqa: F401 - the fixture
 
 
-def test_a_quarantined_message_is_released_once_its_cause_is_fixed_and_not_before(edge_service, mosquitto, aws, monkeypatch, capsys):  # noqa: F811
+def test_a_quarantined_message_is_released_once_its_cause_is_fixed_and_not_before(
+    edge_service, mosquitto, aws, monkeypatch, capsys
+):  # noqa: F811
     token = secrets.token_urlsafe(16)
     service = run(edge_service(admin_port=free_port(), admin_token=token))
     client = AdminClient(f"http://127.0.0.1:{service.config.admin_port}", token=token)
     newer = json.loads(sample_envelope(site_id="site-a", device_id="new-firmware").to_json())
     newer["schema_version"] = "2.0"
     stray = sample_envelope(site_id="site-b", device_id="wrong-topic")
-    publish_mixed(mosquitto.port, [("sites/site-a/events/ajax/door_access", json.dumps(newer), 1), ("sites/site-a/events/ajax/door_access", stray.to_json(), 1)])
+    publish_mixed(
+        mosquitto.port,
+        [
+            ("sites/site-a/events/ajax/door_access", json.dumps(newer), 1),
+            ("sites/site-a/events/ajax/door_access", stray.to_json(), 1),
+        ],
+    )
     wait_until(lambda: len(quarantine_entries(service.quarantine.path)) == 2, 30, message="both in quarantine")
 
     listed = client.quarantine_list()
@@ -43,7 +52,10 @@ def test_a_quarantined_message_is_released_once_its_cause_is_fixed_and_not_befor
     done = client.quarantine_release(newer_ref)
     assert (done["site_id"], done["event_id"]) == ("site-a", newer["event_id"])
     assert [m["event_id"] for m in receive_all(aws.provisioned.queues["events"], timeout=2)] == [newer["event_id"]]
-    assert [(e["reason"], e["released"]) for e in client.quarantine_list()] == [("site_mismatch", False), ("unsupported_major", True)]
+    assert [(e["reason"], e["released"]) for e in client.quarantine_list()] == [
+        ("site_mismatch", False),
+        ("unsupported_major", True),
+    ]
     with pytest.raises(requests.HTTPError, match="409.*released already"):
         client.quarantine_release(newer_ref)
 

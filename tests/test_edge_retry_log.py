@@ -100,6 +100,7 @@ def test_size_is_readable_while_checkpoints_delete_the_wal(tmp_path):
 
 # --- priorities: high first after an outage, each site's order kept within a priority ----------------
 
+
 def envelope_body(event_id: str, site: str, event_type: str) -> str:
     return json.dumps({"event_id": event_id, "site_id": site, "event_type": event_type})
 
@@ -121,7 +122,9 @@ def test_due_hands_out_high_jobs_first_and_keeps_each_sites_order_within_a_prior
     for priority in ("high", "medium", "low"):
         for site in ("site-a", "site-b"):
             expected = [e for e, s, p in committed if (s, p) == (site, priority)]
-            assert [j.event_id for j in due if j.priority == priority and json.loads(j.body)["site_id"] == site] == expected
+            assert [
+                j.event_id for j in due if j.priority == priority and json.loads(j.body)["site_id"] == site
+            ] == expected
     assert [j.event_id for j in log.due(2, now=200.0)] == [e for e, _, p in committed if p == "high"][:2]
 
 
@@ -158,12 +161,25 @@ def test_a_retry_log_file_from_before_priorities_is_migrated_at_open_with_each_j
                    created_at DOUBLE, failed_at DOUBLE);
                CREATE TABLE probe (written_at DOUBLE);"""
         )
-        rows = [(1, "door", envelope_body("door", "s", "door_access")), (2, "garbled", "not json {"), (3, "alarm", envelope_body("alarm", "s", "panic_button")), (4, "mystery", envelope_body("mystery", "s", "no_such_type"))]
+        rows = [
+            (1, "door", envelope_body("door", "s", "door_access")),
+            (2, "garbled", "not json {"),
+            (3, "alarm", envelope_body("alarm", "s", "panic_button")),
+            (4, "mystery", envelope_body("mystery", "s", "no_such_type")),
+        ]
         con.executemany("INSERT INTO jobs VALUES (?, ?, ?, 0, 0.0, 'SQS unreachable', 0.0)", rows)
-        con.execute("INSERT INTO dlq VALUES ('dead-fire', ?, 3, 'refused', -1.0, 1.0)", [envelope_body("dead-fire", "s", "fire_alarm")])
+        con.execute(
+            "INSERT INTO dlq VALUES ('dead-fire', ?, 3, 'refused', -1.0, 1.0)",
+            [envelope_body("dead-fire", "s", "fire_alarm")],
+        )
     log = RetryLog(path, priorities={"door_access": "medium", "panic_button": "high", "fire_alarm": "high"})
     assert (log.pending, log.dlq_size) == (4, 1)
-    assert [(j.event_id, j.priority) for j in log.due(10, now=1.0)] == [("alarm", "high"), ("door", "medium"), ("garbled", "low"), ("mystery", "low")]
+    assert [(j.event_id, j.priority) for j in log.due(10, now=1.0)] == [
+        ("alarm", "high"),
+        ("door", "medium"),
+        ("garbled", "low"),
+        ("mystery", "low"),
+    ]
     log.add([("new-door", "{}", "x", "medium")], now=1.0)
     log.replay_dlq(now=2.0)
     assert [j.event_id for j in log.due(10, now=2.0)][:2] == ["dead-fire", "alarm"]

@@ -10,7 +10,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from devstack.processes import Mosquitto, MqttUser
-from tests.conftest import publish, sample_envelope, wait_until
+from tests.conftest import sample_envelope, wait_until
 
 
 def site_users() -> list[MqttUser]:
@@ -73,7 +73,11 @@ def test_site_a_cannot_publish_under_site_b(secured_broker):
         assert not rc_a.is_failure, rc_a
         attempt = site_a.publish(spoofed.topic, spoofed.to_json(), qos=1)
         # Mosquitto drops a denied QoS 1 publish and, for an MQTT 3.1.1 client, the connection with it.
-        wait_until(lambda: not site_a.is_connected() or handled(attempt), 10, message="the broker to handle the spoofed publish")
+        wait_until(
+            lambda: not site_a.is_connected() or handled(attempt),
+            10,
+            message="the broker to handle the spoofed publish",
+        )
         site_a.disconnect()
         site_a.loop_stop()
         honest, _ = connect(secured_broker.port, users["site-a"], "site-a-pub")
@@ -95,23 +99,29 @@ def test_anonymous_and_wrong_password_connections_are_refused(secured_broker):
 
 
 def test_edge_service_logs_in_with_credentials_from_the_environment_and_delivers(secured_broker, aws, tmp_path):
-    from tests.conftest import EdgeProcess, receive_all
     import os
 
     from devstack.processes import aws_env, free_port
+    from tests.conftest import EdgeProcess, receive_all
 
     users = secured_broker.users_by_name
     env = {**os.environ, **aws_env(aws.endpoint_url)}
     env.update(
-        EDGE_MQTT_PORT=str(secured_broker.port), EDGE_MQTT_USERNAME="edge", EDGE_MQTT_PASSWORD=users["edge"].password,
-        EDGE_STATE_DIR=str(tmp_path / "state"), EDGE_EVENTS_QUEUE_URL=aws.provisioned.queues["events"], EDGE_ADMIN_PORT=str(free_port()),
+        EDGE_MQTT_PORT=str(secured_broker.port),
+        EDGE_MQTT_USERNAME="edge",
+        EDGE_MQTT_PASSWORD=users["edge"].password,
+        EDGE_STATE_DIR=str(tmp_path / "state"),
+        EDGE_EVENTS_QUEUE_URL=aws.provisioned.queues["events"],
+        EDGE_ADMIN_PORT=str(free_port()),
     )
     edge = EdgeProcess(tmp_path / "edge", env).start().wait_subscribed()
     try:
         own = sample_envelope(site_id="site-a")
         client, _ = connect(secured_broker.port, users["site-a"], "site-a-pub")
         client.publish(own.topic, own.to_json(), qos=1).wait_for_publish(10)
-        bodies = wait_until(lambda: receive_all(aws.provisioned.queues["events"], timeout=0.5), 30, message="the event in SQS")
+        bodies = wait_until(
+            lambda: receive_all(aws.provisioned.queues["events"], timeout=0.5), 30, message="the event in SQS"
+        )
         assert [b["event_id"] for b in bodies] == [own.event_id]
         client.disconnect()
         client.loop_stop()

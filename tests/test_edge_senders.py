@@ -9,7 +9,13 @@ from tests.test_edge_faults import Collector
 
 def test_a_chunk_the_senders_refuse_is_kept_and_handed_over_again(tmp_path, mosquitto, aws, monkeypatch):
     url = aws.provisioned.queues["events"]
-    config = EdgeConfig(mqtt_port=mosquitto.port, client_id="edge-senders", state_dir=tmp_path / "edge", admin_port=-1, queue_url_override=url)
+    config = EdgeConfig(
+        mqtt_port=mosquitto.port,
+        client_id="edge-senders",
+        state_dir=tmp_path / "edge",
+        admin_port=-1,
+        queue_url_override=url,
+    )
     service = EdgeService(config).start()
     refusals = []
     real_submit = service.senders.submit
@@ -26,7 +32,9 @@ def test_a_chunk_the_senders_refuse_is_kept_and_handed_over_again(tmp_path, mosq
         envelopes = [sample_envelope(device_id=f"d{i}") for i in range(5)]
         publish(mosquitto.port, envelopes[0].topic, [e.to_json() for e in envelopes])
         collector = Collector(url)
-        wait_until(lambda: collector.has_all({e.event_id for e in envelopes}), 30, interval=0.3, message="every event in SQS")
+        wait_until(
+            lambda: collector.has_all({e.event_id for e in envelopes}), 30, interval=0.3, message="every event in SQS"
+        )
         assert refusals == ["prepare_and_send", "prepare_and_send"]
         assert service.retry_log.pending == 0
     finally:

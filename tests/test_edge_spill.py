@@ -19,7 +19,12 @@ def spilling_service(tmp_path, mosquitto, aws, monkeypatch):
     It records what the retry log committed and what was acked, and fails when an ack runs ahead of the commits.
     """
     config = EdgeConfig(
-        mqtt_port=mosquitto.port, client_id="edge-spill", state_dir=tmp_path / "edge", admin_port=-1, probe_interval_s=60, queue_name="not-provisioned"
+        mqtt_port=mosquitto.port,
+        client_id="edge-spill",
+        state_dir=tmp_path / "edge",
+        admin_port=-1,
+        probe_interval_s=60,
+        queue_name="not-provisioned",
     )
     service = EdgeService(config)
     assert service.queue_url is None
@@ -77,7 +82,9 @@ def test_retry_log_write_failure_keeps_events_unacked_and_is_retried(spilling_se
     assert quarantined(service) == []
 
 
-def test_a_full_disk_keeps_every_event_unacked_until_the_retry_log_takes_writes_again(spilling_service, mosquitto, monkeypatch):
+def test_a_full_disk_keeps_every_event_unacked_until_the_retry_log_takes_writes_again(
+    spilling_service, mosquitto, monkeypatch
+):
     service = spilling_service
     disk = {"full": True}
     real_writable = service.retry_log.writable
@@ -97,7 +104,9 @@ def test_a_full_disk_keeps_every_event_unacked_until_the_retry_log_takes_writes_
     assert quarantined(service) == []
 
 
-def test_an_event_the_retry_log_cannot_write_is_quarantined_alone_and_its_group_is_committed(spilling_service, mosquitto):
+def test_an_event_the_retry_log_cannot_write_is_quarantined_alone_and_its_group_is_committed(
+    spilling_service, mosquitto
+):
     service = spilling_service
     poison = sample_envelope(device_id="poison")
     good = [sample_envelope(device_id=f"d{i}") for i in range(9)]
@@ -107,8 +116,14 @@ def test_an_event_the_retry_log_cannot_write_is_quarantined_alone_and_its_group_
             raise ValueError("this row cannot be stored")
 
     service.fault = refuse_the_poison
-    publish(mosquitto.port, poison.topic, [e.to_json() for e in good[:4]] + [poison.to_json()] + [e.to_json() for e in good[4:]])
-    wait_until(lambda: len(service.acked) == 10, 20, message="the group committed and the poison quarantined, all acked")
+    publish(
+        mosquitto.port,
+        poison.topic,
+        [e.to_json() for e in good[:4]] + [poison.to_json()] + [e.to_json() for e in good[4:]],
+    )
+    wait_until(
+        lambda: len(service.acked) == 10, 20, message="the group committed and the poison quarantined, all acked"
+    )
     assert sorted(service.committed) == sorted(e.event_id for e in good)
     assert service.retry_log.pending == 9
     [entry] = quarantined(service)

@@ -1,5 +1,5 @@
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given, settings
@@ -14,8 +14,16 @@ def test_envelope_round_trips_through_the_wire_with_every_field():
     back = parse_envelope(env.to_json().encode())
     assert back == env
     assert set(json.loads(env.to_json())) == {
-        "schema_version", "event_id", "idempotency_key", "event_type", "source",
-        "site_id", "device_id", "timestamp", "received_at", "payload",
+        "schema_version",
+        "event_id",
+        "idempotency_key",
+        "event_type",
+        "source",
+        "site_id",
+        "device_id",
+        "timestamp",
+        "received_at",
+        "payload",
     }
 
 
@@ -25,7 +33,9 @@ def test_any_minor_of_a_known_major_is_accepted():
     assert parse_envelope(json.dumps(data)).schema_version == "1.7"
 
 
-@pytest.mark.parametrize("version,reason", [("2.0", "unsupported_major"), ("0.9", "unsupported_major"), ("one", "bad_schema_version")])
+@pytest.mark.parametrize(
+    "version,reason", [("2.0", "unsupported_major"), ("0.9", "unsupported_major"), ("one", "bad_schema_version")]
+)
 def test_an_unknown_major_is_rejected_with_a_reason(version, reason):
     data = json.loads(sample_envelope().to_json())
     data["schema_version"] = version
@@ -65,8 +75,11 @@ def test_timestamps_without_offset_are_rejected():
 
 
 def test_idempotency_key_is_deterministic_and_event_ids_are_fresh_and_time_ordered():
-    ts = datetime(2024, 1, 15, 10, 30, tzinfo=timezone.utc)
-    assert make_idempotency_key("site-123", "door-456", "door_access", ts) == "site-123-door-456-door_access-2024-01-15T10:30:00Z"
+    ts = datetime(2024, 1, 15, 10, 30, tzinfo=UTC)
+    assert (
+        make_idempotency_key("site-123", "door-456", "door_access", ts)
+        == "site-123-door-456-door_access-2024-01-15T10:30:00Z"
+    )
     ids = [sample_envelope().event_id for _ in range(50)]
     assert len(set(ids)) == 50
     assert ids == sorted(ids)
@@ -82,7 +95,11 @@ def test_a_complete_envelope_without_schema_version_is_still_refused():
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53), 2**53)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -41,7 +41,7 @@ def reason_of(raw: bytes | str) -> str:
     return err.value.reason
 
 
-def nested(depth: int, leaf='1', key='"a"') -> str:
+def nested(depth: int, leaf="1", key='"a"') -> str:
     """`depth` levels of objects around `leaf`, as text (json.dumps itself would recurse)."""
     return ("{" + key + ":") * depth + leaf + "}" * depth
 
@@ -94,7 +94,21 @@ def test_control_characters_in_any_id_are_refused(field, bad):
     assert reason_of(json.dumps(wire(**{field: bad}))) == "control_characters"
 
 
-@pytest.mark.parametrize("value", [1700000000, 1700000000.5, "1700000000", "2024-01-15", "2024-01-15 10:30:00Z", "Mon, 15 Jan 2024 10:30:00 GMT", "2024-01-15T10:30:00", None, [], {}])
+@pytest.mark.parametrize(
+    "value",
+    [
+        1700000000,
+        1700000000.5,
+        "1700000000",
+        "2024-01-15",
+        "2024-01-15 10:30:00Z",
+        "Mon, 15 Jan 2024 10:30:00 GMT",
+        "2024-01-15T10:30:00",
+        None,
+        [],
+        {},
+    ],
+)
 @pytest.mark.parametrize("field", ["timestamp", "received_at"])
 def test_anything_but_an_rfc3339_timestamp_is_refused(field, value):
     assert reason_of(json.dumps(wire(**{field: value}))) == "bad_timestamp"
@@ -102,17 +116,20 @@ def test_anything_but_an_rfc3339_timestamp_is_refused(field, value):
 
 def test_rfc3339_with_an_offset_or_fraction_is_accepted_and_normalised_to_utc():
     envelope = parse_envelope(json.dumps(wire(timestamp="2024-01-15T12:30:00.250+02:00")))
-    assert envelope.timestamp == datetime(2024, 1, 15, 10, 30, 0, 250000, tzinfo=timezone.utc)
+    assert envelope.timestamp == datetime(2024, 1, 15, 10, 30, 0, 250000, tzinfo=UTC)
 
 
 def test_an_event_time_ahead_of_received_at_by_more_than_the_skew_is_refused():
-    received = datetime.now(timezone.utc).replace(microsecond=0)
+    received = datetime.now(UTC).replace(microsecond=0)
     ok = received + MAX_CLOCK_SKEW
     late = received + MAX_CLOCK_SKEW + timedelta(seconds=1)
     fmt = lambda t: t.isoformat().replace("+00:00", "Z")  # noqa: E731
     assert parse_envelope(json.dumps(wire(timestamp=fmt(ok), received_at=fmt(received)))).timestamp == ok
     assert reason_of(json.dumps(wire(timestamp=fmt(late), received_at=fmt(received)))) == "future_timestamp"
-    assert reason_of(json.dumps(wire(timestamp="2099-01-01T00:00:00Z", received_at="2099-01-01T00:00:00Z"))) == "future_timestamp"
+    assert (
+        reason_of(json.dumps(wire(timestamp="2099-01-01T00:00:00Z", received_at="2099-01-01T00:00:00Z")))
+        == "future_timestamp"
+    )
 
 
 def test_a_device_cannot_carry_a_claim_check_pointer():
@@ -178,13 +195,33 @@ def test_arbitrary_json_documents_parse_or_are_rejected_with_a_known_reason(valu
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(field=st.sampled_from(["schema_version", "event_id", "idempotency_key", "event_type", "source", "site_id", "device_id", "timestamp", "received_at", "payload"]), value=json_values)
+@given(
+    field=st.sampled_from(
+        [
+            "schema_version",
+            "event_id",
+            "idempotency_key",
+            "event_type",
+            "source",
+            "site_id",
+            "device_id",
+            "timestamp",
+            "received_at",
+            "payload",
+        ]
+    ),
+    value=json_values,
+)
 def test_any_field_replaced_by_arbitrary_json_parses_or_is_rejected(field, value):
     parses_or_rejects(json.dumps(wire(**{field: value})))
 
 
 @settings(max_examples=150, deadline=None)
-@given(depth=st.integers(min_value=0, max_value=5_000), leaf=st.sampled_from(["1", "[]", "{}", '"x"', "NaN", "[1e999]"]), arrays=st.booleans())
+@given(
+    depth=st.integers(min_value=0, max_value=5_000),
+    leaf=st.sampled_from(["1", "[]", "{}", '"x"', "NaN", "[1e999]"]),
+    arrays=st.booleans(),
+)
 def test_a_payload_at_any_depth_parses_or_is_rejected_never_overflows(depth, leaf, arrays):
     inner = ("[" * depth + leaf + "]" * depth) if arrays else nested(depth, leaf)
     envelope = parses_or_rejects(with_payload_text('{"p": ' + inner + "}").encode())
@@ -228,7 +265,9 @@ def test_nesting_is_measured_before_any_decoder_sees_the_text(monkeypatch):
 
 rfc3339_texts = st.builds(
     lambda moment, offset_minutes, sep, zulu: (
-        moment.replace(tzinfo=timezone(timedelta(minutes=offset_minutes))).isoformat(sep=sep).replace("+00:00", "Z" if zulu else "+00:00")
+        moment.replace(tzinfo=timezone(timedelta(minutes=offset_minutes)))
+        .isoformat(sep=sep)
+        .replace("+00:00", "Z" if zulu else "+00:00")
     ),
     st.datetimes(min_value=datetime(1970, 1, 1), max_value=datetime(2200, 1, 1)),
     st.integers(-12 * 60, 14 * 60),
@@ -239,8 +278,24 @@ rfc3339_texts = st.builds(
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    field=st.sampled_from(["schema_version", "event_id", "idempotency_key", "event_type", "source", "site_id", "device_id", "timestamp", "received_at", "payload"]),
-    value=json_values | st.text(max_size=40) | st.from_regex(r"\A\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})?\Z") | rfc3339_texts,
+    field=st.sampled_from(
+        [
+            "schema_version",
+            "event_id",
+            "idempotency_key",
+            "event_type",
+            "source",
+            "site_id",
+            "device_id",
+            "timestamp",
+            "received_at",
+            "payload",
+        ]
+    ),
+    value=json_values
+    | st.text(max_size=40)
+    | st.from_regex(r"\A\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})?\Z")
+    | rfc3339_texts,
 )
 def test_the_hot_path_never_accepts_what_the_reasoned_path_refuses(field, value):
     """The edge's cheap path is a subset of the contract: whatever it accepts, full validation accepts

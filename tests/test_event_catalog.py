@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -17,21 +17,26 @@ from pipeline.routing.config import load_routing_config
 from tests.test_adapters import AJAX_INTRUSION, IDP_DENIED, NVR_LINE, RECEIVED, SITE, raw
 
 
-
 def ajax_code(code: str):
     return pytest.param("ajax", "ajax/events", raw({**AJAX_INTRUSION, "eventCode": code}), id=f"ajax-{code}")
 
 
 def nvr_kind(kind: str, state: str = "active"):
-    return pytest.param("nvr", "nvr/alarms", raw({**NVR_LINE, "eventType": kind, "eventState": state}), id=f"nvr-{kind}-{state}")
+    return pytest.param(
+        "nvr", "nvr/alarms", raw({**NVR_LINE, "eventType": kind, "eventState": state}), id=f"nvr-{kind}-{state}"
+    )
 
 
 def zigbee_state(state: dict):
-    return pytest.param("zigbee", "zigbee2mqtt/sensor_1", raw(state), id=f"zigbee-{'-'.join(f'{k}={v}' for k, v in state.items())}")
+    return pytest.param(
+        "zigbee", "zigbee2mqtt/sensor_1", raw(state), id=f"zigbee-{'-'.join(f'{k}={v}' for k, v in state.items())}"
+    )
 
 
 def zigbee_availability(state: str):
-    return pytest.param("zigbee", "zigbee2mqtt/sensor_1/availability", raw({"state": state}), id=f"zigbee-availability-{state}")
+    return pytest.param(
+        "zigbee", "zigbee2mqtt/sensor_1/availability", raw({"state": state}), id=f"zigbee-availability-{state}"
+    )
 
 
 def idp_decision(decision: str):
@@ -46,7 +51,11 @@ SAFETY_ALARMS += [nvr_kind("shelteralarm"), nvr_kind("tamperdetection")]
 # Availability, battery and heartbeat reports.
 DEVICE_HEALTH = [ajax_code(code) for code in ("BATTERY_LOW", "CONNECTION_LOST", "CONNECTION_RESTORED", "PERIODIC_TEST")]
 DEVICE_HEALTH += [zigbee_availability("offline"), zigbee_availability("online")]
-DEVICE_HEALTH += [zigbee_state({"battery_low": True, "battery": 9}), zigbee_state({"battery": 90, "linkquality": 120}), nvr_kind("videoloss", "inactive")]
+DEVICE_HEALTH += [
+    zigbee_state({"battery_low": True, "battery": 9}),
+    zigbee_state({"battery": 90, "linkquality": 120}),
+    nvr_kind("videoloss", "inactive"),
+]
 
 
 def code_table() -> list:
@@ -59,7 +68,9 @@ def code_table() -> list:
     messages += [zigbee_state({"action": action, "battery": 90}) for action, _ in zigbee.ACTIONS]
     messages += [zigbee_state({zigbee.SIREN_FIELD: value}) for value in (True, False)]
     messages += [zigbee_state({"state": state}) for state in sorted(zigbee.SWITCH_STATES)]
-    messages += [zigbee_state({field: 1}) for field in sorted(zigbee.HEARTBEAT_FIELDS - {field for field, _ in zigbee.ALARMS})]
+    messages += [
+        zigbee_state({field: 1}) for field in sorted(zigbee.HEARTBEAT_FIELDS - {field for field, _ in zigbee.ALARMS})
+    ]
     messages += [zigbee_availability(state) for state in sorted(zigbee.AVAILABILITY)]
     return messages
 
@@ -110,8 +121,12 @@ def test_availability_battery_and_heartbeat_reports_are_operational_events(famil
 def test_simulated_traffic_holds_only_catalog_types_from_every_family():
     catalog = load_event_catalog()
     seen = defaultdict(set)
-    for msg in Simulator(["site-001", "site-002"], internal=0.05).messages(3000, start=datetime(2024, 1, 15, tzinfo=timezone.utc)):
-        event_type = json.loads(msg.raw)["event_type"] if msg.family == "edge" else adapt(msg.family, msg.topic, msg.raw)
+    for msg in Simulator(["site-001", "site-002"], internal=0.05).messages(
+        3000, start=datetime(2024, 1, 15, tzinfo=UTC)
+    ):
+        event_type = (
+            json.loads(msg.raw)["event_type"] if msg.family == "edge" else adapt(msg.family, msg.topic, msg.raw)
+        )
         seen[event_type].add(msg.family)
     assert set(seen) <= set(catalog.names), f"not in the catalog: {sorted(set(seen) - set(catalog.names))}"
     assert set().union(*seen.values()) == set(FAMILIES)
@@ -133,7 +148,14 @@ def test_simulator_plays_the_site_systems_through_the_edge_services_internal_eve
 
 CATALOG = {
     "version": 1,
-    "event_types": {"panic_button": {"meaning": "A panic button was pressed.", "families": ["ajax"], "priority": "high", "incident": True}},
+    "event_types": {
+        "panic_button": {
+            "meaning": "A panic button was pressed.",
+            "families": ["ajax"],
+            "priority": "high",
+            "incident": True,
+        }
+    },
 }
 
 
@@ -147,9 +169,18 @@ def test_misspelled_catalog_key_is_named_with_its_path():
     "change,path",
     [
         ({"version": None}, r"version"),
-        ({"event_types": {"panic_button": {**CATALOG["event_types"]["panic_button"], "families": ["sia"]}}}, r"event_types\.panic_button\.families\[0\]"),
-        ({"event_types": {"panic_button": {**CATALOG["event_types"]["panic_button"], "priority": "urgent"}}}, r"event_types\.panic_button\.priority"),
-        ({"event_types": {"Panic Button": CATALOG["event_types"]["panic_button"]}}, r"event_types\.Panic Button: String should match"),
+        (
+            {"event_types": {"panic_button": {**CATALOG["event_types"]["panic_button"], "families": ["sia"]}}},
+            r"event_types\.panic_button\.families\[0\]",
+        ),
+        (
+            {"event_types": {"panic_button": {**CATALOG["event_types"]["panic_button"], "priority": "urgent"}}},
+            r"event_types\.panic_button\.priority",
+        ),
+        (
+            {"event_types": {"Panic Button": CATALOG["event_types"]["panic_button"]}},
+            r"event_types\.Panic Button: String should match",
+        ),
     ],
 )
 def test_catalog_without_a_version_a_known_family_a_priority_or_a_plain_name_is_refused(change, path):
@@ -173,5 +204,7 @@ def test_catalog_path_comes_from_the_environment_and_a_changed_file_is_read_agai
     monkeypatch.setenv("EVENT_CATALOG", str(path))
     assert load_event_catalog().names == ("panic_button",)
     extra = {"meaning": "A sensor reports the temperature outside.", "families": ["zigbee"], "priority": "low"}
-    path.write_text(yaml.safe_dump({**CATALOG, "event_types": {**CATALOG["event_types"], "outdoor_temperature": extra}}))
+    path.write_text(
+        yaml.safe_dump({**CATALOG, "event_types": {**CATALOG["event_types"], "outdoor_temperature": extra}})
+    )
     assert set(load_event_catalog().names) == {"panic_button", "outdoor_temperature"}

@@ -26,8 +26,8 @@ from pipeline.replay import events_dlq_replay_job
 from pipeline.resources import ArchiveStore, DrainSettings, RoutingSettings, SQSResource
 from pipeline.routing.delivery import PartnerDelivery, PartnerQueues, move_messages, redeliver_partner_dlq
 from pipeline.routing.fifo import UNPARSEABLE_GROUP, group_of, send_fields
-from pipeline.stack import EventsQueueConfig, StackConfig, aws_client, s3_filesystem
 from pipeline.routing.logs import AttemptLog
+from pipeline.stack import EventsQueueConfig, StackConfig, aws_client, s3_filesystem
 from tests.conftest import queue_counts, receive_all, sample_envelope
 from tests.helpers.routing import partner_routing
 
@@ -53,12 +53,16 @@ def send_as_the_edge(url: str, events) -> None:
     sender = SqsBatchSender(aws_client("sqs"), url, fifo=url.endswith(".fifo"))
     for start in range(0, len(events), 10):
         chunk = events[start : start + 10]
-        outcome = sender.send([Outgoing(key=i, event_id=e.event_id, site_id=e.site_id, body=e.to_json()) for i, e in enumerate(chunk)])
+        outcome = sender.send(
+            [Outgoing(key=i, event_id=e.event_id, site_id=e.site_id, body=e.to_json()) for i, e in enumerate(chunk)]
+        )
         assert len(outcome.sent) == len(chunk), outcome
 
 
 def events_of(n: int, kinds=("door_access", "intrusion_alert", "motion")):
-    return [sample_envelope(site_id=SITES[i % 2], event_type=kinds[i % len(kinds)], device_id=f"dev-{i}") for i in range(n)]
+    return [
+        sample_envelope(site_id=SITES[i % 2], event_type=kinds[i % len(kinds)], device_id=f"dev-{i}") for i in range(n)
+    ]
 
 
 def resources(queue_name: str, routing_path=None):
@@ -87,8 +91,12 @@ def drain_until_empty(queue_name: str, url: str, routing_path, max_runs: int = 1
 @pytest.fixture
 def routed(tmp_path, monkeypatch, events_queue):
     with partner_routing(
-        tmp_path, monkeypatch, ["door_access", "intrusion_alert"], ["event_id", "event_type", "timestamp", "site_id", "payload.door.*"],
-        priority={"rules": {"intrusion_alert": "high", "door_access": "medium"}, "default": "low"}, delays=(1, 1, 2),
+        tmp_path,
+        monkeypatch,
+        ["door_access", "intrusion_alert"],
+        ["event_id", "event_type", "timestamp", "site_id", "payload.door.*"],
+        priority={"rules": {"intrusion_alert": "high", "door_access": "medium"}, "default": "low"},
+        delays=(1, 1, 2),
     ) as routed:
         yield routed
 
@@ -104,8 +112,13 @@ def test_a_drain_takes_the_events_queue_to_the_archive_partner_and_priority_queu
 
     assert queue_counts(url) == (0, 0)
     partner = receive_all(urls["partner-acme"], timeout=0.5)
-    assert sorted({m["event_id"] for m in partner}) == sorted(e.event_id for e in events if e.event_type in ("door_access", "intrusion_alert"))
-    per_priority = {p: {b["event_id"] for b in receive_all(urls[routing.priority.queue_for(p)], timeout=0.5)} for p in ("high", "medium", "low")}
+    assert sorted({m["event_id"] for m in partner}) == sorted(
+        e.event_id for e in events if e.event_type in ("door_access", "intrusion_alert")
+    )
+    per_priority = {
+        p: {b["event_id"] for b in receive_all(urls[routing.priority.queue_for(p)], timeout=0.5)}
+        for p in ("high", "medium", "low")
+    }
     assert {p: len(ids) for p, ids in per_priority.items()} == {"high": 2, "medium": 2, "low": 2}
     hour = hour_key(events[0].timestamp)
     assert materialize([events_archive], partition_key=hour, resources=resources(name, path)).success
@@ -128,22 +141,39 @@ def test_the_events_dlq_replay_sends_every_valid_envelope_back_and_quarantines_t
     assert result.success and result.output_for_node("replay_events_dlq_into_events") == len(good)
     assert queue_counts(dlq_url) == (0, 0), "the poison is quarantined, everything else went back"
     back = []
-    while batch := sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=0, MessageSystemAttributeNames=["All"]).get("Messages", []):
+    while batch := sqs.receive_message(
+        QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=0, MessageSystemAttributeNames=["All"]
+    ).get("Messages", []):
         back += batch
-        sqs.delete_message_batch(QueueUrl=url, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(batch)])
+        sqs.delete_message_batch(
+            QueueUrl=url, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(batch)]
+        )
     assert sorted(json.loads(m["Body"])["event_id"] for m in back) == sorted(e.event_id for e in good)
     if url.endswith(".fifo"):
-        assert {m["Attributes"]["MessageGroupId"] for m in back} == set(SITES), "each replayed event in its site's group"
-        per_site = {site: [json.loads(m["Body"])["event_id"] for m in back if m["Attributes"]["MessageGroupId"] == site] for site in SITES}
-        assert per_site == {site: [e.event_id for e in good if e.site_id == site] for site in SITES}, "in their order within a site"
+        assert {m["Attributes"]["MessageGroupId"] for m in back} == set(SITES), (
+            "each replayed event in its site's group"
+        )
+        per_site = {
+            site: [json.loads(m["Body"])["event_id"] for m in back if m["Attributes"]["MessageGroupId"] == site]
+            for site in SITES
+        }
+        assert per_site == {site: [e.event_id for e in good if e.site_id == site] for site in SITES}, (
+            "in their order within a site"
+        )
 
 
 def test_a_replayed_message_is_grouped_by_its_site_and_deduplicated_by_its_body_and_message_id():
     body = sample_envelope(site_id="site-9").to_json()
     fields = send_fields("https://sqs/q/events.fifo", body, "m-1")
     assert fields["MessageGroupId"] == "site-9"
-    assert fields["MessageDeduplicationId"] == send_fields("https://sqs/q/events.fifo", body, "m-1")["MessageDeduplicationId"]
-    assert fields["MessageDeduplicationId"] != send_fields("https://sqs/q/events.fifo", body, "m-2")["MessageDeduplicationId"]
+    assert (
+        fields["MessageDeduplicationId"]
+        == send_fields("https://sqs/q/events.fifo", body, "m-1")["MessageDeduplicationId"]
+    )
+    assert (
+        fields["MessageDeduplicationId"]
+        != send_fields("https://sqs/q/events.fifo", body, "m-2")["MessageDeduplicationId"]
+    )
     assert send_fields("https://sqs/q/events", body, "m-1") == {}
     assert group_of("{not json") == group_of("[1]") == group_of('{"site_id": "a b"}') == UNPARSEABLE_GROUP
 
@@ -156,7 +186,13 @@ def partner_queues(events_queue, routed):
     partner = routing.partner("acme")
     if not events_queue[0].endswith(".fifo"):
         return PartnerQueues(urls[partner.queue_name], urls[partner.dlq_name])
-    url, dlq = ensure_queue_with_dlq(aws_client("sqs"), f"{partner.queue_name}.fifo", f"{partner.dlq_name}.fifo", routing.max_attempts + 3, {"FifoQueue": "true", "VisibilityTimeout": "30"})
+    url, dlq = ensure_queue_with_dlq(
+        aws_client("sqs"),
+        f"{partner.queue_name}.fifo",
+        f"{partner.dlq_name}.fifo",
+        routing.max_attempts + 3,
+        {"FifoQueue": "true", "VisibilityTimeout": "30"},
+    )
     return PartnerQueues(url, dlq)
 
 
@@ -172,7 +208,9 @@ def test_a_partner_dlq_is_redelivered_once_the_partner_answers_again(events_queu
     receiver.always_fail = True
     log = AttemptLog(s3_filesystem(), "events-archive", tag="acme-")
     PartnerDelivery(partner, aws_client("sqs"), partner_queues, routing.retry_delays_s, log).run(max_seconds=60)
-    assert queue_counts(partner_queues.dlq_url)[0] == len(events), "every message set aside in the DLQ after its attempts"
+    assert queue_counts(partner_queues.dlq_url)[0] == len(events), (
+        "every message set aside in the DLQ after its attempts"
+    )
 
     receiver.always_fail = False
     report = redeliver_partner_dlq(partner, aws_client("sqs"), partner_queues, None)

@@ -20,13 +20,24 @@ from tests.forwarder_support import SiteSubscriber
 SITE = "site-h"
 SECRET = "door-system-shared-secret"
 LINE_CROSSING = {
-    "ipAddress": "10.0.3.21", "macAddress": "44:19:b6:0a:11:02", "channelID": "4", "dateTime": "2024-01-15T11:30:00+01:00",
-    "activePostCount": "1", "eventType": "linedetection", "eventState": "active", "eventDescription": "linedetection alarm",
-    "channelName": "Gate", "regionID": "2",
+    "ipAddress": "10.0.3.21",
+    "macAddress": "44:19:b6:0a:11:02",
+    "channelID": "4",
+    "dateTime": "2024-01-15T11:30:00+01:00",
+    "activePostCount": "1",
+    "eventType": "linedetection",
+    "eventState": "active",
+    "eventDescription": "linedetection alarm",
+    "channelName": "Gate",
+    "regionID": "2",
 }
 ACCESS = {
-    "eventId": "e-1", "occurredAt": "2024-01-15T10:30:00Z", "door": {"id": "door-456", "name": "Main"},
-    "credential": {"type": "card", "id": "card-77"}, "decision": "denied", "reason": "outside schedule",
+    "eventId": "e-1",
+    "occurredAt": "2024-01-15T10:30:00Z",
+    "door": {"id": "door-456", "name": "Main"},
+    "credential": {"type": "card", "id": "card-77"},
+    "decision": "denied",
+    "reason": "outside schedule",
 }
 
 
@@ -46,7 +57,9 @@ def proxy(mosquitto):
 def site(mosquitto, proxy, tmp_path):
     forwarder = Forwarder.connect(SITE, "127.0.0.1", proxy.port, tmp_path / "fwd")
     subscriber = SiteSubscriber(mosquitto.port)
-    ingress = HttpIngress(forwarder, "127.0.0.1", 0, nvr=True, idp_secret=SECRET, max_body_bytes=256 * 1024, publish_timeout=3).start()
+    ingress = HttpIngress(
+        forwarder, "127.0.0.1", 0, nvr=True, idp_secret=SECRET, max_body_bytes=256 * 1024, publish_timeout=3
+    ).start()
     yield ingress, forwarder, subscriber
     ingress.stop()
     subscriber.close()
@@ -66,7 +79,13 @@ def direct_site(mosquitto, tmp_path):
 
 
 def post_nvr(ingress: HttpIngress, body: bytes, content_type: str = "application/xml", **kwargs) -> requests.Response:
-    return requests.post(f"http://127.0.0.1:{ingress.port}{NVR_PATH}", data=body, headers={"Content-Type": content_type}, timeout=30, **kwargs)
+    return requests.post(
+        f"http://127.0.0.1:{ingress.port}{NVR_PATH}",
+        data=body,
+        headers={"Content-Type": content_type},
+        timeout=30,
+        **kwargs,
+    )
 
 
 def post_idp(ingress: HttpIngress, body: bytes, signature: str | None) -> requests.Response:
@@ -78,31 +97,60 @@ def multipart(notification: bytes, kind: str = "application/xml") -> tuple[bytes
     """A recorder's post with a picture: the notification part, then a JPEG part."""
     boundary = "MIME_boundary"
     body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"linedetection\"\r\nContent-Type: {kind}\r\n"
-        f"Content-Length: {len(notification)}\r\n\r\n"
-    ).encode() + notification + (
-        f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"linedetectionPicture\"; filename=\"p.jpg\"\r\n"
-        "Content-Type: image/jpeg\r\n\r\n"
-    ).encode() + b"\xff\xd8\xff\xe0" + b"\x00" * 2048 + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="linedetection"\r\nContent-Type: {kind}\r\n'
+            f"Content-Length: {len(notification)}\r\n\r\n"
+        ).encode()
+        + notification
+        + (
+            f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="linedetectionPicture"; filename="p.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + b"\xff\xd8\xff\xe0"
+        + b"\x00" * 2048
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return body, f"multipart/form-data; boundary={boundary}"
 
 
 def test_an_nvr_notification_in_xml_json_or_multipart_reaches_the_site_broker(site):
     ingress, forwarder, subscriber = site
     assert post_nvr(ingress, nvr.to_xml(LINE_CROSSING)).status_code == 200
-    assert post_nvr(ingress, nvr.to_json({**LINE_CROSSING, "eventType": "VMD", "channelID": 5}), "application/json").status_code == 200
-    assert post_nvr(ingress, *multipart(nvr.to_xml({**LINE_CROSSING, "eventType": "fielddetection"}))).status_code == 200
+    assert (
+        post_nvr(
+            ingress, nvr.to_json({**LINE_CROSSING, "eventType": "VMD", "channelID": 5}), "application/json"
+        ).status_code
+        == 200
+    )
+    assert (
+        post_nvr(ingress, *multipart(nvr.to_xml({**LINE_CROSSING, "eventType": "fielddetection"}))).status_code == 200
+    )
     keepalive = {**LINE_CROSSING, "eventType": "videoloss", "eventState": "inactive"}
-    assert post_nvr(ingress, *multipart(json.dumps({"EventNotificationAlert": keepalive}).encode(), "application/json")).status_code == 200
+    assert (
+        post_nvr(
+            ingress, *multipart(json.dumps({"EventNotificationAlert": keepalive}).encode(), "application/json")
+        ).status_code
+        == 200
+    )
     wait_until(lambda: len(subscriber.snapshot()) == 4, 10, message="four notifications at the site broker")
     got = [(m["device_id"], m["event_type"]) for m in subscriber.snapshot()]
     assert got == [
-        ("nvr-4419b60a1102-ch4", "line_crossing"), ("nvr-4419b60a1102-ch5", "motion"),
-        ("nvr-4419b60a1102-ch4", "intrusion_zone"), ("nvr-4419b60a1102-ch4", "device_heartbeat"),
+        ("nvr-4419b60a1102-ch4", "line_crossing"),
+        ("nvr-4419b60a1102-ch5", "motion"),
+        ("nvr-4419b60a1102-ch4", "intrusion_zone"),
+        ("nvr-4419b60a1102-ch4", "device_heartbeat"),
     ]
     first = subscriber.snapshot()[0]
     assert first["timestamp"] == "2024-01-15T10:30:00Z"
-    assert first["payload"] == {"channel": 4, "state": "active", "description": "linedetection alarm", "region_id": 2, "nvr_ip": "10.0.3.21", "channel_name": "Gate", "active_post_count": 1}
+    assert first["payload"] == {
+        "channel": 4,
+        "state": "active",
+        "description": "linedetection alarm",
+        "region_id": 2,
+        "nvr_ip": "10.0.3.21",
+        "channel_name": "Gate",
+        "active_post_count": 1,
+    }
 
 
 def test_an_nvr_is_answered_only_after_the_site_broker_acknowledged_and_503_when_it_did_not_in_time(site, proxy):
@@ -125,7 +173,12 @@ def test_with_the_site_broker_down_devices_get_503_and_their_resend_arrives_once
     assert post_nvr(ingress, nvr.to_xml(LINE_CROSSING)).status_code == 503
     assert post_idp(ingress, json.dumps(ACCESS).encode(), sign(SECRET, json.dumps(ACCESS).encode())).status_code == 503
     mosquitto.start()
-    answer = wait_until(lambda: post_nvr(ingress, nvr.to_xml(LINE_CROSSING)).status_code == 200, 20, interval=0.5, message="the resend answered 200")
+    answer = wait_until(
+        lambda: post_nvr(ingress, nvr.to_xml(LINE_CROSSING)).status_code == 200,
+        20,
+        interval=0.5,
+        message="the resend answered 200",
+    )
     assert answer
     wait_until(lambda: subscriber.snapshot(), 10, message="the notification at the site broker")
     assert [m["event_type"] for m in subscriber.snapshot()] == ["line_crossing"]
@@ -148,10 +201,16 @@ EXTERNAL_ENTITY = b"""<?xml version="1.0"?><!DOCTYPE e [<!ENTITY x SYSTEM "file:
         (BILLION_LAUGHS, "application/xml", "forbidden_xml"),
         (EXTERNAL_ENTITY, "application/xml", "forbidden_xml"),
         (b"\xff\xfe not json", "application/json", "not_utf8"),
-        (b"--x\r\nContent-Type: image/jpeg\r\n\r\n\xff\xd8\r\n--x--\r\n", "multipart/form-data; boundary=x", "bad_multipart"),
+        (
+            b"--x\r\nContent-Type: image/jpeg\r\n\r\n\xff\xd8\r\n--x--\r\n",
+            "multipart/form-data; boundary=x",
+            "bad_multipart",
+        ),
     ],
 )
-def test_an_nvr_body_that_is_no_notification_is_refused_400_quarantined_and_the_next_one_arrives(site, body, content_type, reason):
+def test_an_nvr_body_that_is_no_notification_is_refused_400_quarantined_and_the_next_one_arrives(
+    site, body, content_type, reason
+):
     ingress, forwarder, subscriber = site
     answer = post_nvr(ingress, body, content_type)
     assert answer.status_code == 400 and answer.json()["error"] == reason
@@ -187,12 +246,18 @@ def test_a_signed_door_decision_reaches_the_site_broker(site):
     bare_hex = sign(SECRET, body.replace(b"e-1", b"e-2")).removeprefix("sha256=")
     assert post_idp(ingress, body.replace(b"e-1", b"e-2"), bare_hex).status_code == 200
     wait_until(lambda: len(subscriber.snapshot()) == 2, 10, message="the decisions at the site broker")
-    assert [(m["event_type"], m["device_id"], m["payload"]["idp_event_id"], m["payload"]["result"]) for m in subscriber.snapshot()] == [
-        ("door_access", "idp-door-456", "e-1", "denied"), ("door_access", "idp-door-456", "e-2", "denied"),
+    assert [
+        (m["event_type"], m["device_id"], m["payload"]["idp_event_id"], m["payload"]["result"])
+        for m in subscriber.snapshot()
+    ] == [
+        ("door_access", "idp-door-456", "e-1", "denied"),
+        ("door_access", "idp-door-456", "e-2", "denied"),
     ]
 
 
-@pytest.mark.parametrize("signature", [None, "sha256=" + "0" * 64, "not-hex", sign("another-secret", json.dumps(ACCESS).encode())])
+@pytest.mark.parametrize(
+    "signature", [None, "sha256=" + "0" * 64, "not-hex", sign("another-secret", json.dumps(ACCESS).encode())]
+)
 def test_a_door_webhook_without_the_right_signature_is_401_counted_and_goes_nowhere(site, signature):
     ingress, forwarder, subscriber = site
     body = json.dumps(ACCESS).encode()

@@ -61,7 +61,9 @@ def take(received: queue.Queue, count: int) -> list[dict]:
     return [received.get(timeout=30) for _ in range(count)]
 
 
-def test_an_adapter_that_raises_quarantines_that_message_as_adapter_error_and_the_next_ones_are_published(forwarder, subscriber, monkeypatch):
+def test_an_adapter_that_raises_quarantines_that_message_as_adapter_error_and_the_next_ones_are_published(
+    forwarder, subscriber, monkeypatch
+):
     real_zigbee = adapters.ADAPTERS["zigbee"]
 
     def zigbee(site_id, topic, raw, received_at=None):
@@ -78,11 +80,15 @@ def test_an_adapter_that_raises_quarantines_that_message_as_adapter_error_and_th
     assert forwarder.rejected == {"adapter_error": 1}
 
 
-def test_an_envelope_over_the_size_bound_is_quarantined_as_too_large_and_the_next_ones_are_published(forwarder, subscriber):
+def test_an_envelope_over_the_size_bound_is_quarantined_as_too_large_and_the_next_ones_are_published(
+    forwarder, subscriber
+):
     # Within the adapters' own 4 MiB input bound, but the envelope around it is larger.
     raw = json.dumps({"contact": True, "blob": "x" * (MAX_ENVELOPE_BYTES - 100)}).encode()
     published = forward_around(forwarder, ("zigbee", "zigbee2mqtt/door-1", raw))
     assert [e["event_id"] for e in take(subscriber, len(published))] == [e.event_id for e in published]
     [entry] = quarantined(forwarder)
     assert entry["reason"] == "too_large" and entry["payload_bytes"] == len(raw)
-    assert entry["detail"].startswith("the envelope is ") and entry["detail"].endswith(f"bytes (limit {MAX_ENVELOPE_BYTES})")
+    assert entry["detail"].startswith("the envelope is ") and entry["detail"].endswith(
+        f"bytes (limit {MAX_ENVELOPE_BYTES})"
+    )

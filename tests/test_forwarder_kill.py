@@ -86,18 +86,28 @@ class HttpDevice(Device):
 class Nvr(HttpDevice):
     def send(self, ident: str) -> bool:
         alert = {
-            "ipAddress": "10.0.3.21", "macAddress": "44:19:b6:0a:11:02", "channelID": 4, "dateTime": "2024-01-15T11:30:00+01:00",
-            "eventType": "VMD", "eventState": "active", "eventDescription": ident,
+            "ipAddress": "10.0.3.21",
+            "macAddress": "44:19:b6:0a:11:02",
+            "channelID": 4,
+            "dateTime": "2024-01-15T11:30:00+01:00",
+            "eventType": "VMD",
+            "eventState": "active",
+            "eventDescription": ident,
         }
         return self.post(NVR_PATH, nvr.to_xml(alert), {"Content-Type": "application/xml"})
 
 
 class Door(HttpDevice):
     def send(self, ident: str) -> bool:
-        body = json.dumps({
-            "eventId": ident, "occurredAt": "2024-01-15T10:30:00Z", "door": {"id": "door-1"},
-            "credential": {"type": "card", "id": "card-1"}, "decision": "granted",
-        }).encode()
+        body = json.dumps(
+            {
+                "eventId": ident,
+                "occurredAt": "2024-01-15T10:30:00Z",
+                "door": {"id": "door-1"},
+                "credential": {"type": "card", "id": "card-1"},
+                "decision": "granted",
+            }
+        ).encode()
         return self.post(IDP_PATH, body, {"Content-Type": "application/json", "X-Signature": sign(SECRET, body)})
 
 
@@ -138,18 +148,30 @@ def inside(forwarder: ForwarderProcess) -> int:
     return counts.get("received", 0) - counts.get("forwarded", 0) - counts.get("quarantined", 0)
 
 
-def test_nothing_a_device_was_told_was_received_is_lost_when_the_forwarder_is_killed_9(mosquitto, zigbee_broker, tmp_path):
+def test_nothing_a_device_was_told_was_received_is_lost_when_the_forwarder_is_killed_9(
+    mosquitto, zigbee_broker, tmp_path
+):
     subscriber = SiteSubscriber(mosquitto.port, client_id="kill-test-site-subscriber")
-    proxy = TcpProxy(mosquitto.port).open().slow(0.05)  # the site broker's acks come late, so work is inside the forwarder
+    proxy = (
+        TcpProxy(mosquitto.port).open().slow(0.05)
+    )  # the site broker's acks come late, so work is inside the forwarder
     env = forwarder_env(
-        SITE, proxy.port, tmp_path / "state", free_port(),
-        FORWARDER_INGRESSES="zigbee,nvr,idp", FORWARDER_ZIGBEE_HOST="127.0.0.1", FORWARDER_ZIGBEE_PORT=str(zigbee_broker.port),
-        FORWARDER_IDP_SECRET=SECRET, FORWARDER_PUBLISH_TIMEOUT_S="2",
+        SITE,
+        proxy.port,
+        tmp_path / "state",
+        free_port(),
+        FORWARDER_INGRESSES="zigbee,nvr,idp",
+        FORWARDER_ZIGBEE_HOST="127.0.0.1",
+        FORWARDER_ZIGBEE_PORT=str(zigbee_broker.port),
+        FORWARDER_IDP_SECRET=SECRET,
+        FORWARDER_PUBLISH_TIMEOUT_S="2",
     )
     forwarder = ForwarderProcess(env, tmp_path / "forwarder.log").start()
     stop = threading.Event()
     zigbee = ZigbeeDevices("zigbee", stop, zigbee_broker.port)
-    http = [Nvr(f"nvr{i}", stop, forwarder.url) for i in range(2)] + [Door(f"idp{i}", stop, forwarder.url) for i in range(2)]
+    http = [Nvr(f"nvr{i}", stop, forwarder.url) for i in range(2)] + [
+        Door(f"idp{i}", stop, forwarder.url) for i in range(2)
+    ]
     devices = [zigbee, *http]
 
     def answered() -> dict[str, int]:
@@ -164,31 +186,49 @@ def test_nothing_a_device_was_told_was_received_is_lost_when_the_forwarder_is_ki
         held = wait_until(lambda: inside(forwarder), 20, interval=0.005, message="zigbee messages inside the forwarder")
         wait_until(lambda: sum(d.busy for d in http) >= 3, 10, interval=0.0005, message="HTTP requests open")
         kill9(forwarder.proc)
-        print(f"kill 1: {held} zigbee messages inside the forwarder, unacked; {len(subscriber.snapshot())} envelopes at the site broker")
+        print(
+            f"kill 1: {held} zigbee messages inside the forwarder, unacked; {len(subscriber.snapshot())} envelopes at the site broker"
+        )
         forwarder.start()
         cut_open = sum(d.cut_open for d in http)
         print(f"kill 1: {cut_open} HTTP requests cut open")
         marks = answered()
-        wait_until(lambda: all(n >= marks[k] + 20 for k, n in answered().items()), 60, message="every device answered again")
+        wait_until(
+            lambda: all(n >= marks[k] + 20 for k, n in answered().items()), 60, message="every device answered again"
+        )
 
         # Kill 2: the site broker is down, the forwarder cannot hand anything on; devices keep sending.
         mosquitto.stop()
         attempts = sum(d.attempts for d in http)
-        wait_until(lambda: sum(d.attempts for d in http) >= attempts + 8, 20, message="devices sending while the broker is down")
+        wait_until(
+            lambda: sum(d.attempts for d in http) >= attempts + 8,
+            20,
+            message="devices sending while the broker is down",
+        )
         zigbee_marks = len(zigbee.acked)
-        wait_until(lambda: len(zigbee.acked) >= zigbee_marks + 20, 20, message="zigbee2mqtt publishing on, its broker acking")
+        wait_until(
+            lambda: len(zigbee.acked) >= zigbee_marks + 20, 20, message="zigbee2mqtt publishing on, its broker acking"
+        )
         kill9(forwarder.proc)
         mosquitto.start()
         forwarder.start()
         marks = answered()
-        wait_until(lambda: all(n >= marks[k] + 20 for k, n in answered().items()), 60, message="every device answered after the restart")
+        wait_until(
+            lambda: all(n >= marks[k] + 20 for k, n in answered().items()),
+            60,
+            message="every device answered after the restart",
+        )
     finally:
         stop.set()
         for device in devices:
             device.join(20)
         zigbee.z2m.close()
 
-    acked = {"zigbee": set(zigbee.acked), "nvr": {i for d in http[:2] for i in d.acked}, "idp": {i for d in http[2:] for i in d.acked}}
+    acked = {
+        "zigbee": set(zigbee.acked),
+        "nvr": {i for d in http[:2] for i in d.acked},
+        "idp": {i for d in http[2:] for i in d.acked},
+    }
 
     def missing() -> dict[str, set[str]]:
         got = arrived(subscriber)
@@ -197,7 +237,12 @@ def test_nothing_a_device_was_told_was_received_is_lost_when_the_forwarder_is_ki
     try:
         wait_until(lambda: not missing(), 60, interval=0.5, message="every acknowledged id at the site broker")
     finally:
-        print("acknowledged:", {k: len(v) for k, v in acked.items()}, "missing:", {k: sorted(v)[:5] for k, v in missing().items()})
+        print(
+            "acknowledged:",
+            {k: len(v) for k, v in acked.items()},
+            "missing:",
+            {k: sorted(v)[:5] for k, v in missing().items()},
+        )
         forwarder.stop()
         proxy.close()
         subscriber.close()

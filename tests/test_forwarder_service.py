@@ -18,9 +18,24 @@ from tests.forwarder_support import ForwarderProcess, SiteSubscriber, Zigbee2Mqt
 
 
 def test_settings_come_from_the_environment_with_the_site_broker_as_zigbee2mqtts_by_default():
-    config = ForwarderConfig.from_env({"EDGE_SITE_ID": "site-9", "EDGE_MQTT_PORT": "1999", "FORWARDER_INGRESSES": "zigbee, NVR"})
-    assert (config.site_id, config.mqtt_port, config.ingresses, config.zigbee_host, config.zigbee_base_topic) == ("site-9", 1999, ("zigbee", "nvr"), None, "zigbee2mqtt")
-    config = ForwarderConfig.from_env({"FORWARDER_INGRESSES": "idp", "FORWARDER_IDP_SECRET": "s", "FORWARDER_ZIGBEE_PORT": "1884", "FORWARDER_PUBLISH_TIMEOUT_S": "2.5"})
+    config = ForwarderConfig.from_env(
+        {"EDGE_SITE_ID": "site-9", "EDGE_MQTT_PORT": "1999", "FORWARDER_INGRESSES": "zigbee, NVR"}
+    )
+    assert (config.site_id, config.mqtt_port, config.ingresses, config.zigbee_host, config.zigbee_base_topic) == (
+        "site-9",
+        1999,
+        ("zigbee", "nvr"),
+        None,
+        "zigbee2mqtt",
+    )
+    config = ForwarderConfig.from_env(
+        {
+            "FORWARDER_INGRESSES": "idp",
+            "FORWARDER_IDP_SECRET": "s",
+            "FORWARDER_ZIGBEE_PORT": "1884",
+            "FORWARDER_PUBLISH_TIMEOUT_S": "2.5",
+        }
+    )
     assert (config.idp_secret, config.zigbee_port, config.publish_timeout_s) == ("s", 1884, 2.5)
 
 
@@ -39,7 +54,14 @@ def test_a_setting_the_forwarder_cannot_run_with_is_named(environ, message):
 
 def test_a_listed_family_that_cannot_run_stops_the_start_with_its_setting(mosquitto, tmp_path):
     env = forwarder_env("site-s", mosquitto.port, tmp_path / "state", free_port(), FORWARDER_INGRESSES="nvr,ajax")
-    done = subprocess.run([sys.executable, "-m", "edge_bridge.forwarder"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "edge_bridge.forwarder"],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode != 0 and "FORWARDER_SIA_ACCOUNTS is required with the ajax ingress" in done.stderr
 
 
@@ -50,10 +72,18 @@ def zigbee_broker(tmp_path):
     broker.stop()
 
 
-def test_the_service_forwards_every_listed_family_and_status_shows_which_one_is_silent(mosquitto, zigbee_broker, tmp_path):
+def test_the_service_forwards_every_listed_family_and_status_shows_which_one_is_silent(
+    mosquitto, zigbee_broker, tmp_path
+):
     env = forwarder_env(
-        "site-s", mosquitto.port, tmp_path / "state", free_port(), FORWARDER_INGRESSES="zigbee,nvr,idp",
-        FORWARDER_ZIGBEE_HOST="127.0.0.1", FORWARDER_ZIGBEE_PORT=str(zigbee_broker.port), FORWARDER_IDP_SECRET="s3cret",
+        "site-s",
+        mosquitto.port,
+        tmp_path / "state",
+        free_port(),
+        FORWARDER_INGRESSES="zigbee,nvr,idp",
+        FORWARDER_ZIGBEE_HOST="127.0.0.1",
+        FORWARDER_ZIGBEE_PORT=str(zigbee_broker.port),
+        FORWARDER_IDP_SECRET="s3cret",
     )
     subscriber = SiteSubscriber(mosquitto.port)
     forwarder = ForwarderProcess(env, tmp_path / "forwarder.log").start()
@@ -61,9 +91,19 @@ def test_the_service_forwards_every_listed_family_and_status_shows_which_one_is_
     try:
         assert z2m.publish("bridge/state", {"state": "online"})
         assert z2m.publish("front_door", {"contact": True})
-        alert = {"macAddress": "44:19:b6:0a:11:02", "channelID": 1, "dateTime": "2024-01-15T11:30:00+01:00", "eventType": "VMD"}
+        alert = {
+            "macAddress": "44:19:b6:0a:11:02",
+            "channelID": 1,
+            "dateTime": "2024-01-15T11:30:00+01:00",
+            "eventType": "VMD",
+        }
         assert requests.post(forwarder.url + NVR_PATH, data=nvr.to_xml(alert), timeout=10).status_code == 200
-        assert requests.post(forwarder.url + IDP_PATH, data=b"{}", headers={"X-Signature": "sha256=00"}, timeout=10).status_code == 401
+        assert (
+            requests.post(
+                forwarder.url + IDP_PATH, data=b"{}", headers={"X-Signature": "sha256=00"}, timeout=10
+            ).status_code
+            == 401
+        )
         wait_until(lambda: len(subscriber.snapshot()) == 2, 10, message="the zigbee and NVR events at the site broker")
         status = forwarder.status()
         families = status["families"]

@@ -57,10 +57,15 @@ def test_zigbee2mqtt_device_topics_reach_the_site_broker_typed_by_what_each_devi
         assert z2m.publish(name, state)
     assert z2m.publish("front_door/availability", b"offline")  # the legacy plain-text payload
     assert z2m.publish("front_door/availability", {"state": "online"})
-    wait_until(lambda: len(subscriber.snapshot()) == len(DEVICE_REPORTS) + 2, 10, message="every device report at the site broker")
+    wait_until(
+        lambda: len(subscriber.snapshot()) == len(DEVICE_REPORTS) + 2,
+        10,
+        message="every device report at the site broker",
+    )
     got = [(m["device_id"], m["event_type"]) for m in subscriber.snapshot()]
     assert got == [(f"zigbee-{name}", kind) for name, _, kind in DEVICE_REPORTS] + [
-        ("zigbee-front_door", "device_offline"), ("zigbee-front_door", "device_online"),
+        ("zigbee-front_door", "device_offline"),
+        ("zigbee-front_door", "device_online"),
     ]
     by_device = {m["device_id"]: m for m in subscriber.snapshot()[: len(DEVICE_REPORTS)]}
     assert by_device["zigbee-coffee_plug"]["payload"]["power"] == 1250.5
@@ -79,7 +84,11 @@ def test_bridge_topics_and_commands_are_acked_but_neither_forwarded_nor_quaranti
     assert z2m.publish("coffee_plug/set", {"state": "OFF"})
     assert z2m.publish("coffee_plug", {"state": "OFF", "power": 0})  # the one device event among them
     wait_until(lambda: subscriber.snapshot(), 10, message="the plug's state at the site broker")
-    wait_until(lambda: ingress.counts["ignored_bridge"] == 4 and ingress.counts["ignored_command"] == 1, 10, message="every bridge and command message passed by")
+    wait_until(
+        lambda: ingress.counts["ignored_bridge"] == 4 and ingress.counts["ignored_command"] == 1,
+        10,
+        message="every bridge and command message passed by",
+    )
     assert [m["event_type"] for m in subscriber.snapshot()] == ["switch_state"]
     assert ingress.bridge_state == "online"
     assert not forwarder.quarantine.path.read_text()
@@ -93,8 +102,13 @@ def test_a_bad_zigbee_message_is_quarantined_alone_and_the_ones_after_it_arrive(
     assert z2m.publish("door_1", {"contact": False, "n": 2})
     wait_until(lambda: len(subscriber.snapshot()) == 2, 10, message="the good messages at the site broker")
     assert [m["payload"]["n"] for m in subscriber.snapshot()] == [1, 2]
-    assert [(e["topic"], e["reason"]) for e in quarantined(forwarder)] == [("zigbee2mqtt/door_1", "not_utf8"), ("zigbee2mqtt/door_1", "unknown_event_type")]
-    wait_until(lambda: ingress.counts["quarantined"] == 2 and ingress.counts["forwarded"] == 2, 10, message="all four answered")
+    assert [(e["topic"], e["reason"]) for e in quarantined(forwarder)] == [
+        ("zigbee2mqtt/door_1", "not_utf8"),
+        ("zigbee2mqtt/door_1", "unknown_event_type"),
+    ]
+    wait_until(
+        lambda: ingress.counts["quarantined"] == 2 and ingress.counts["forwarded"] == 2, 10, message="all four answered"
+    )
 
 
 def test_qos0_messages_are_forwarded_and_never_acked_so_the_session_stays_up(site):
@@ -107,7 +121,9 @@ def test_qos0_messages_are_forwarded_and_never_acked_so_the_session_stays_up(sit
     assert ingress.counts["connections"] == 1, "the broker dropped the session (a PUBACK for a QoS 0 message?)"
 
 
-def test_a_zigbee_message_is_acked_only_once_the_site_broker_acknowledged_its_envelope(mosquitto, zigbee_broker, tmp_path):
+def test_a_zigbee_message_is_acked_only_once_the_site_broker_acknowledged_its_envelope(
+    mosquitto, zigbee_broker, tmp_path
+):
     """The site broker is down: the message is not acked, so after the ingress stops (as in a crash) the
     broker hands it over again to the next one, which forwards it once the site broker is back."""
     subscriber = SiteSubscriber(mosquitto.port)
@@ -125,7 +141,9 @@ def test_a_zigbee_message_is_acked_only_once_the_site_broker_acknowledged_its_en
         mosquitto.start()
         forwarder = Forwarder.connect(SITE, "127.0.0.1", mosquitto.port, tmp_path / "fwd")
         ingress = ZigbeeIngress(forwarder, "127.0.0.1", zigbee_broker.port, publish_timeout=1).start()
-        wait_until(lambda: len(subscriber.snapshot()) == 2, 20, message="the unacked message, handed over again and forwarded")
+        wait_until(
+            lambda: len(subscriber.snapshot()) == 2, 20, message="the unacked message, handed over again and forwarded"
+        )
         assert [m["payload"]["n"] for m in subscriber.snapshot()] == [1, 2]
     finally:
         ingress.stop()

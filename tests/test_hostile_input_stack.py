@@ -44,7 +44,13 @@ ALLOWED = ["event_id", "event_type", "timestamp", "site_id", "payload.door", "pa
 def good_event(site: str, n: int, event_type: str | None = None, **overrides):
     kinds = ("door_access", "intrusion_alert", "motion", "temperature")
     payload = overrides.pop("payload", {"door": f"d{n}", "zone": f"z{n % 3}", "credential": "secret-card", "n": n})
-    return sample_envelope(site_id=site, event_type=event_type or kinds[n % len(kinds)], device_id=f"{site}-dev-{n % 5}", payload=payload, **overrides)
+    return sample_envelope(
+        site_id=site,
+        event_type=event_type or kinds[n % len(kinds)],
+        device_id=f"{site}-dev-{n % 5}",
+        payload=payload,
+        **overrides,
+    )
 
 
 def wire(**changes) -> dict:
@@ -70,7 +76,11 @@ def edge_corpus() -> list[tuple[str, bytes, str]]:
         (topic, b"\xff\xfe\x00garbage", "not_utf8"),
         (topic, b"{not json at all", "bad_json"),
         (topic, b"[1, 2, 3]", "not_an_object"),
-        (topic, json.dumps({k: v for k, v in wire().items() if k != "schema_version"}).encode(), "missing_schema_version"),
+        (
+            topic,
+            json.dumps({k: v for k, v in wire().items() if k != "schema_version"}).encode(),
+            "missing_schema_version",
+        ),
         (topic, json.dumps(wire(schema_version="2.0")).encode(), "unsupported_major"),
         (topic, json.dumps({k: v for k, v in wire().items() if k != "device_id"}).encode(), "invalid_field"),
         (topic, with_payload(nested(2_000)), "too_deep"),
@@ -89,7 +99,18 @@ def edge_corpus() -> list[tuple[str, bytes, str]]:
 
 def cloud_corpus(events_bucket_pointer_body) -> list[tuple[str, str]]:
     """(SQS body, expected reason): what only the cloud can catch (an edge that did not check)."""
-    forged_bucket = json.dumps({"claim_check": {"bucket": "events-archive", "key": "claim-check/site-a/x.json", "bytes": 5, "sha256": "0" * 64}, "event_id": "x", "site_id": "site-a"})
+    forged_bucket = json.dumps(
+        {
+            "claim_check": {
+                "bucket": "events-archive",
+                "key": "claim-check/site-a/x.json",
+                "bytes": 5,
+                "sha256": "0" * 64,
+            },
+            "event_id": "x",
+            "site_id": "site-a",
+        }
+    )
     return [
         (with_payload(nested(400)).decode(), "too_deep"),
         (with_payload('{"v": Infinity}').decode(), "non_finite_number"),
@@ -121,7 +142,10 @@ class MqttPublisher:
 @pytest.fixture
 def routed(tmp_path, aws, monkeypatch):
     with partner_routing(
-        tmp_path, monkeypatch, list(SUBSCRIBED), ALLOWED,
+        tmp_path,
+        monkeypatch,
+        list(SUBSCRIBED),
+        ALLOWED,
         priority={"rules": {"intrusion_alert": "high", "door_access": "medium"}, "default": "low"},
         automation={"rules": [{"event_type": "intrusion_alert", "incident": True}]},
     ) as routed:
@@ -164,7 +188,9 @@ def archived_keys(hours: set[str]) -> list[tuple[str, str]]:
     return keys
 
 
-def test_hostile_input_through_the_whole_stack_loses_no_good_event_and_quarantines_each_bad_one_once(edge_factory, mosquitto, aws, routed, tmp_path):
+def test_hostile_input_through_the_whole_stack_loses_no_good_event_and_quarantines_each_bad_one_once(
+    edge_factory, mosquitto, aws, routed, tmp_path
+):
     routing, config_path, urls, receiver = routed
     edge = edge_factory()
     sender_pids = requests.get(edge.admin_url + "/status", timeout=5).json()["sender_pids"]
@@ -172,7 +198,10 @@ def test_hostile_input_through_the_whole_stack_loses_no_good_event_and_quarantin
     # Good traffic from three sites, with the good-but-awkward cases among it.
     good = [good_event(site, n) for n in range(40) for site in SITES]
     shared_id = new_event_id()
-    twins = [good_event("site-b", 900, "intrusion_alert", event_id=shared_id), good_event("site-c", 901, "intrusion_alert", event_id=shared_id)]
+    twins = [
+        good_event("site-b", 900, "intrusion_alert", event_id=shared_id),
+        good_event("site-c", 901, "intrusion_alert", event_id=shared_id),
+    ]
     big = good_event("site-a", 902, "door_access", payload={"door": "vault", "blob": "y" * (2 * 1024 * 1024)})
     qos0 = good_event("site-c", 903, "door_access")
     redelivered = good[7]
@@ -201,14 +230,28 @@ def test_hostile_input_through_the_whole_stack_loses_no_good_event_and_quarantin
 
     s3, sqs = aws_client("s3"), aws_client("sqs")
     tampered = good_event("site-b", 904, "door_access")
-    tampered_pointer = check_in(s3, "events-claim-check", EDGE_PREFIX, tampered.site_id, tampered.event_id, tampered.to_json())
-    s3.put_object(Bucket="events-claim-check", Key=f"{EDGE_PREFIX}/{tampered.site_id}/{tampered.event_id}.json", Body=tampered.to_json().replace("d904", "XXXX").encode())
+    tampered_pointer = check_in(
+        s3, "events-claim-check", EDGE_PREFIX, tampered.site_id, tampered.event_id, tampered.to_json()
+    )
+    s3.put_object(
+        Bucket="events-claim-check",
+        Key=f"{EDGE_PREFIX}/{tampered.site_id}/{tampered.event_id}.json",
+        Body=tampered.to_json().replace("d904", "XXXX").encode(),
+    )
     cloud_bad = cloud_corpus(tampered_pointer)
-    sqs.send_message_batch(QueueUrl=events_url, Entries=[{"Id": str(i), "MessageBody": body} for i, (body, _) in enumerate(cloud_bad)])
+    sqs.send_message_batch(
+        QueueUrl=events_url, Entries=[{"Id": str(i), "MessageBody": body} for i, (body, _) in enumerate(cloud_bad)]
+    )
 
     unique_good = {e.key for e in good}
-    wait_until(lambda: sum(queue_counts(events_url)) >= len(unique_good) + len(cloud_bad), 60, message="every good event in SQS")
-    wait_until(lambda: len(edge_quarantine(edge)) >= len(corpus), 30, message="every bad message in the edge quarantine")
+    wait_until(
+        lambda: sum(queue_counts(events_url)) >= len(unique_good) + len(cloud_bad),
+        60,
+        message="every good event in SQS",
+    )
+    wait_until(
+        lambda: len(edge_quarantine(edge)) >= len(corpus), 30, message="every bad message in the edge quarantine"
+    )
 
     # The cloud: drain until the queue is empty (every run must succeed), then deliver and consume.
     runs = 0
@@ -219,11 +262,19 @@ def test_hostile_input_through_the_whole_stack_loses_no_good_event_and_quarantin
 
     consumer = PriorityConsumer(routing, sqs, ConsumerSettings(db_path=str(tmp_path / "consumer.duckdb"))).start()
     partner = routing.partner("acme")
-    stats = PartnerDelivery(partner, sqs, PartnerQueues(urls[partner.queue_name], urls[partner.dlq_name]), routing.retry_delays_s, None).run(max_seconds=30)
+    stats = PartnerDelivery(
+        partner, sqs, PartnerQueues(urls[partner.queue_name], urls[partner.dlq_name]), routing.retry_delays_s, None
+    ).run(max_seconds=30)
     try:
-        handled = lambda: sum(consumer.metrics.handled.labels(priority=p)._value.get() for p in ("high", "medium", "low"))  # noqa: E731
+        handled = lambda: sum(
+            consumer.metrics.handled.labels(priority=p)._value.get() for p in ("high", "medium", "low")
+        )  # noqa: E731
         wait_until(lambda: handled() >= len(unique_good), 30, message="the consumer to handle every good event")
-        wait_until(lambda: all(queue_counts(urls[routing.priority.queue_for(p)]) == (0, 0) for p in ("high", "medium", "low")), 20, message="priority queues to empty")
+        wait_until(
+            lambda: all(queue_counts(urls[routing.priority.queue_for(p)]) == (0, 0) for p in ("high", "medium", "low")),
+            20,
+            message="priority queues to empty",
+        )
     finally:
         consumer.stop()
     hours = {hour_key(e.timestamp) for e in good}
@@ -251,7 +302,9 @@ def test_hostile_input_through_the_whole_stack_loses_no_good_event_and_quarantin
     at_edge = edge_quarantine(edge)
     by_payload = Counter((base64.b64decode(e["payload_b64"]), e["reason"]) for e in at_edge)
     for _, payload, reason in corpus:
-        assert by_payload[(payload[:65536], reason)] == 1, f"{reason}: expected once in the edge quarantine, got {[e['reason'] for e in at_edge if base64.b64decode(e['payload_b64']) == payload[:65536]]}"
+        assert by_payload[(payload[:65536], reason)] == 1, (
+            f"{reason}: expected once in the edge quarantine, got {[e['reason'] for e in at_edge if base64.b64decode(e['payload_b64']) == payload[:65536]]}"
+        )
     assert len(at_edge) == len(corpus), Counter(e["reason"] for e in at_edge)
     in_cloud = Counter(e["reason"] for e in cloud_quarantine())
     assert in_cloud == Counter(reason for _, reason in cloud_bad)

@@ -66,7 +66,9 @@ def test_every_panel_queries_one_of_the_nine_monitoring_points_of_its_own_row(da
 
 
 def test_each_of_the_nine_monitoring_points_has_a_panel(dashboard):
-    shown = set().union(*(metric_names(t["expr"]) for p in dashboard["panels"] if p["type"] != "row" for t in p["targets"]))
+    shown = set().union(
+        *(metric_names(t["expr"]) for p in dashboard["panels"] if p["type"] != "row" for t in p["targets"])
+    )
     assert shown == ALL_POINTS
 
 
@@ -94,9 +96,18 @@ def test_panel_ids_are_unique_and_panels_do_not_overlap(dashboard):
 
 def test_every_panel_query_is_valid_promql(dashboard, tmp_path):
     exprs = [t["expr"] for p in dashboard["panels"] if p["type"] != "row" for t in p["targets"]]
-    rules = {"groups": [{"name": "dashboard", "rules": [{"record": f"dashboard:panel_{i}", "expr": e} for i, e in enumerate(exprs)]}]}
+    rules = {
+        "groups": [
+            {"name": "dashboard", "rules": [{"record": f"dashboard:panel_{i}", "expr": e} for i, e in enumerate(exprs)]}
+        ]
+    }
     (tmp_path / "panels.yml").write_text(yaml.safe_dump(rules))
-    result = subprocess.run([shutil.which("promtool"), "check", "rules", str(tmp_path / "panels.yml")], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [shutil.which("promtool"), "check", "rules", str(tmp_path / "panels.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

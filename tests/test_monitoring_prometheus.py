@@ -30,7 +30,9 @@ def prometheus(tmp_path_factory, pushgateway):
 
 def test_prometheus_finds_gauges_a_run_pushed_to_the_pushgateway_by_name(prometheus, pushgateway, monkeypatch):
     monkeypatch.setenv("PIPELINE_PUSHGATEWAY_URL", pushgateway.url)
-    assert push_gauges("archive", {"parquet_files_written": ("Parquet files written", 3), "archival_lag_minutes": ("lag", 12.5)})
+    assert push_gauges(
+        "archive", {"parquet_files_written": ("Parquet files written", 3), "archival_lag_minutes": ("lag", 12.5)}
+    )
 
     found = prometheus.wait_for_series(["parquet_files_written", "archival_lag_minutes"], timeout=30)
 
@@ -41,7 +43,9 @@ def test_pushed_labels_survive_the_scrape_because_of_honor_labels(prometheus, pu
     monkeypatch.setenv("PIPELINE_PUSHGATEWAY_URL", pushgateway.url)
     push_gauges("drain", {"partner_delivery_success_rate": ("ratio", 0.97)}, labels={"partner": "acme"})
 
-    result = wait_until(lambda: prometheus.query("partner_delivery_success_rate"), timeout=30, message="the pushed gauge")
+    result = wait_until(
+        lambda: prometheus.query("partner_delivery_success_rate"), timeout=30, message="the pushed gauge"
+    )
 
     [sample] = result
     assert sample["metric"]["job"] == "drain" and sample["metric"]["partner"] == "acme"

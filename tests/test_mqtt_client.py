@@ -18,7 +18,9 @@ TOPIC = "sites/site-1/events/test/sample"
 def connect(port: int, client_id: str, manual_ack: bool = False, clean_session: bool = True):
     received: queue.Queue = queue.Queue()
     subscribed = threading.Event()
-    client = Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session, manual_ack=manual_ack)
+    client = Client(
+        CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session, manual_ack=manual_ack
+    )
     client.max_inflight_messages_set(1000)
     client.on_connect = lambda c, *a: c.subscribe("sites/+/events/#", qos=1)
     client.on_subscribe = lambda *a: subscribed.set()
@@ -34,7 +36,19 @@ def take(received: queue.Queue, count: int, timeout: float = 30) -> list[tuple[i
 
 
 def test_messages_of_every_size_arrive_intact_and_in_order(mosquitto):
-    sizes = [0, 1, 2, 127, 128, 16_383, 16_384, READ_BUFFER_BYTES - 5, READ_BUFFER_BYTES, READ_BUFFER_BYTES + 1, 300_000]
+    sizes = [
+        0,
+        1,
+        2,
+        127,
+        128,
+        16_383,
+        16_384,
+        READ_BUFFER_BYTES - 5,
+        READ_BUFFER_BYTES,
+        READ_BUFFER_BYTES + 1,
+        300_000,
+    ]
     payloads = [bytes([i % 251]) * size + f"#{i}".encode() for i, size in enumerate(sizes * 3)]
     payloads += [f"small-{i}".encode() for i in range(3000)]  # many to a buffer: packets split across refills
     client, received = connect(mosquitto.port, "buffered-reader")
@@ -65,7 +79,12 @@ def test_ack_many_acknowledges_exactly_the_ids_it_is_given(mosquitto):
     try:
         publish(mosquitto.port, TOPIC, [b"marker"])
         redelivered = []
-        wait_until(lambda: redelivered.append(received.get(timeout=10)[1]) or redelivered[-1] == b"marker", 30, interval=0, message="the marker")
+        wait_until(
+            lambda: redelivered.append(received.get(timeout=10)[1]) or redelivered[-1] == b"marker",
+            30,
+            interval=0,
+            message="the marker",
+        )
         assert set(redelivered[:-1]) == set(payloads) - acked  # the unacked half again, none of the acked half
         assert len(redelivered) - 1 == len(payloads) // 2
     finally:
@@ -113,7 +132,9 @@ def test_the_broker_refuses_a_publish_over_its_message_size_limit_and_passes_one
         oversized.loop_start()
         try:
             info = oversized.publish(TOPIC, b"o" * (MESSAGE_SIZE_LIMIT + 1), qos=1)
-            wait_until(lambda: gone.is_set() or info.is_published(), 30, message="the broker to answer the oversized publish")
+            wait_until(
+                lambda: gone.is_set() or info.is_published(), 30, message="the broker to answer the oversized publish"
+            )
         finally:
             oversized.disconnect()
             oversized.loop_stop()

@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -43,7 +43,7 @@ PARTNER = {
 
 
 def event(site: str, event_id: str, n: int) -> Envelope:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return Envelope(
         event_id=event_id,
         idempotency_key=f"{site}-{event_id}",
@@ -52,7 +52,12 @@ def event(site: str, event_id: str, n: int) -> Envelope:
         site_id=site,
         device_id=f"door-{n}",
         timestamp=now - timedelta(seconds=30 + n),
-        payload={"door": f"d-{n}", "result": "granted", "credential": "card-77", "zone": {"name": "hall", "pin": 1234, "credential": {"raw": "x"}}},
+        payload={
+            "door": f"d-{n}",
+            "result": "granted",
+            "credential": "card-77",
+            "zone": {"name": "hall", "pin": 1234, "credential": {"raw": "x"}},
+        },
     )
 
 
@@ -77,7 +82,12 @@ class Pipeline:
 
     def drain(self, events: list[Envelope]):
         send_bodies(self.aws.provisioned.queues["events"], [e.to_json() for e in events])
-        resources = {"sqs": SQSResource(events_queue="events"), "archive": ArchiveStore(bucket=BUCKET), "drain_settings": DrainSettings(window_seconds=10), "routing": RoutingSettings(config_path=str(self.path))}
+        resources = {
+            "sqs": SQSResource(events_queue="events"),
+            "archive": ArchiveStore(bucket=BUCKET),
+            "drain_settings": DrainSettings(window_seconds=10),
+            "routing": RoutingSettings(config_path=str(self.path)),
+        }
         result = drain_events_job.execute_in_process(resources=resources)
         assert result.success
         for hour in {archive_hour(e.timestamp, e.received_at) for e in events}:
@@ -86,7 +96,9 @@ class Pipeline:
 
     def deliver(self) -> None:
         log = AttemptLog(s3_filesystem(), BUCKET, tag="test-")
-        PartnerDelivery(self.routing.partner("acme"), aws_client("sqs"), self.queues, self.routing.retry_delays_s, log).run(max_seconds=30)
+        PartnerDelivery(
+            self.routing.partner("acme"), aws_client("sqs"), self.queues, self.routing.retry_delays_s, log
+        ).run(max_seconds=30)
 
 
 @pytest.fixture
@@ -98,16 +110,26 @@ def pipeline(tmp_path, aws, monkeypatch):
 
 
 def audit_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.audit", *args], capture_output=True, text=True, timeout=120, env=os.environ.copy())
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.audit", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ.copy(),
+    )
 
 
 def window() -> tuple[str, str]:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return (now - timedelta(hours=1)).isoformat(), (now + timedelta(hours=1)).isoformat()
 
 
 def test_the_audit_re_creates_every_body_the_partner_got_under_the_contract_it_was_made_under(pipeline):
-    first = [event("site-a", "evt-1", 1), event("site-b", "evt-1", 2), event("site-a", "evt-2", 3)]  # two sites share an id
+    first = [
+        event("site-a", "evt-1", 1),
+        event("site-b", "evt-1", 2),
+        event("site-a", "evt-2", 3),
+    ]  # two sites share an id
     pipeline.drain(first)
     pipeline.deliver()
     old = pipeline.version
@@ -125,10 +147,15 @@ def test_the_audit_re_creates_every_body_the_partner_got_under_the_contract_it_w
     assert sorted(a["webhook_id"] for a in attempts) == sorted(e.dedupe_id for e in first + second) == sorted(got)
     for attempt in attempts:
         assert attempt["recreated"] == "match", attempt
-        assert attempt["body"].encode() == got[attempt["webhook_id"]], "the re-created body is the very bytes the partner verified"
+        assert attempt["body"].encode() == got[attempt["webhook_id"]], (
+            "the re-created body is the very bytes the partner verified"
+        )
         assert attempt["body_sha256"] == hashlib.sha256(got[attempt["webhook_id"]]).hexdigest()
     versions = {a["webhook_id"]: a["contract_version"] for a in attempts}
-    assert versions == {**{e.dedupe_id: old for e in first}, **{e.dedupe_id: pipeline.version for e in second}} and old != pipeline.version
+    assert (
+        versions == {**{e.dedupe_id: old for e in first}, **{e.dedupe_id: pipeline.version for e in second}}
+        and old != pipeline.version
+    )
     assert all("credential" not in body.decode() and "pin" in body.decode() for body in got.values())
 
 
@@ -137,7 +164,9 @@ def test_a_logged_body_the_archive_and_contract_do_not_give_is_reported_and_fail
     pipeline.deliver()
     [row] = read_log(s3_filesystem(), BUCKET, "delivery_attempts").to_pylist()
     forged = AttemptLog(s3_filesystem(), BUCKET, tag="forged-")
-    forged.record(**{**row, "attempt": 2, "body_sha256": hashlib.sha256(b'{"event_id":"evt-1","secret":"x"}').hexdigest()})
+    forged.record(
+        **{**row, "attempt": 2, "body_sha256": hashlib.sha256(b'{"event_id":"evt-1","secret":"x"}').hexdigest()}
+    )
     forged.flush()
 
     start, end = window()
@@ -151,13 +180,22 @@ def test_the_drain_records_each_contract_once_before_routing_under_it_and_names_
     result = pipeline.drain([event("site-a", "evt-1", 1)])
     pipeline.drain([event("site-a", "evt-2", 2)])
 
-    [metadata] = [e.event_specific_data.metadata for e in result.all_events if e.event_type_value == "STEP_OUTPUT" and e.step_key == "route_to_partner_queues"]
+    [metadata] = [
+        e.event_specific_data.metadata
+        for e in result.all_events
+        if e.event_type_value == "STEP_OUTPUT" and e.step_key == "route_to_partner_queues"
+    ]
     assert metadata["contract_versions"].value == {"acme": pipeline.version}
     s3 = aws_client("s3")
     listed = s3.list_objects_v2(Bucket=BUCKET, Prefix="partner_contracts/")["Contents"]
     assert [o["Key"] for o in listed] == [contract_key("acme", pipeline.version)]
     text = s3.get_object(Bucket=BUCKET, Key=listed[0]["Key"])["Body"].read().decode()
-    assert contract_version(text) == pipeline.version and PartnerContract.model_validate_json(text).canonical_json() == text == pipeline.routing.partner("acme").contract.canonical_json()
+    assert (
+        contract_version(text) == pipeline.version
+        and PartnerContract.model_validate_json(text).canonical_json()
+        == text
+        == pipeline.routing.partner("acme").contract.canonical_json()
+    )
 
 
 def test_an_altered_contract_in_the_history_is_refused_and_the_audit_says_it_cannot_re_create(pipeline):
@@ -165,10 +203,16 @@ def test_an_altered_contract_in_the_history_is_refused_and_the_audit_says_it_can
     pipeline.deliver()
     key = contract_key("acme", pipeline.version)
     s3 = aws_client("s3")
-    s3.put_object(Bucket=BUCKET, Key=key, Body=s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().replace(b"credential", b"nothing"))
+    s3.put_object(
+        Bucket=BUCKET,
+        Key=key,
+        Body=s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().replace(b"credential", b"nothing"),
+    )
 
     with pytest.raises(ContractHistoryError, match="altered"):
         ContractHistory(s3, BUCKET).load("acme", pipeline.version)
-    now = datetime.now(timezone.utc)
-    [attempt] = audit_partner(s3_filesystem(), s3, BUCKET, "acme", now - timedelta(hours=1), now + timedelta(hours=1)).attempts
+    now = datetime.now(UTC)
+    [attempt] = audit_partner(
+        s3_filesystem(), s3, BUCKET, "acme", now - timedelta(hours=1), now + timedelta(hours=1)
+    ).attempts
     assert attempt.recreated == "unavailable" and "altered" in attempt.detail

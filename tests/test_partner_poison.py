@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from devstack.partner_receiver import PartnerReceiver
-from pipeline.routing.delivery import PartnerDelivery, PartnerQueues, redeliver_partner_dlq
+from pipeline.routing.delivery import PartnerDelivery, redeliver_partner_dlq
 from pipeline.routing.webhooks import RESPONSE_READ_LIMIT, post_signed
 from pipeline.stack import aws_client
 from tests.conftest import queue_counts
@@ -49,21 +49,30 @@ def boom(monkeypatch):
 def send_bodies(url: str, bodies: list[str]) -> None:
     sqs = aws_client("sqs")
     for start in range(0, len(bodies), 10):
-        sqs.send_message_batch(QueueUrl=url, Entries=[{"Id": str(i), "MessageBody": b} for i, b in enumerate(bodies[start : start + 10])])
+        sqs.send_message_batch(
+            QueueUrl=url, Entries=[{"Id": str(i), "MessageBody": b} for i, b in enumerate(bodies[start : start + 10])]
+        )
 
 
 def dlq_contents(url: str) -> dict[str, tuple[str, str]]:
     """body -> (failure_reason, failure_detail) of every message in a DLQ, left in place."""
     sqs, found = aws_client("sqs"), {}
-    while batch := sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=30, MessageAttributeNames=["All"]).get("Messages", []):
+    while batch := sqs.receive_message(
+        QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=30, MessageAttributeNames=["All"]
+    ).get("Messages", []):
         for m in batch:
             attrs = m.get("MessageAttributes", {})
-            found[m["Body"]] = (attrs.get("failure_reason", {}).get("StringValue"), attrs.get("failure_detail", {}).get("StringValue"))
+            found[m["Body"]] = (
+                attrs.get("failure_reason", {}).get("StringValue"),
+                attrs.get("failure_detail", {}).get("StringValue"),
+            )
     return found
 
 
 def deliver(routing, queues, name):
-    return PartnerDelivery(routing.partner(name), aws_client("sqs"), queues[name], routing.retry_delays_s, None).run(max_seconds=30)
+    return PartnerDelivery(routing.partner(name), aws_client("sqs"), queues[name], routing.retry_delays_s, None).run(
+        max_seconds=30
+    )
 
 
 def test_each_poison_message_is_dead_lettered_alone_with_its_reason_and_its_batch_mates_are_delivered(partners, boom):
@@ -85,7 +94,14 @@ def test_each_poison_message_is_dead_lettered_alone_with_its_reason_and_its_batc
 
 def test_delivery_signs_with_the_drains_webhook_id_and_falls_back_to_the_event_id(partners):
     routing, receivers, queues = partners
-    send_bodies(queues["healthy"].url, [partner_message("e-1", webhook_id="site-a/e-1"), partner_message("e-2"), partner_message("e-3", webhook_id="")])
+    send_bodies(
+        queues["healthy"].url,
+        [
+            partner_message("e-1", webhook_id="site-a/e-1"),
+            partner_message("e-2"),
+            partner_message("e-3", webhook_id=""),
+        ],
+    )
 
     deliver(routing, queues, "healthy")
 
@@ -97,8 +113,16 @@ def test_redelivery_probes_the_first_well_formed_message_and_leaves_the_poison_i
     routing, receivers, queues = partners
     sqs, dlq = aws_client("sqs"), queues["healthy"].dlq_url
     marked = partner_message("marked")  # well-formed, but delivery found it poison and said so
-    sqs.send_message(QueueUrl=dlq, MessageBody=marked, MessageAttributes={"failure_reason": {"DataType": "String", "StringValue": "unexpected_error"}})
-    poison = ["{not a partner message", json.dumps({"event_id": "dict-body", "body": {"zone": "z1"}}), json.dumps({"body": "{}"})]
+    sqs.send_message(
+        QueueUrl=dlq,
+        MessageBody=marked,
+        MessageAttributes={"failure_reason": {"DataType": "String", "StringValue": "unexpected_error"}},
+    )
+    poison = [
+        "{not a partner message",
+        json.dumps({"event_id": "dict-body", "body": {"zone": "z1"}}),
+        json.dumps({"body": "{}"}),
+    ]
     good = [partner_message(f"late-{i}", webhook_id=f"site-a/late-{i}") for i in range(12)]
     send_bodies(dlq, poison[:2] + good + poison[2:])  # poison ahead of the probe, and poison only the move meets
 
@@ -106,11 +130,16 @@ def test_redelivery_probes_the_first_well_formed_message_and_leaves_the_poison_i
 
     assert report.partner_answered and report.moved == 11
     assert sorted(p["reason"] for p in report.poison) == ["bad_field", "bad_json", "missing_field", "unexpected_error"]
-    assert len(receivers["healthy"].accepted) == 1 and next(iter(receivers["healthy"].accepted)).startswith("site-a/late-")
+    assert len(receivers["healthy"].accepted) == 1 and next(iter(receivers["healthy"].accepted)).startswith(
+        "site-a/late-"
+    )
     deliver(routing, queues, "healthy")
     assert set(receivers["healthy"].accepted) == {f"site-a/late-{i}" for i in range(12)}
     assert queue_counts(dlq) == (4, 0), "the poison is left in view"
-    assert {body: reason for body, (reason, _) in dlq_contents(dlq).items()} == {marked: "unexpected_error", **{p: None for p in poison}}
+    assert {body: reason for body, (reason, _) in dlq_contents(dlq).items()} == {
+        marked: "unexpected_error",
+        **{p: None for p in poison},
+    }
 
 
 def test_a_message_whose_probe_raises_is_marked_in_the_dlq_and_the_next_one_probes(partners, boom):
@@ -121,10 +150,14 @@ def test_a_message_whose_probe_raises_is_marked_in_the_dlq_and_the_next_one_prob
     report = redeliver_partner_dlq(routing.partner("healthy"), sqs, queues["healthy"], None)
 
     assert report.partner_answered and report.moved == 1
-    assert [(p["reason"], p["detail"]) for p in report.poison] == [("unexpected_error", "RuntimeError: an exception nobody foresaw")]
+    assert [(p["reason"], p["detail"]) for p in report.poison] == [
+        ("unexpected_error", "RuntimeError: an exception nobody foresaw")
+    ]
     assert len(receivers["healthy"].accepted) == 1
     assert queue_counts(dlq) == (1, 0), "only the marked poison is left, in view"
-    assert dlq_contents(dlq) == {partner_message("boom"): ("unexpected_error", "RuntimeError: an exception nobody foresaw")}
+    assert dlq_contents(dlq) == {
+        partner_message("boom"): ("unexpected_error", "RuntimeError: an exception nobody foresaw")
+    }
 
 
 def test_redelivery_job_lists_the_poison_each_partner_keeps(partners, tmp_path):
@@ -136,10 +169,18 @@ def test_redelivery_job_lists_the_poison_each_partner_keeps(partners, tmp_path):
     send_bodies(queues["healthy"].dlq_url, [partner_message("e-1"), partner_message("e-2")])
 
     result = partner_redelivery_job.execute_in_process(
-        resources={"sqs": SQSResource(events_queue="events"), "archive": ArchiveStore(bucket="events-archive"), "routing": RoutingSettings(config_path=str(tmp_path / "routing.yaml"))}
+        resources={
+            "sqs": SQSResource(events_queue="events"),
+            "archive": ArchiveStore(bucket="events-archive"),
+            "routing": RoutingSettings(config_path=str(tmp_path / "routing.yaml")),
+        }
     )
 
-    assert result.success and result.output_for_node("redeliver_partner_dlqs") == {"recovering": 0, "down": 0, "healthy": 1}
+    assert result.success and result.output_for_node("redeliver_partner_dlqs") == {
+        "recovering": 0,
+        "down": 0,
+        "healthy": 1,
+    }
     metadata = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"][0].event_specific_data.metadata
     assert [p["reason"] for p in metadata["poison"].value["down"]] == ["bad_json"]
 
@@ -149,7 +190,12 @@ def test_a_partner_that_answers_with_an_endless_body_is_read_only_up_to_the_boun
     receiver = PartnerReceiver(new_secret(), always_fail=status_fails, stream_body=(16384, 0)).start()
     outcome = {}
     try:
-        worker = threading.Thread(target=lambda: outcome.update(result=post_signed(requests.Session(), receiver.url, receiver.secret, "e-1", "{}", 5)), daemon=True)
+        worker = threading.Thread(
+            target=lambda: outcome.update(
+                result=post_signed(requests.Session(), receiver.url, receiver.secret, "e-1", "{}", 5)
+            ),
+            daemon=True,
+        )
         worker.start()
         worker.join(20)
         assert not worker.is_alive(), "still reading the partner's endless answer"

@@ -7,7 +7,7 @@ replay's message, and the operational line pushed to Loki (which has a whitelist
 
 import json
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,20 +22,45 @@ from pipeline.routing.destinations import QueueLimits, partner_shares
 from pipeline.routing.monitoring import LOKI_LINE_FIELDS, LOKI_PAYLOAD_FIELDS, loki_streams
 from pipeline.routing.transform import PartnerTransform
 
-ENVELOPE_SCALARS = ["schema_version", "event_id", "idempotency_key", "event_type", "source", "site_id", "device_id", "timestamp", "received_at"]
+ENVELOPE_SCALARS = [
+    "schema_version",
+    "event_id",
+    "idempotency_key",
+    "event_type",
+    "source",
+    "site_id",
+    "device_id",
+    "timestamp",
+    "received_at",
+]
 KEYS = ["zone", "name", "door", "result", "state", "battery", "credential", "internal_id", "user", "site_id", "a.b"]
 SENSITIVE = ["credential", "internal_id", "user"]
 EVENT_TYPES = st.sampled_from(["door_access", "intrusion_alert", "motion", "device_heartbeat", "device_offline"])
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=4)  # the envelope refuses lone surrogates
-SCALARS = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False) | TEXT
+SCALARS = (
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False) | TEXT
+)
 PAYLOADS = st.dictionaries(
     st.sampled_from(KEYS) | TEXT,
-    st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(KEYS), inner, max_size=4), max_leaves=12),
+    st.recursive(
+        SCALARS,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(KEYS), inner, max_size=4),
+        max_leaves=12,
+    ),
     max_size=6,
 )
-MESSAGE_KEYS = {"event_id", "site_id", "webhook_id", "event_type", "partner", "contract_version", "archive_hour", "body"}
+MESSAGE_KEYS = {
+    "event_id",
+    "site_id",
+    "webhook_id",
+    "event_type",
+    "partner",
+    "contract_version",
+    "archive_hour",
+    "body",
+}
 RENAME_TARGETS = ["out_a", "out_b", "out_c"]
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 
 
 @st.composite
@@ -55,7 +80,9 @@ def events(draw):
 
 def payload_paths():
     keys = st.lists(st.sampled_from(KEYS[:-1]), min_size=1, max_size=3).map(".".join)
-    return st.builds(lambda path, whole: f"payload.{path}" + (".*" if whole else ""), keys, st.booleans()) | st.just("payload.*")
+    return st.builds(lambda path, whole: f"payload.{path}" + (".*" if whole else ""), keys, st.booleans()) | st.just(
+        "payload.*"
+    )
 
 
 @st.composite
@@ -122,7 +149,11 @@ def assert_only_whitelisted(body, wire, partner):
         source = source_of[path[0]] + path[1:] if path[0] in source_of else path
         inside_whole = any(source[: len(w)] == w for w in wholes)
         leaf = not crossed and source in leaves and is_scalar(value)
-        on_the_way = not crossed and isinstance(value, dict) and any(len(a) > len(source) and a[: len(source)] == source for a in wholes + leaves)
+        on_the_way = (
+            not crossed
+            and isinstance(value, dict)
+            and any(len(a) > len(source) and a[: len(source)] == source for a in wholes + leaves)
+        )
         assert inside_whole or leaf or on_the_way, f"{path} (from {source}) is outside the whitelist {allowed}"
     for path in allowed:
         keys = parts(path)
@@ -162,7 +193,9 @@ class RecordingSQS:
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(event=events(), partner=partner_configs())
-def test_a_partner_queue_message_its_dlq_copy_and_its_archive_replay_carry_nothing_outside_the_whitelist(event, partner):
+def test_a_partner_queue_message_its_dlq_copy_and_its_archive_replay_carry_nothing_outside_the_whitelist(
+    event, partner
+):
     routing, wire = RoutingConfig(partners=(partner,)), event.to_wire()
     [live] = [item.body for item in partner_shares(routing, [event])[partner.name]] or [None]
     if live is None:
@@ -173,7 +206,14 @@ def test_a_partner_queue_message_its_dlq_copy_and_its_archive_replay_carry_nothi
     assert_only_whitelisted(json.loads(message["body"]), wire, partner)
 
     dlq = RecordingSQS()
-    set_aside(dlq, "dlq", {"Body": live, "ReceiptHandle": "r", "MessageId": "m-1"}, "queue", "attempts_exhausted", "HTTP 500: partner said no")
+    set_aside(
+        dlq,
+        "dlq",
+        {"Body": live, "ReceiptHandle": "r", "MessageId": "m-1"},
+        "queue",
+        "attempts_exhausted",
+        "HTTP 500: partner said no",
+    )
     [dead] = dlq.sent
     assert dead["MessageBody"] == live and set(dead["MessageAttributes"]) == {"failure_reason", "failure_detail"}
 
@@ -194,12 +234,19 @@ def test_a_loki_line_carries_only_ids_and_declared_scalar_payload_fields(batch):
             assert set(line) <= set(LOKI_LINE_FIELDS) | {"payload_truncated_bytes"}
             assert set(line.get("payload", {})) <= LOKI_PAYLOAD_FIELDS
             assert all(is_scalar(v) for v in line.get("payload", {}).values())
-    assert sorted(json.loads(v)["event_id"] for s in push["streams"] for _, v in s["values"]) == sorted(e.event_id for e in batch)
+    assert sorted(json.loads(v)["event_id"] for s in push["streams"] for _, v in s["values"]) == sorted(
+        e.event_id for e in batch
+    )
 
 
 def test_a_loki_line_keeps_a_device_health_field_and_drops_a_user_name_and_nested_objects():
     event = Envelope(
-        idempotency_key="k", event_type="device_offline", source="ajax", site_id="s", device_id="d", timestamp=NOW,
+        idempotency_key="k",
+        event_type="device_offline",
+        source="ajax",
+        site_id="s",
+        device_id="d",
+        timestamp=NOW,
         payload={"state": "offline", "user": "Jane Doe", "battery": {"level": 3}, "event_code": "CONNECTION_LOST"},
     )
 
@@ -219,11 +266,22 @@ def test_only_subscribed_event_types_reach_a_partner(batch, partner):
 # --- the whitelist's meaning, by example -------------------------------------------------------------
 def partner(allowed, strip=(), rename=None):
     return PartnerConfig.model_validate(
-        {"name": "p", "webhook": "http://127.0.0.1:1/", "secret_env": "P_SECRET", "subscriptions": ["motion"], "allowed_fields": allowed, "transform": {"strip_fields": list(strip), "rename": rename or {}}}
+        {
+            "name": "p",
+            "webhook": "http://127.0.0.1:1/",
+            "secret_env": "P_SECRET",
+            "subscriptions": ["motion"],
+            "allowed_fields": allowed,
+            "transform": {"strip_fields": list(strip), "rename": rename or {}},
+        }
     )
 
 
-WIRE = {"event_id": "e-1", "site_id": "s-1", "payload": {"zone": {"name": "hall", "code": 7, "pin": "1234", "sensors": [{"id": 1, "pin": "9"}]}, "door": "d-4"}}
+WIRE = {
+    "event_id": "e-1",
+    "site_id": "s-1",
+    "payload": {"zone": {"name": "hall", "code": 7, "pin": "1234", "sensors": [{"id": 1, "pin": "9"}]}, "door": "d-4"},
+}
 
 
 def test_a_payload_path_at_any_depth_sends_that_scalar_alone():
@@ -238,31 +296,68 @@ def test_naming_an_object_sends_nothing_of_it_until_the_config_says_star():
 
     body = PartnerTransform(partner(["payload.zone.*"], strip=["pin"])).apply(WIRE)
 
-    assert body == {"payload": {"zone": {"name": "hall", "code": 7, "sensors": [{"id": 1}]}}}, "whole, less every stripped name"
+    assert body == {"payload": {"zone": {"name": "hall", "code": 7, "sensors": [{"id": 1}]}}}, (
+        "whole, less every stripped name"
+    )
 
 
 def test_a_renamed_path_moves_to_the_top_and_a_path_through_a_stripped_name_sends_nothing():
-    body = PartnerTransform(partner(["payload.zone.name", "payload.zone.pin", "site_id"], strip=["pin"], rename={"payload.zone.name": "zone_name", "site_id": "location_id"})).apply(WIRE)
+    body = PartnerTransform(
+        partner(
+            ["payload.zone.name", "payload.zone.pin", "site_id"],
+            strip=["pin"],
+            rename={"payload.zone.name": "zone_name", "site_id": "location_id"},
+        )
+    ).apply(WIRE)
 
     assert body == {"zone_name": "hall", "location_id": "s-1"}
 
 
 def test_a_partner_without_allowed_fields_is_a_config_error_naming_the_key_path():
     with pytest.raises(RoutingConfigError, match=r"partners\[0\]\.allowed_fields: .*required"):
-        parse_routing_config({"partners": [{"name": "p", "webhook": "http://127.0.0.1:1/", "secret_env": "P_SECRET", "subscriptions": ["motion"]}]})
+        parse_routing_config(
+            {
+                "partners": [
+                    {
+                        "name": "p",
+                        "webhook": "http://127.0.0.1:1/",
+                        "secret_env": "P_SECRET",
+                        "subscriptions": ["motion"],
+                    }
+                ]
+            }
+        )
 
 
-@pytest.mark.parametrize("path", ["payload", "payload.zone.*.name", "payload..zone", "site_id.zone", "payload.zo*ne", "credential"])
+@pytest.mark.parametrize(
+    "path", ["payload", "payload.zone.*.name", "payload..zone", "site_id.zone", "payload.zo*ne", "credential"]
+)
 def test_a_whitelist_path_that_is_not_an_envelope_field_or_a_payload_path_is_refused(path):
     with pytest.raises(RoutingConfigError, match=r"partners\[0\]\.allowed_fields"):
-        parse_routing_config({"partners": [{"name": "p", "webhook": "http://127.0.0.1:1/", "secret_env": "P_SECRET", "subscriptions": ["motion"], "allowed_fields": [path]}]})
+        parse_routing_config(
+            {
+                "partners": [
+                    {
+                        "name": "p",
+                        "webhook": "http://127.0.0.1:1/",
+                        "secret_env": "P_SECRET",
+                        "subscriptions": ["motion"],
+                        "allowed_fields": [path],
+                    }
+                ]
+            }
+        )
 
 
 def nested(depth, leaf):
     """A JSON object `depth` levels deep, each level {"credential": ..., "inner": <next>} (built without recursion)."""
     value = leaf
     for level in range(depth):
-        value = {"credential": f"secret-{level}", "inner": value} if level % 2 else {"credential": f"secret-{level}", "inner": [value]}
+        value = (
+            {"credential": f"secret-{level}", "inner": value}
+            if level % 2
+            else {"credential": f"secret-{level}", "inner": [value]}
+        )
     return value
 
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC
 
 import duckdb
 import pytest
@@ -22,7 +23,16 @@ from pipeline.stack import aws_client, s3_filesystem
 from tests.conftest import PROJECT_ROOT, queue_counts, sample_envelope, wait_until
 from tests.test_routing_config import routing_file
 
-AUTOMATION = {"rules": [{"event_type": "intrusion_alert", "incident": True, "webhook_env": "TEST_AUTOMATION_URL", "secret_env": "TEST_AUTOMATION_SECRET"}]}
+AUTOMATION = {
+    "rules": [
+        {
+            "event_type": "intrusion_alert",
+            "incident": True,
+            "webhook_env": "TEST_AUTOMATION_URL",
+            "secret_env": "TEST_AUTOMATION_SECRET",
+        }
+    ]
+}
 
 
 @pytest.fixture
@@ -37,11 +47,19 @@ def priority(tmp_path, aws, monkeypatch):
 def send(url, bodies, sqs=None):
     sqs = sqs or aws_client("sqs")
     for i in range(0, len(bodies), 10):
-        sqs.send_message_batch(QueueUrl=url, Entries=[{"Id": str(n), "MessageBody": b} for n, b in enumerate(bodies[i : i + 10])])
+        sqs.send_message_batch(
+            QueueUrl=url, Entries=[{"Id": str(n), "MessageBody": b} for n, b in enumerate(bodies[i : i + 10])]
+        )
 
 
 def consumer_in_process(routing, tmp_path, s3=None, **settings):
-    return PriorityConsumer(routing, aws_client("sqs"), ConsumerSettings(db_path=str(tmp_path / "consumer.duckdb"), **settings), s3_filesystem(), s3).start()
+    return PriorityConsumer(
+        routing,
+        aws_client("sqs"),
+        ConsumerSettings(db_path=str(tmp_path / "consumer.duckdb"), **settings),
+        s3_filesystem(),
+        s3,
+    ).start()
 
 
 def automation_endpoint(monkeypatch, **behaviour) -> PartnerReceiver:
@@ -80,8 +98,20 @@ def test_high_priority_p99_stays_under_a_second_while_medium_and_low_back_up(pri
     backlog = [sample_envelope(event_type="door_access", device_id=f"m-{i}").to_json() for i in range(8000)]
     send_all(aws_client("sqs"), {urls["medium"]: backlog[:4000], urls["low"]: backlog[4000:]})
     port = free_port()
-    env = {**os.environ, "PIPELINE_CONSUMER_DB": str(tmp_path / "consumer.duckdb"), "PIPELINE_CONSUMER_METRICS_PORT": str(port), "PIPELINE_ARCHIVE_BUCKET": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.consumers"], cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "consumer.log", "wb"), start_new_session=True)
+    env = {
+        **os.environ,
+        "PIPELINE_CONSUMER_DB": str(tmp_path / "consumer.duckdb"),
+        "PIPELINE_CONSUMER_METRICS_PORT": str(port),
+        "PIPELINE_ARCHIVE_BUCKET": "",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.consumers"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "consumer.log", "wb"),
+        start_new_session=True,
+    )
     try:
         wait_until(lambda: scrape_handled(port, "medium") > 0, 60, message="the consumer to start on the backlog")
         sqs = aws_client("sqs")
@@ -93,7 +123,9 @@ def test_high_priority_p99_stays_under_a_second_while_medium_and_low_back_up(pri
     finally:
         stop_process(proc)
     assert backed_up > 0, "medium/low should still be backed up when high is done"
-    (count, p99) = query(tmp_path, "SELECT count(*), quantile_cont(latency_ms, 0.99) FROM events WHERE priority = 'high'")[0]
+    (count, p99) = query(
+        tmp_path, "SELECT count(*), quantile_cont(latency_ms, 0.99) FROM events WHERE priority = 'high'"
+    )[0]
     assert count == 100 and p99 < 1000, f"high p99 {p99:.0f} ms"
 
 
@@ -111,7 +143,9 @@ def scrape_handled(port, priority_name):
     )
 
 
-def test_redelivered_event_is_handled_once_with_one_incident_and_one_signed_automation_call(priority, tmp_path, monkeypatch):
+def test_redelivered_event_is_handled_once_with_one_incident_and_one_signed_automation_call(
+    priority, tmp_path, monkeypatch
+):
     routing, urls = priority
     automation = automation_endpoint(monkeypatch)
     alert = sample_envelope(event_type="intrusion_alert", payload={"zone": "3"}).to_json()
@@ -120,7 +154,11 @@ def test_redelivered_event_is_handled_once_with_one_incident_and_one_signed_auto
     try:
         wait_until(lambda: handled_total(consumer) == 1, 20, message="the first copy to be handled")
         send(urls["high"], [alert, alert])
-        wait_until(lambda: consumer.metrics.duplicates.labels(priority="high")._value.get() == 2, 20, message="the copies to be recognised")
+        wait_until(
+            lambda: consumer.metrics.duplicates.labels(priority="high")._value.get() == 2,
+            20,
+            message="the copies to be recognised",
+        )
         wait_until(lambda: len(automation.accepted) == 1, 20, message="the automation webhook")
     finally:
         consumer.stop()
@@ -133,23 +171,39 @@ def test_redelivered_event_is_handled_once_with_one_incident_and_one_signed_auto
 def test_the_same_event_id_from_two_sites_is_two_events_and_the_same_site_and_id_twice_is_one(priority, tmp_path):
     routing, urls = priority
     ours = sample_envelope(site_id="site-a", event_type="intrusion_alert", event_id="evt-1")
-    theirs = sample_envelope(site_id="site-b", event_type="intrusion_alert", event_id="evt-1")  # another site's publisher picks the same id
+    theirs = sample_envelope(
+        site_id="site-b", event_type="intrusion_alert", event_id="evt-1"
+    )  # another site's publisher picks the same id
     send(urls["high"], [ours.to_json(), theirs.to_json(), ours.to_json()])
     consumer = consumer_in_process(routing, tmp_path)
     try:
-        wait_until(lambda: handled_total(consumer) == 2 and consumer.metrics.duplicates.labels(priority="high")._value.get() == 1, 20, message="two events and one duplicate")
+        wait_until(
+            lambda: (
+                handled_total(consumer) == 2 and consumer.metrics.duplicates.labels(priority="high")._value.get() == 1
+            ),
+            20,
+            message="two events and one duplicate",
+        )
     finally:
         consumer.stop()
-    assert query(tmp_path, "SELECT site_id, event_id FROM events ORDER BY site_id") == [("site-a", "evt-1"), ("site-b", "evt-1")]
-    assert query(tmp_path, "SELECT site_id, event_id FROM incidents ORDER BY site_id") == [("site-a", "evt-1"), ("site-b", "evt-1")]
+    assert query(tmp_path, "SELECT site_id, event_id FROM events ORDER BY site_id") == [
+        ("site-a", "evt-1"),
+        ("site-b", "evt-1"),
+    ]
+    assert query(tmp_path, "SELECT site_id, event_id FROM incidents ORDER BY site_id") == [
+        ("site-a", "evt-1"),
+        ("site-b", "evt-1"),
+    ]
 
 
 def test_device_status_keeps_the_latest_state_per_device(priority, tmp_path):
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     routing, urls = priority
-    t0 = datetime(2024, 1, 15, 10, 0, tzinfo=timezone.utc)
-    newer = sample_envelope(event_type="door_access", device_id="door-1", timestamp=t0 + timedelta(minutes=5), payload={"state": "open"})
+    t0 = datetime(2024, 1, 15, 10, 0, tzinfo=UTC)
+    newer = sample_envelope(
+        event_type="door_access", device_id="door-1", timestamp=t0 + timedelta(minutes=5), payload={"state": "open"}
+    )
     older = sample_envelope(event_type="door_access", device_id="door-1", timestamp=t0, payload={"state": "closed"})
     send(urls["medium"], [newer.to_json()])
     consumer = consumer_in_process(routing, tmp_path)
@@ -159,7 +213,9 @@ def test_device_status_keeps_the_latest_state_per_device(priority, tmp_path):
         wait_until(lambda: handled_total(consumer) == 2, 20, message="the late, older event")
     finally:
         consumer.stop()
-    assert query(tmp_path, "SELECT device_id, state, last_seen FROM device_status") == [("door-1", "open", newer.timestamp)]
+    assert query(tmp_path, "SELECT device_id, state, last_seen FROM device_status") == [
+        ("door-1", "open", newer.timestamp)
+    ]
 
 
 def test_invalid_message_is_kept_with_its_reason_and_does_not_block_the_queue(priority, tmp_path):
@@ -168,7 +224,11 @@ def test_invalid_message_is_kept_with_its_reason_and_does_not_block_the_queue(pr
     send(urls["medium"], ["{not json", good.to_json()])
     consumer = consumer_in_process(routing, tmp_path)
     try:
-        wait_until(lambda: queue_counts(urls["medium"]) == (0, 0) and handled_total(consumer) == 1, 20, message="both messages to leave the queue")
+        wait_until(
+            lambda: queue_counts(urls["medium"]) == (0, 0) and handled_total(consumer) == 1,
+            20,
+            message="both messages to leave the queue",
+        )
         assert consumer.metrics.rejected.labels(priority="medium")._value.get() == 1
     finally:
         consumer.stop()
@@ -180,7 +240,9 @@ def test_metrics_endpoint_and_handled_log_carry_queue_to_handled_latency_per_pri
     for name, kind in (("high", "intrusion_alert"), ("medium", "door_access"), ("low", "motion")):
         send(urls[name], [sample_envelope(event_type=kind).to_json()])
     port = free_port()
-    consumer = consumer_in_process(routing, tmp_path, metrics_port=port, archive_bucket="events-archive", export_interval_s=0.5)
+    consumer = consumer_in_process(
+        routing, tmp_path, metrics_port=port, archive_bucket="events-archive", export_interval_s=0.5
+    )
     try:
         wait_until(lambda: handled_total(consumer) == 3, 20, message="one event per priority")
         text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
@@ -197,7 +259,15 @@ def test_metrics_endpoint_and_handled_log_carry_queue_to_handled_latency_per_pri
     assert "consumer_lag" in text and "sqs_queue_depth" in text and "processing_error_rate" in text
     log = read_log(s3_filesystem(), "events-archive", "priority_handled")
     assert sorted(log.column("priority").to_pylist()) == ["high", "low", "medium"]
-    assert set(log.schema.names) >= {"event_id", "event_type", "site_id", "priority", "enqueued_at", "handled_at", "latency_ms"}
+    assert set(log.schema.names) >= {
+        "event_id",
+        "event_type",
+        "site_id",
+        "priority",
+        "enqueued_at",
+        "handled_at",
+        "latency_ms",
+    }
 
 
 def test_failed_automation_webhook_is_retried_with_backoff_until_delivered(priority, tmp_path, monkeypatch):
@@ -205,7 +275,9 @@ def test_failed_automation_webhook_is_retried_with_backoff_until_delivered(prior
     automation = automation_endpoint(monkeypatch, fail_first=2)
     try:
         send_alert(urls, zone="3")
-        consume_until(routing, tmp_path, lambda: len(automation.accepted) == 1, "the automation webhook after two failures")
+        consume_until(
+            routing, tmp_path, lambda: len(automation.accepted) == 1, "the automation webhook after two failures"
+        )
     finally:
         automation.stop()
     assert query(tmp_path, "SELECT webhook_status FROM incidents") == [("delivered",)]

@@ -42,7 +42,9 @@ def redrive_policies(sqs) -> dict[str, dict | None]:
     policies = {}
     for url in sqs.list_queues().get("QueueUrls", []):
         attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
-        policies[attrs["QueueArn"].rsplit(":", 1)[1]] = json.loads(attrs["RedrivePolicy"]) if "RedrivePolicy" in attrs else None
+        policies[attrs["QueueArn"].rsplit(":", 1)[1]] = (
+            json.loads(attrs["RedrivePolicy"]) if "RedrivePolicy" in attrs else None
+        )
     return policies
 
 
@@ -55,7 +57,10 @@ def test_every_provisioned_queue_except_a_dead_letter_queue_has_a_redrive_policy
     assert without == [], f"queues that would retry a poison message for ever: {without}"
     assert all(policies[name] is None for name in dead_letter_queues), "a DLQ keeps what it holds"
     for name in ("events-high", "events-medium", "events-low"):
-        assert policies[name]["deadLetterTargetArn"].endswith(f":{name}-dlq") and int(policies[name]["maxReceiveCount"]) == 5
+        assert (
+            policies[name]["deadLetterTargetArn"].endswith(f":{name}-dlq")
+            and int(policies[name]["maxReceiveCount"]) == 5
+        )
     assert any(name.startswith("partner-") for name in policies), "the shipped routing config has partners"
 
 
@@ -64,9 +69,15 @@ def test_a_priority_message_received_max_receive_count_times_moves_to_its_dead_l
     url, dlq_url = aws.provisioned.queues["events-high"], aws.provisioned.queues["events-high-dlq"]
     sqs.send_message(QueueUrl=url, MessageBody="a message no consumer can commit")
     for _ in range(5):  # a consumer that takes it and dies before the delete, five times
-        wait_until(lambda: sqs.receive_message(QueueUrl=url, VisibilityTimeout=0, WaitTimeSeconds=0).get("Messages"), 10, message="the message to come back")
+        wait_until(
+            lambda: sqs.receive_message(QueueUrl=url, VisibilityTimeout=0, WaitTimeSeconds=0).get("Messages"),
+            10,
+            message="the message to come back",
+        )
     assert sqs.receive_message(QueueUrl=url, WaitTimeSeconds=1).get("Messages") is None, "not a sixth time"
-    assert [m["Body"] for m in sqs.receive_message(QueueUrl=dlq_url, WaitTimeSeconds=1)["Messages"]] == ["a message no consumer can commit"]
+    assert [m["Body"] for m in sqs.receive_message(QueueUrl=dlq_url, WaitTimeSeconds=1)["Messages"]] == [
+        "a message no consumer can commit"
+    ]
 
 
 def test_fifo_priority_queues_get_fifo_dead_letter_queues_with_the_configured_receive_count(aws):
@@ -74,14 +85,20 @@ def test_fifo_priority_queues_get_fifo_dead_letter_queues_with_the_configured_re
     from pipeline.routing.provisioning import provision_routing
     from pipeline.stack import PriorityDeadLetterConfig, PriorityQueuesConfig
 
-    routing = parse_routing_config({"priority": {"queues": {"high": "urgent.fifo", "medium": "business.fifo", "low": "analytics"}}})
+    routing = parse_routing_config(
+        {"priority": {"queues": {"high": "urgent.fifo", "medium": "business.fifo", "low": "analytics"}}}
+    )
     stack = StackConfig(priority_queues=PriorityQueuesConfig(dead_letter=PriorityDeadLetterConfig(max_receive_count=2)))
     sqs = aws_client("sqs")
     queues = provision_routing(sqs, routing, stack)
     assert provision_routing(sqs, routing, stack) == queues, "idempotent"
     assert {"urgent-dlq.fifo", "business-dlq.fifo", "analytics-dlq"} <= set(queues)
     policies = redrive_policies(sqs)
-    for name, dlq in [("urgent.fifo", "urgent-dlq.fifo"), ("business.fifo", "business-dlq.fifo"), ("analytics", "analytics-dlq")]:
+    for name, dlq in [
+        ("urgent.fifo", "urgent-dlq.fifo"),
+        ("business.fifo", "business-dlq.fifo"),
+        ("analytics", "analytics-dlq"),
+    ]:
         assert policies[name]["deadLetterTargetArn"].endswith(f":{dlq}") and int(policies[name]["maxReceiveCount"]) == 2
     attrs = sqs.get_queue_attributes(QueueUrl=queues["urgent-dlq.fifo"], AttributeNames=["FifoQueue"])["Attributes"]
     assert attrs["FifoQueue"] == "true"
@@ -92,8 +109,14 @@ def test_every_queue_the_drain_feeds_takes_no_bigger_message_than_the_drain_pack
     from pipeline.stack import load_stack_config
 
     sqs, limit = aws_client("sqs"), str(load_stack_config().events_queue.max_message_bytes)
-    fed = [name for name in aws.provisioned.queues if name.startswith(("events-high", "events-medium", "events-low", "partner-")) and "dlq" not in name]
+    fed = [
+        name
+        for name in aws.provisioned.queues
+        if name.startswith(("events-high", "events-medium", "events-low", "partner-")) and "dlq" not in name
+    ]
     assert len(fed) >= 4
     for name in fed:
-        attrs = sqs.get_queue_attributes(QueueUrl=aws.provisioned.queues[name], AttributeNames=["MaximumMessageSize"])["Attributes"]
+        attrs = sqs.get_queue_attributes(QueueUrl=aws.provisioned.queues[name], AttributeNames=["MaximumMessageSize"])[
+            "Attributes"
+        ]
         assert attrs["MaximumMessageSize"] == limit, name

@@ -9,7 +9,13 @@ import yaml
 from edge_bridge.catalog import load_event_catalog
 from pipeline.routing.config import RoutingConfigError, load_routing_config, parse_routing_config
 
-PARTNER = {"name": "acme", "webhook": "http://127.0.0.1:1/events", "secret_env": "ACME_SECRET", "subscriptions": ["door_access"], "allowed_fields": ["event_id", "event_type"]}
+PARTNER = {
+    "name": "acme",
+    "webhook": "http://127.0.0.1:1/events",
+    "secret_env": "ACME_SECRET",
+    "subscriptions": ["door_access"],
+    "allowed_fields": ["event_id", "event_type"],
+}
 
 
 def routing_file(tmp_path, partners, delays=(1, 1, 2), **extra):
@@ -44,11 +50,23 @@ def test_whitelisting_a_field_the_envelope_does_not_have_is_refused():
 
 def test_renaming_onto_a_field_the_partner_already_gets_is_refused():
     with pytest.raises(RoutingConfigError, match="collide"):
-        parse_routing_config({"partners": [{**PARTNER, "allowed_fields": ["site_id", "device_id"], "transform": {"rename": {"site_id": "device_id"}}}]})
+        parse_routing_config(
+            {
+                "partners": [
+                    {
+                        **PARTNER,
+                        "allowed_fields": ["site_id", "device_id"],
+                        "transform": {"rename": {"site_id": "device_id"}},
+                    }
+                ]
+            }
+        )
 
 
 def test_renaming_a_path_the_whitelist_does_not_name_is_refused():
-    with pytest.raises(RoutingConfigError, match=r"partners\[0\]: .*rename sources \['payload.zone'\] are not in allowed_fields"):
+    with pytest.raises(
+        RoutingConfigError, match=r"partners\[0\]: .*rename sources \['payload.zone'\] are not in allowed_fields"
+    ):
         parse_routing_config({"partners": [{**PARTNER, "transform": {"rename": {"payload.zone": "zone"}}}]})
 
 
@@ -59,8 +77,12 @@ def contract_version(**changes):
 def test_a_contract_version_changes_with_subscriptions_whitelist_or_transform_and_with_nothing_else():
     base = contract_version()
     assert len(base) == 12 and int(base, 16) >= 0
-    assert contract_version(allowed_fields=["event_type", "event_id", "event_id"]) == base, "order and repeats do not make a new contract"
-    assert contract_version(webhook="http://127.0.0.1:2/x", secret_env="OTHER", timeout_s=3) == base, "where and how it is sent is not the contract"
+    assert contract_version(allowed_fields=["event_type", "event_id", "event_id"]) == base, (
+        "order and repeats do not make a new contract"
+    )
+    assert contract_version(webhook="http://127.0.0.1:2/x", secret_env="OTHER", timeout_s=3) == base, (
+        "where and how it is sent is not the contract"
+    )
     changed = [
         contract_version(subscriptions=["door_access", "motion"]),
         contract_version(allowed_fields=["event_id", "event_type", "payload.zone"]),
@@ -75,10 +97,17 @@ def test_config_check_prints_each_partners_contract_version(tmp_path):
     import subprocess
     import sys
 
-    path = routing_file(tmp_path, [PARTNER, {**PARTNER, "name": "globex", "allowed_fields": ["site_id", "payload.zone.*"]}])
+    path = routing_file(
+        tmp_path, [PARTNER, {**PARTNER, "name": "globex", "allowed_fields": ["site_id", "payload.zone.*"]}]
+    )
     routing = load_routing_config(path)
 
-    out = subprocess.run([sys.executable, "-m", "pipeline.routing.config", "--check", str(path)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.routing.config", "--check", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
     assert out.returncode == 0, out.stderr
     for partner in routing.partners:
@@ -91,7 +120,12 @@ def test_config_check_fails_on_a_partner_without_a_whitelist_naming_its_key_path
 
     path = routing_file(tmp_path, [{k: v for k, v in PARTNER.items() if k != "allowed_fields"}])
 
-    out = subprocess.run([sys.executable, "-m", "pipeline.routing.config", "--check", str(path)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.routing.config", "--check", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
     assert out.returncode == 1 and "partners[0].allowed_fields" in out.stderr
 
@@ -104,7 +138,10 @@ def test_missing_partner_secret_names_the_environment_variable(monkeypatch):
 
 
 def test_unknown_event_type_in_a_partner_subscription_names_its_path_and_the_catalog():
-    with pytest.raises(RoutingConfigError, match=re.escape("partners[0].subscriptions[1]: unknown event type 'panic' (not in config/events.yaml)")):
+    with pytest.raises(
+        RoutingConfigError,
+        match=re.escape("partners[0].subscriptions[1]: unknown event type 'panic' (not in config/events.yaml)"),
+    ):
         parse_routing_config({"partners": [{**PARTNER, "subscriptions": ["door_access", "panic"]}]})
 
 
@@ -136,10 +173,18 @@ def test_routing_overrides_a_catalog_priority_and_adds_a_webhook_to_a_catalog_in
     routing = parse_routing_config(
         {
             "priority": {"rules": {"motion": "high"}},
-            "automation": {"rules": [{"event_type": "panic_button", "webhook_env": "PANIC_URL"}, {"event_type": "fire_alarm", "incident": False}]},
+            "automation": {
+                "rules": [
+                    {"event_type": "panic_button", "webhook_env": "PANIC_URL"},
+                    {"event_type": "fire_alarm", "incident": False},
+                ]
+            },
         }
     )
-    assert routing.priority.for_event_type("motion") == "high" and routing.priority.for_event_type("climate") == catalog["climate"].priority
+    assert (
+        routing.priority.for_event_type("motion") == "high"
+        and routing.priority.for_event_type("climate") == catalog["climate"].priority
+    )
     panic = routing.automation.rule_for("panic_button")
     assert panic.incident and panic.webhook_env == "PANIC_URL"
     assert not routing.automation.rule_for("fire_alarm").incident
@@ -147,7 +192,9 @@ def test_routing_overrides_a_catalog_priority_and_adds_a_webhook_to_a_catalog_in
 
 def test_two_automation_rules_for_one_event_type_are_refused():
     with pytest.raises(RoutingConfigError, match=r"automation.rules: .*\['arm'\]"):
-        parse_routing_config({"automation": {"rules": [{"event_type": "arm"}, {"event_type": "arm", "incident": False}]}})
+        parse_routing_config(
+            {"automation": {"rules": [{"event_type": "arm"}, {"event_type": "arm", "incident": False}]}}
+        )
 
 
 def test_an_event_type_the_catalog_lacks_still_routes_to_the_default_priority():

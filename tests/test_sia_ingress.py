@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import signal
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from datetime import UTC, datetime, timedelta
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -104,7 +101,7 @@ def test_a_frame_the_broker_did_not_acknowledge_gets_no_answer_and_its_resend_is
 
 
 def stale(seconds: int) -> datetime:
-    return datetime.now(timezone.utc) + timedelta(seconds=seconds)
+    return datetime.now(UTC) + timedelta(seconds=seconds)
 
 
 @pytest.mark.parametrize(
@@ -122,10 +119,23 @@ def stale(seconds: int) -> datetime:
         (lambda: build_frame("A1B2C3", "ZX", seq=3), "DUH", "unknown_code"),
         (lambda: build_frame("A1B2C3", "GA", seq=3), "ACK", "unknown_event_type"),
     ],
-    ids=["crc", "unknown-account", "unknown-encrypted-account", "encrypted-for-a-plain-account", "wrong-key",
-         "plaintext-for-a-keyed-account", "40s-old", "20s-ahead", "garbage", "unknown-code", "unmapped-code"],
+    ids=[
+        "crc",
+        "unknown-account",
+        "unknown-encrypted-account",
+        "encrypted-for-a-plain-account",
+        "wrong-key",
+        "plaintext-for-a-keyed-account",
+        "40s-old",
+        "20s-ahead",
+        "garbage",
+        "unknown-code",
+        "unmapped-code",
+    ],
 )
-def test_a_refused_frame_is_quarantined_with_its_reason_and_answered_as_the_standard_says(receiver, fake, frame, answer, reason):
+def test_a_refused_frame_is_quarantined_with_its_reason_and_answered_as_the_standard_says(
+    receiver, fake, frame, answer, reason
+):
     with hub(receiver) as conn:
         assert response_kind(conn.send(frame())) == answer
     assert [r for _, _, r in fake.rejected] == [reason] and fake.published == []
@@ -135,7 +145,7 @@ def test_an_encrypted_frame_with_the_right_key_is_acked_with_an_encrypted_ack(re
     with hub(receiver) as conn:
         answer = conn.send(build_frame("BBB", "1130", zone=4, seq=4, key=KEY))
     assert answer.startswith(b"\n") and b'"*ACK"0004L0#BBB[' in answer and response_kind(answer) == "ACK"
-    assert decrypt(KEY, answer.split(b"[", 1)[1].rstrip(b"\r")).endswith(datetime.now(timezone.utc).strftime(",%m-%d-%Y"))
+    assert decrypt(KEY, answer.split(b"[", 1)[1].rstrip(b"\r")).endswith(datetime.now(UTC).strftime(",%m-%d-%Y"))
     assert (fake.published[0].event_type, fake.published[0].device_id) == ("intrusion_alert", "ajax-BBB-zone-4")
 
 
@@ -202,7 +212,12 @@ def hand_made_frame(account: str, content: str, seq: str, key: str | None = None
     token = '"SIA-DCS"'
     if key:
         pad = 16 - len(content) % 16
-        data = AES.new(key.encode(), AES.MODE_CBC, bytes(16)).encrypt(("x" * (pad - 1) + "|" + content).encode()).hex().upper()
+        data = (
+            AES.new(key.encode(), AES.MODE_CBC, bytes(16))
+            .encrypt(("x" * (pad - 1) + "|" + content).encode())
+            .hex()
+            .upper()
+        )
         token = '"*SIA-DCS"'
     else:
         data = f"#{account}|{content}"
@@ -211,20 +226,23 @@ def hand_made_frame(account: str, content: str, seq: str, key: str | None = None
 
 
 def test_frames_built_by_hand_from_the_standard_are_understood_and_equal_the_modules_own(receiver, fake):
-    now = datetime.now(timezone.utc).replace(microsecond=0)
+    now = datetime.now(UTC).replace(microsecond=0)
     stamp = now.strftime("_%H:%M:%S,%m-%d-%Y")
-    assert hand_made_frame("A1B2C3", f"Nri1/WA007]{stamp}", "0077") == build_frame("A1B2C3", "WA", zone=7, seq=77, timestamp=now)
+    assert hand_made_frame("A1B2C3", f"Nri1/WA007]{stamp}", "0077") == build_frame(
+        "A1B2C3", "WA", zone=7, seq=77, timestamp=now
+    )
     with hub(receiver) as conn:
         assert response_kind(conn.send(hand_made_frame("A1B2C3", f"Nri1/WA007]{stamp}", "0077"))) == "ACK"
         assert response_kind(conn.send(hand_made_frame("BBB", f"Nri2/FA001]{stamp}", "0078", key=KEY))) == "ACK"
     assert [(e.event_type, e.device_id, e.timestamp) for e in fake.published] == [
-        ("water_leak", "ajax-A1B2C3-zone-7", now), ("fire_alarm", "ajax-BBB-zone-1", now),
+        ("water_leak", "ajax-A1B2C3-zone-7", now),
+        ("fire_alarm", "ajax-BBB-zone-1", now),
     ]
 
 
 @pytest.mark.parametrize("code,answer", [("BA", "ACK"), ("ZX", "DUH")])
 def test_an_answer_to_a_frame_with_extended_data_never_carries_the_accounts_key(receiver, fake, code, answer):
-    stamp = datetime.now(timezone.utc).strftime("_%H:%M:%S,%m-%d-%Y")
+    stamp = datetime.now(UTC).strftime("_%H:%M:%S,%m-%d-%Y")
     with hub(receiver) as conn:
         response = conn.send(hand_made_frame("BBB", f"Nri1/{code}001][M0026B9E4268B]{stamp}", "0090", key=KEY))
     assert response_kind(response) == answer and KEY.encode() not in response
@@ -240,7 +258,9 @@ def test_accounts_and_optional_keys_come_from_one_environment_string():
     assert parse_accounts(" aaa=0123456789abcdef , BBB,") == {"AAA": "0123456789abcdef", "BBB": None}
 
 
-@pytest.mark.parametrize("spec,named", [("AAA=short", "account AAA has 5 characters"), ("XYZ", "'XYZ'"), ("AAA,aaa", "given twice")])
+@pytest.mark.parametrize(
+    "spec,named", [("AAA=short", "account AAA has 5 characters"), ("XYZ", "'XYZ'"), ("AAA,aaa", "given twice")]
+)
 def test_a_bad_account_setting_is_named_without_its_key(spec, named):
     with pytest.raises(SiaAccountsError, match=named) as refused:
         parse_accounts(spec)
@@ -249,7 +269,9 @@ def test_a_bad_account_setting_is_named_without_its_key(spec, named):
 
 def test_no_configured_account_means_no_sia_receiver(fake):
     assert sia_ingress_from_env(fake, {}) is None
-    ingress = sia_ingress_from_env(fake, {"FORWARDER_SIA_ACCOUNTS": "AAA", "FORWARDER_SIA_PORT": "7001", "FORWARDER_SIA_HOST": "127.0.0.1"})
+    ingress = sia_ingress_from_env(
+        fake, {"FORWARDER_SIA_ACCOUNTS": "AAA", "FORWARDER_SIA_PORT": "7001", "FORWARDER_SIA_HOST": "127.0.0.1"}
+    )
     assert (ingress.host, ingress.port, list(ingress.accounts)) == ("127.0.0.1", 7001, ["AAA"])
 
 
@@ -306,11 +328,19 @@ def test_frames_reach_the_site_broker_and_an_ack_never_precedes_the_broker_ack_e
         alarm = build_frame("A1B2C3", "BA", zone=3, seq=2)
         assert conn.send(alarm, timeout=4) is None, "ACKed while the broker was down"
         mosquitto.start()
-        answer = wait_until(lambda: conn.send(alarm, timeout=3), 30, message="the hub's resend ACKed once the broker is back")
+        answer = wait_until(
+            lambda: conn.send(alarm, timeout=3), 30, message="the hub's resend ACKed once the broker is back"
+        )
         assert response_kind(answer) == "ACK"
-    wait_until(lambda: any(m["event_type"] == "intrusion_alert" for m in subscriber.messages), 15, message="the alarm at the broker")
+    wait_until(
+        lambda: any(m["event_type"] == "intrusion_alert" for m in subscriber.messages),
+        15,
+        message="the alarm at the broker",
+    )
     alarms = [m for m in subscriber.messages if m["event_type"] == "intrusion_alert"]
-    assert {(m["device_id"], m["event_id"]) for m in alarms} == {("ajax-A1B2C3-zone-3", alarms[0]["event_id"])}  # resends are one event
+    assert {(m["device_id"], m["event_id"]) for m in alarms} == {
+        ("ajax-A1B2C3-zone-3", alarms[0]["event_id"])
+    }  # resends are one event
 
 
 def test_a_crc_broken_frame_is_naked_quarantined_and_never_published(site, tmp_path):
@@ -321,7 +351,9 @@ def test_a_crc_broken_frame_is_naked_quarantined_and_never_published(site, tmp_p
         assert response_kind(conn.send(build_frame("A1B2C3", "RP", seq=4))) == "ACK"
     wait_until(lambda: subscriber.messages, 10, message="the frame after the broken one at the broker")
     assert [m["event_type"] for m in subscriber.messages] == ["device_heartbeat"]
-    entries = [json.loads(line) for path in tmp_path.glob("*quarantine*.jsonl") for line in path.read_text().splitlines()]
+    entries = [
+        json.loads(line) for path in tmp_path.glob("*quarantine*.jsonl") for line in path.read_text().splitlines()
+    ]
     assert [e["reason"] for e in entries] == ["crc_mismatch"]
 
 
@@ -331,7 +363,9 @@ def test_an_encrypted_frame_with_the_right_key_arrives_and_one_with_a_wrong_key_
         assert response_kind(conn.send(build_frame("BBB", "BA", zone=9, seq=5, key="0123456789abcdef"))) == "NAK"
         assert response_kind(conn.send(build_frame("BBB", "BA", zone=9, seq=6, key=KEY))) == "ACK"
     wait_until(lambda: subscriber.messages, 10, message="the encrypted alarm at the broker")
-    assert [(m["device_id"], m["payload"]["sequence"], m["payload"]["encrypted"]) for m in subscriber.messages] == [("ajax-BBB-zone-9", "0006", True)]
+    assert [(m["device_id"], m["payload"]["sequence"], m["payload"]["encrypted"]) for m in subscriber.messages] == [
+        ("ajax-BBB-zone-9", "0006", True)
+    ]
 
 
 FORWARDER_PROCESS = textwrap.dedent(
@@ -383,12 +417,24 @@ def test_every_frame_acked_before_a_kill_9_of_the_forwarder_is_at_the_broker(mos
     sia_port = free_port()
     accounts = {"A1A1": None, "B2B2": None, "C3C3": KEY}
     env = {
-        **os.environ, "SITE": SITE, "MQTT_PORT": str(mosquitto.port), "STATE_DIR": str(tmp_path / "state"),
-        "FORWARDER_SIA_PORT": str(sia_port), "FORWARDER_SIA_ACCOUNTS": "A1A1,B2B2,C3C3=" + KEY, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+        **os.environ,
+        "SITE": SITE,
+        "MQTT_PORT": str(mosquitto.port),
+        "STATE_DIR": str(tmp_path / "state"),
+        "FORWARDER_SIA_PORT": str(sia_port),
+        "FORWARDER_SIA_ACCOUNTS": "A1A1,B2B2,C3C3=" + KEY,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
     }
 
     def start_forwarder() -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-c", FORWARDER_PROCESS], env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, start_new_session=True, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", FORWARDER_PROCESS],
+            env=env,
+            cwd=PROJECT_ROOT,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+            text=True,
+        )
         assert proc.stdout.readline().strip() == "READY"
         return proc
 
@@ -402,7 +448,11 @@ def test_every_frame_acked_before_a_kill_9_of_the_forwarder_is_at_the_broker(mos
         wait_until(lambda: sum(len(h.acked) for h in hubs) >= 150, 60, message="150 frames ACKed")
         mosquitto.stop()  # what the forwarder publishes now waits in its memory, unacknowledged
         marks = [h.attempts for h in hubs]
-        wait_until(lambda: all(h.attempts >= n + 2 for h, n in zip(hubs, marks)), 30, message="every hub sending while the broker is down")
+        wait_until(
+            lambda: all(h.attempts >= n + 2 for h, n in zip(hubs, marks)),
+            30,
+            message="every hub sending while the broker is down",
+        )
         kill9(proc)
         acked_before_kill = {(h.account, seq) for h in hubs for seq in h.acked}
         mosquitto.start()
@@ -416,7 +466,9 @@ def test_every_frame_acked_before_a_kill_9_of_the_forwarder_is_at_the_broker(mos
         kill9(proc)
 
     def missing() -> set:
-        return acked_before_kill - {(m["payload"]["account"], int(m["payload"]["sequence"])) for m in list(subscriber.messages)}
+        return acked_before_kill - {
+            (m["payload"]["account"], int(m["payload"]["sequence"])) for m in list(subscriber.messages)
+        }
 
     try:
         wait_until(lambda: not missing(), 30, message="every frame ACKed before the kill at the broker")

@@ -45,8 +45,14 @@ def test_device_event_reaches_the_parquet_archive_with_every_field_intact(edge_f
     assert len(rows) == 1
     row = rows[0]
     assert row[:8] == (
-        env.schema_version, env.event_id, env.idempotency_key, env.event_type, env.source,
-        env.site_id, env.device_id, "2024-01-15T10:30:00Z",
+        env.schema_version,
+        env.event_id,
+        env.idempotency_key,
+        env.event_type,
+        env.source,
+        env.site_id,
+        env.device_id,
+        "2024-01-15T10:30:00Z",
     )
     assert row[8] == env.received_at
     assert json.loads(row[9]) == env.payload

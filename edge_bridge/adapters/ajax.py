@@ -159,7 +159,9 @@ def adapt(site_id: str, topic: str, raw: bytes, received_at=None) -> Envelope:
     return envelope(site_id, SOURCE, event_type, f"ajax-{hub_id}-{device_id}", parse_time(ts, "timestamp"), payload)
 
 
-def sia_event_type(protocol: str, code: str | None, cid_qualifier: str | None = None, cid_event: str | None = None) -> tuple[str, str | None]:
+def sia_event_type(
+    protocol: str, code: str | None, cid_qualifier: str | None = None, cid_event: str | None = None
+) -> tuple[str, str | None]:
     """The catalog type of one frame's event and, for a restoral, the type whose condition it ends."""
     if protocol == "ADM-CID":
         if cid_event in CID_OPEN_CLOSE and cid_qualifier in (CID_NEW, CID_RESTORE):

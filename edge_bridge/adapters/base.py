@@ -9,7 +9,7 @@ messages that carry no time of their own, the same receive time) always yields t
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -47,16 +47,18 @@ def parse_time(value: Any, field: str) -> datetime:
             raise TypeError("boolean")
         if isinstance(value, (int, float)):
             seconds = value / 1000 if value > 1e11 else value
-            return datetime.fromtimestamp(seconds, tz=timezone.utc)
+            return datetime.fromtimestamp(seconds, tz=UTC)
         ts = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     except (TypeError, ValueError, OverflowError, OSError) as exc:
         raise AdapterRejected("bad_timestamp", f"{field}={value!r}: {exc}") from None
     if ts.tzinfo is None:
         raise AdapterRejected("bad_timestamp", f"{field}={value!r} has no UTC offset")
-    return ts.astimezone(timezone.utc)
+    return ts.astimezone(UTC)
 
 
-def envelope(site_id: str, source: str, event_type: str, device_id: str, timestamp: datetime, payload: dict[str, Any]) -> Envelope:
+def envelope(
+    site_id: str, source: str, event_type: str, device_id: str, timestamp: datetime, payload: dict[str, Any]
+) -> Envelope:
     try:
         return Envelope(
             idempotency_key=make_idempotency_key(site_id, device_id, event_type, timestamp),

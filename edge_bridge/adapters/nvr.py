@@ -24,7 +24,14 @@ from typing import Any
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
-from edge_bridge.adapters.base import MAX_DEVICE_MESSAGE_BYTES, AdapterRejected, decode_json_object, envelope, parse_time, require
+from edge_bridge.adapters.base import (
+    MAX_DEVICE_MESSAGE_BYTES,
+    AdapterRejected,
+    decode_json_object,
+    envelope,
+    parse_time,
+    require,
+)
 from edge_bridge.envelope import Envelope
 
 SOURCE = "nvr"
@@ -44,8 +51,17 @@ EVENT_TYPES = {
 KEEPALIVE = ("videoloss", "inactive")
 # Scalar fields kept from a notification (the rest, coordinates and picture lists, stays out of the envelope).
 FIELDS = (
-    "ipAddress", "macAddress", "channelID", "dynChannelID", "dateTime", "activePostCount", "eventType", "eventState",
-    "eventDescription", "channelName", "regionID",
+    "ipAddress",
+    "macAddress",
+    "channelID",
+    "dynChannelID",
+    "dateTime",
+    "activePostCount",
+    "eventType",
+    "eventState",
+    "eventDescription",
+    "channelName",
+    "regionID",
 )
 
 
@@ -105,7 +121,14 @@ def adapt(site_id: str, topic: str, raw: bytes, received_at=None) -> Envelope:
         "active_post_count": _int_or_none(data.get("activePostCount")),
     }
     device_id = f"nvr-{str(mac).replace(':', '').replace('-', '').lower()}-ch{channel}"
-    return envelope(site_id, SOURCE, event_type, device_id, parse_time(when, "dateTime"), {k: v for k, v in payload.items() if v is not None})
+    return envelope(
+        site_id,
+        SOURCE,
+        event_type,
+        device_id,
+        parse_time(when, "dateTime"),
+        {k: v for k, v in payload.items() if v is not None},
+    )
 
 
 def _int_or_none(value: Any) -> int | None:

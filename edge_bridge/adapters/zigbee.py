@@ -125,7 +125,9 @@ def state_type(data: dict[str, Any]) -> str | None:
     return None
 
 
-_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|milliseconds?|s|secs?|seconds?|m|mins?|minutes?|h|hrs?|hours?|d|days?)\s+ago$", re.I)
+_RELATIVE = re.compile(
+    r"^(\d+(?:\.\d+)?)\s*(ms|milliseconds?|s|secs?|seconds?|m|mins?|minutes?|h|hrs?|hours?|d|days?)\s+ago$", re.I
+)
 
 
 def last_seen(value: Any, received_at: datetime) -> datetime:

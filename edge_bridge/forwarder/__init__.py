@@ -46,7 +46,12 @@ class Outcome(enum.Enum):
 
 
 def mqtt_publisher(
-    client_id: str, host: str, port: int, username: str | None = None, password: str | None = None, wait_connected: float = 10.0
+    client_id: str,
+    host: str,
+    port: int,
+    username: str | None = None,
+    password: str | None = None,
+    wait_connected: float = 10.0,
 ) -> mqtt.Client:
     """A QoS 1 publisher with its network loop running; it reconnects on its own.
 
@@ -60,7 +65,9 @@ def mqtt_publisher(
     client.max_queued_messages_set(0)
     client.reconnect_delay_set(min_delay=1, max_delay=5)
     connected = threading.Event()
-    client.on_connect = lambda c, u, flags, reason, props: connected.set() if not reason.is_failure else log.warning("site broker refused the forwarder: %s", reason)
+    client.on_connect = lambda c, u, flags, reason, props: (
+        connected.set() if not reason.is_failure else log.warning("site broker refused the forwarder: %s", reason)
+    )
     client.on_disconnect = lambda c, u, flags, reason, props: log.warning("site broker connection lost: %s", reason)
     client.connect_async(host, port, keepalive=30)
     client.loop_start()
@@ -91,7 +98,9 @@ class Delivery:
 class Forwarder:
     """Thread-safe: every ingress calls it from its own threads."""
 
-    def __init__(self, site_id: str, client: mqtt.Client, quarantine: Quarantine, known_devices: set[str] | None = None) -> None:
+    def __init__(
+        self, site_id: str, client: mqtt.Client, quarantine: Quarantine, known_devices: set[str] | None = None
+    ) -> None:
         self.site_id = site_id
         self.client = client
         self.quarantine = quarantine
@@ -103,10 +112,14 @@ class Forwarder:
         self._unconfirmed: deque[mqtt.MQTTMessageInfo] = deque()  # `forward`'s publishes, for `close`
 
     @classmethod
-    def connect(cls, site_id: str, host: str, port: int, state_dir: Path, password: str | None = None, **kwargs) -> "Forwarder":
+    def connect(
+        cls, site_id: str, host: str, port: int, state_dir: Path, password: str | None = None, **kwargs
+    ) -> Forwarder:
         """One forwarder per site, logged in as the site (the broker's ACL lets it write only its own topics;
         with users the broker takes the username as client id, so the session is the site's)."""
-        client = mqtt_publisher(f"forwarder-{site_id}", host, port, username=site_id if password else None, password=password)
+        client = mqtt_publisher(
+            f"forwarder-{site_id}", host, port, username=site_id if password else None, password=password
+        )
         return cls(site_id, client, Quarantine(Path(state_dir) / f"forwarder-{site_id}-quarantine.jsonl"), **kwargs)
 
     @property
@@ -115,7 +128,9 @@ class Forwarder:
 
     # --- what ingresses call ----------------------------------------------------------------------------
 
-    def handle(self, family: str, topic: str, raw: bytes, received_at: datetime | None = None, timeout: float = 10.0) -> Outcome:
+    def handle(
+        self, family: str, topic: str, raw: bytes, received_at: datetime | None = None, timeout: float = 10.0
+    ) -> Outcome:
         """Adapt one device message and hand it on; returns once the device may be answered (or must not be)."""
         return self.submit(family, topic, raw, received_at).wait(timeout)
 
@@ -154,7 +169,11 @@ class Forwarder:
         except EnvelopeRejected as exc:  # AdapterRejected included
             return Delivery(outcome=self.reject(_source(family, topic), raw, exc.reason, exc.detail, family=family))
         except Exception as exc:  # noqa: BLE001 - an adapter's unforeseen failure is this message's, never the forwarder's
-            return Delivery(outcome=self.reject(_source(family, topic), raw, "adapter_error", error_detail(f"adapter {family}", exc), family=family))
+            return Delivery(
+                outcome=self.reject(
+                    _source(family, topic), raw, "adapter_error", error_detail(f"adapter {family}", exc), family=family
+                )
+            )
         return self.send(envelope, family)
 
     def send(self, envelope: Envelope, family: str | None = None) -> Delivery:
@@ -162,7 +181,9 @@ class Forwarder:
         body = envelope.to_json().encode("utf-8")
         if len(body) > MAX_ENVELOPE_BYTES:
             detail = f"the envelope is {len(body)} bytes (limit {MAX_ENVELOPE_BYTES})"
-            return Delivery(outcome=self.reject(_source(family, envelope.device_id), body, "too_large", detail, family=family))
+            return Delivery(
+                outcome=self.reject(_source(family, envelope.device_id), body, "too_large", detail, family=family)
+            )
         if not self.client.is_connected():
             # Nothing is queued in memory while the broker is away: the device keeps its message and resends.
             self._count(family, Outcome.FAILED)
@@ -198,11 +219,19 @@ class Forwarder:
             self.reject(_source(family, topic), raw, exc.reason, exc.detail, family=family)
             return None
         except Exception as exc:  # noqa: BLE001 - an adapter's unforeseen failure is this message's, never the forwarder's
-            self.reject(_source(family, topic), raw, "adapter_error", error_detail(f"adapter {family}", exc), family=family)
+            self.reject(
+                _source(family, topic), raw, "adapter_error", error_detail(f"adapter {family}", exc), family=family
+            )
             return None
         body = envelope.to_json().encode("utf-8")
         if len(body) > MAX_ENVELOPE_BYTES:
-            self.reject(_source(family, topic), raw, "too_large", f"the envelope is {len(body)} bytes (limit {MAX_ENVELOPE_BYTES})", family=family)
+            self.reject(
+                _source(family, topic),
+                raw,
+                "too_large",
+                f"the envelope is {len(body)} bytes (limit {MAX_ENVELOPE_BYTES})",
+                family=family,
+            )
             return None
         info = self.client.publish(envelope.topic, body, qos=1)
         with self._lock:

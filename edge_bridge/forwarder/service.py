@@ -66,7 +66,7 @@ class ForwarderConfig:
     idp_secret: str | None = None
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ForwarderConfig":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ForwarderConfig:
         env = os.environ if environ is None else environ
 
         def get(name: str, default: str | None = None) -> str | None:
@@ -82,7 +82,9 @@ class ForwarderConfig:
         ingresses = tuple(f.strip().lower() for f in get("FORWARDER_INGRESSES", "zigbee,nvr").split(",") if f.strip())
         unknown = sorted(set(ingresses) - set(FAMILIES))
         if unknown:
-            raise ForwarderConfigError(f"FORWARDER_INGRESSES: unknown famil{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)} (known: {', '.join(FAMILIES)})")
+            raise ForwarderConfigError(
+                f"FORWARDER_INGRESSES: unknown famil{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)} (known: {', '.join(FAMILIES)})"
+            )
         config = cls(
             site_id=get("EDGE_SITE_ID", "site-local"),
             mqtt_host=get("FORWARDER_MQTT_HOST", get("EDGE_MQTT_HOST", "127.0.0.1")),
@@ -103,7 +105,9 @@ class ForwarderConfig:
             idp_secret=get("FORWARDER_IDP_SECRET"),
         )
         if "idp" in ingresses and not config.idp_secret:
-            raise ForwarderConfigError("FORWARDER_IDP_SECRET is required with the idp ingress (webhooks are never taken unsigned)")
+            raise ForwarderConfigError(
+                "FORWARDER_IDP_SECRET is required with the idp ingress (webhooks are never taken unsigned)"
+            )
         return config
 
 
@@ -119,7 +123,7 @@ class ForwarderService:
         self.sia = None
         self.started_at = time.time()
 
-    def start(self) -> "ForwarderService":
+    def start(self) -> ForwarderService:
         c = self.config
         self.forwarder = Forwarder.connect(c.site_id, c.mqtt_host, c.mqtt_port, c.state_dir, password=c.mqtt_password)
         try:
@@ -129,14 +133,27 @@ class ForwarderService:
                 from edge_bridge.ingress.zigbee import ZigbeeIngress
 
                 self.zigbee = ZigbeeIngress(
-                    self.forwarder, c.zigbee_host or c.mqtt_host, c.zigbee_port or c.mqtt_port, c.zigbee_base_topic,
-                    c.zigbee_username, c.zigbee_password, c.zigbee_client_id, publish_timeout=c.publish_timeout_s,
+                    self.forwarder,
+                    c.zigbee_host or c.mqtt_host,
+                    c.zigbee_port or c.mqtt_port,
+                    c.zigbee_base_topic,
+                    c.zigbee_username,
+                    c.zigbee_password,
+                    c.zigbee_client_id,
+                    publish_timeout=c.publish_timeout_s,
                 ).start()
             from edge_bridge.ingress.http import HttpIngress
 
             self.http = HttpIngress(
-                self.forwarder, c.http_host, c.http_port, nvr="nvr" in c.ingresses, idp_secret=c.idp_secret if "idp" in c.ingresses else None,
-                max_body_bytes=c.http_max_body_bytes, publish_timeout=c.publish_timeout_s, status=self.status, metrics=self.metrics,
+                self.forwarder,
+                c.http_host,
+                c.http_port,
+                nvr="nvr" in c.ingresses,
+                idp_secret=c.idp_secret if "idp" in c.ingresses else None,
+                max_body_bytes=c.http_max_body_bytes,
+                publish_timeout=c.publish_timeout_s,
+                status=self.status,
+                metrics=self.metrics,
             ).start()
         except Exception:
             self.stop()
@@ -203,8 +220,16 @@ class _ForwarderCollector:
 
     def collect(self):
         f = self.service.forwarder
-        messages = CounterMetricFamily("forwarder_messages", "Device messages by family and outcome (forwarded, quarantined, failed: not acked, resent)", labels=["site", "family", "outcome"])
-        last = GaugeMetricFamily("forwarder_last_message_timestamp_seconds", "When each family's last device message arrived (unix time)", labels=["site", "family"])
+        messages = CounterMetricFamily(
+            "forwarder_messages",
+            "Device messages by family and outcome (forwarded, quarantined, failed: not acked, resent)",
+            labels=["site", "family", "outcome"],
+        )
+        last = GaugeMetricFamily(
+            "forwarder_last_message_timestamp_seconds",
+            "When each family's last device message arrived (unix time)",
+            labels=["site", "family"],
+        )
         site = self.service.config.site_id
         for family in self.service.config.ingresses:
             for outcome in Outcome:
@@ -213,18 +238,30 @@ class _ForwarderCollector:
                 last.add_metric([site, family], f.last_received[family])
         yield messages
         yield last
-        connected = GaugeMetricFamily("forwarder_site_broker_connected", "1 while the forwarder is connected to the site broker", labels=["site"])
+        connected = GaugeMetricFamily(
+            "forwarder_site_broker_connected", "1 while the forwarder is connected to the site broker", labels=["site"]
+        )
         connected.add_metric([site], 1.0 if f.client.is_connected() else 0.0)
         yield connected
         if self.service.zigbee is not None:
-            bridge = GaugeMetricFamily("forwarder_zigbee_bridge_online", "1 while zigbee2mqtt's bridge/state says online", labels=["site"])
+            bridge = GaugeMetricFamily(
+                "forwarder_zigbee_bridge_online", "1 while zigbee2mqtt's bridge/state says online", labels=["site"]
+            )
             bridge.add_metric([site], 1.0 if self.service.zigbee.bridge_state == "online" else 0.0)
             yield bridge
-            subscribed = GaugeMetricFamily("forwarder_zigbee_connected", "1 while the forwarder holds its session on zigbee2mqtt's broker", labels=["site"])
+            subscribed = GaugeMetricFamily(
+                "forwarder_zigbee_connected",
+                "1 while the forwarder holds its session on zigbee2mqtt's broker",
+                labels=["site"],
+            )
             subscribed.add_metric([site], 1.0 if self.service.zigbee.connected.is_set() else 0.0)
             yield subscribed
         if self.service.http is not None:
-            signatures = CounterMetricFamily("forwarder_idp_bad_signatures", "Door-access webhooks refused for a missing or wrong signature", labels=["site"])
+            signatures = CounterMetricFamily(
+                "forwarder_idp_bad_signatures",
+                "Door-access webhooks refused for a missing or wrong signature",
+                labels=["site"],
+            )
             signatures.add_metric([site], self.service.http.counts.get("idp:bad_signature", 0))
             yield signatures
 

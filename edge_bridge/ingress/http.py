@@ -115,12 +115,14 @@ class HttpIngress:
     def port(self) -> int:
         return self._server.server_address[1] if self._server else self.requested_port
 
-    def start(self) -> "HttpIngress":
+    def start(self) -> HttpIngress:
         handler = type("Handler", (_Handler,), {"ingress": self, "timeout": self.read_timeout})
         server = ThreadingHTTPServer((self.host, self.requested_port), handler)
         server.daemon_threads = True
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http-ingress", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http-ingress", daemon=True
+        )
         self._thread.start()
         paths = [p for p, on in ((NVR_PATH, self.nvr), (IDP_PATH, self.idp_secret is not None)) if on]
         log.info("HTTP ingress on %s:%d (%s)", self.host, self.port, ", ".join(paths) or "status only")
@@ -158,7 +160,10 @@ class HttpIngress:
     def idp_post(self, body: bytes, signature: str | None) -> tuple[int, dict]:
         if not signature_ok(self.idp_secret, body, signature):
             self.count("idp:bad_signature")
-            log.warning("door-access webhook with a %s signature refused (401); not forwarded", "missing" if not signature else "wrong")
+            log.warning(
+                "door-access webhook with a %s signature refused (401); not forwarded",
+                "missing" if not signature else "wrong",
+            )
             return 401, {"error": "bad signature"}
         outcome = self.forwarder.handle("idp", IDP_SOURCE, body, utc_now(), timeout=self.publish_timeout)
         return self._answer("idp", outcome, refused_status=400)
@@ -170,7 +175,9 @@ class HttpIngress:
         if family == "idp":
             log.warning("door-access webhook of %d bytes refused unread (limit %d)", length, self.max_body_bytes)
             return 413, {"error": "body too large"}
-        outcome = self.forwarder.reject(source, b"", "too_large", f"a {length}-byte body (limit {self.max_body_bytes}), left unread", family=family)
+        outcome = self.forwarder.reject(
+            source, b"", "too_large", f"a {length}-byte body (limit {self.max_body_bytes}), left unread", family=family
+        )
         return (413, {"error": "body too large"}) if outcome.received else (503, {"error": "not received, send again"})
 
     def _refused(self, family: str, source: str, body: bytes, reason: str, detail: str) -> tuple[int, dict]:

@@ -27,14 +27,14 @@ import socketserver
 import threading
 from collections import Counter
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pysiaalarm import SIAAccount, SIAEvent
 from pysiaalarm.errors import EventFormatError, NoAccountError
 from pysiaalarm.event import NAKEvent, OHEvent
 from pysiaalarm.utils import ResponseType
 
-from edge_bridge.adapters.ajax import SOURCE, adapt_sia
+from edge_bridge.adapters.ajax import adapt_sia
 from edge_bridge.adapters.base import AdapterRejected
 from edge_bridge.envelope import utc_now
 from edge_bridge.forwarder import Outcome
@@ -71,20 +71,26 @@ def parse_accounts(spec: str) -> dict[str, str | None]:
         if account in accounts:
             raise SiaAccountsError(f"{ACCOUNTS_ENV}[{i}]: account {account} is given twice")
         if sep and len(key) not in KEY_LENGTHS:
-            raise SiaAccountsError(f"{ACCOUNTS_ENV}[{i}]: the key of account {account} has {len(key)} characters (16, 24 or 32)")
+            raise SiaAccountsError(
+                f"{ACCOUNTS_ENV}[{i}]: the key of account {account} has {len(key)} characters (16, 24 or 32)"
+            )
         if sep and not all(" " < c <= "~" for c in key):
-            raise SiaAccountsError(f"{ACCOUNTS_ENV}[{i}]: the key of account {account} holds characters other than printable ASCII")
+            raise SiaAccountsError(
+                f"{ACCOUNTS_ENV}[{i}]: the key of account {account} holds characters other than printable ASCII"
+            )
         accounts[account] = key if sep else None
     return accounts
 
 
-def sia_ingress_from_env(forwarder, environ: Mapping[str, str] | None = None) -> "SiaIngress | None":
+def sia_ingress_from_env(forwarder, environ: Mapping[str, str] | None = None) -> SiaIngress | None:
     """The Ajax ingress as the environment configures it, or None when no SIA account is configured."""
     environ = os.environ if environ is None else environ
     accounts = parse_accounts(environ.get(ACCOUNTS_ENV, ""))
     if not accounts:
         return None
-    return SiaIngress(forwarder, environ.get(HOST_ENV) or DEFAULT_HOST, int(environ.get(PORT_ENV) or DEFAULT_PORT), accounts)
+    return SiaIngress(
+        forwarder, environ.get(HOST_ENV) or DEFAULT_HOST, int(environ.get(PORT_ENV) or DEFAULT_PORT), accounts
+    )
 
 
 class _Refused(Exception):
@@ -103,14 +109,24 @@ def _nak() -> bytes:
 class SiaIngress:
     """Receives DC-09 frames from Ajax hubs and answers each one only for what the forwarder did with it."""
 
-    def __init__(self, forwarder, host: str, port: int, accounts: Mapping[str, str | None], publish_timeout: float = 10.0, idle_timeout: float = IDLE_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        forwarder,
+        host: str,
+        port: int,
+        accounts: Mapping[str, str | None],
+        publish_timeout: float = 10.0,
+        idle_timeout: float = IDLE_TIMEOUT_S,
+    ) -> None:
         self.forwarder = forwarder
         self.host = host
         self.requested_port = port
         self.publish_timeout = publish_timeout
         self.idle_timeout = idle_timeout
         self.accounts = {
-            account.upper(): SIAAccount(account.upper(), key or None, allowed_timeband=TIMESTAMP_WINDOW_S, device_timezone=timezone.utc)
+            account.upper(): SIAAccount(
+                account.upper(), key or None, allowed_timeband=TIMESTAMP_WINDOW_S, device_timezone=UTC
+            )
             for account, key in accounts.items()
         }
         self.counts: Counter[str] = Counter()  # answers sent (ack/nak/duh/none) and refusals by reason
@@ -124,7 +140,7 @@ class SiaIngress:
         """The bound port (the one asked for, or the one the system chose for port 0)."""
         return self._server.server_address[1] if self._server else self.requested_port
 
-    def start(self) -> "SiaIngress":
+    def start(self) -> SiaIngress:
         ingress = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -137,7 +153,9 @@ class SiaIngress:
             block_on_close = False
 
         self._server = Server((self.host, self.requested_port), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="sia-ingress", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="sia-ingress", daemon=True
+        )
         self._thread.start()
         log.info("SIA DC-09 receiver on %s:%d for %d account(s)", self.host, self.port, len(self.accounts))
         return self
@@ -179,7 +197,13 @@ class SiaIngress:
                     if end < 0:
                         if len(buffer) > MAX_FRAME_BYTES:
                             if not skipping:
-                                self._answer(conn, self._refuse(buffer[:MAX_FRAME_BYTES], _Refused("frame_too_long", f"no CR within {MAX_FRAME_BYTES} bytes", _nak())))
+                                self._answer(
+                                    conn,
+                                    self._refuse(
+                                        buffer[:MAX_FRAME_BYTES],
+                                        _Refused("frame_too_long", f"no CR within {MAX_FRAME_BYTES} bytes", _nak()),
+                                    ),
+                                )
                             buffer, skipping = b"", True
                         break
                     frame, buffer = buffer[:end], buffer[end + 1 :]
@@ -188,7 +212,10 @@ class SiaIngress:
                         continue
                     frame = frame.strip(b"\n\r\x00 ")
                     if len(frame) > MAX_FRAME_BYTES:
-                        response = self._refuse(frame[:MAX_FRAME_BYTES], _Refused("frame_too_long", f"{len(frame)} bytes (limit {MAX_FRAME_BYTES})", _nak()))
+                        response = self._refuse(
+                            frame[:MAX_FRAME_BYTES],
+                            _Refused("frame_too_long", f"{len(frame)} bytes (limit {MAX_FRAME_BYTES})", _nak()),
+                        )
                     elif frame:
                         try:
                             response = self.handle_frame(frame)
@@ -237,10 +264,14 @@ class SiaIngress:
             account = _account_of(line)
             if account not in self.accounts:
                 raise _Refused("unknown_account", f"encrypted frame for account {account!r}", _nak()) from None
-            raise _Refused("undecryptable", f"encrypted frame for account {account}, which has no key here", _nak()) from None
+            raise _Refused(
+                "undecryptable", f"encrypted frame for account {account}, which has no key here", _nak()
+            ) from None
         except (EventFormatError, ValueError, UnicodeError) as exc:
             if encrypted and _account_of(line) in self.accounts:
-                raise _Refused("undecryptable", f"account {_account_of(line)}: the content does not decrypt with its key", _nak()) from None
+                raise _Refused(
+                    "undecryptable", f"account {_account_of(line)}: the content does not decrypt with its key", _nak()
+                ) from None
             raise _Refused("bad_frame", f"not a SIA DC-09 frame: {type(exc).__name__}", _nak()) from None
         if isinstance(event, OHEvent):
             raise _Refused("bad_frame", "an Osborne-Hoffman line, not a DC-09 frame", _nak())
@@ -254,7 +285,11 @@ class SiaIngress:
         if event.encrypted and not isinstance(event.timestamp, datetime):
             raise _Refused("missing_timestamp", "an encrypted frame must carry its timestamp (DC-09)", _nak())
         if not event.valid_timestamp:
-            raise _Refused("timestamp_out_of_window", f"{event.timestamp} is outside -{TIMESTAMP_WINDOW_S[0]}/+{TIMESTAMP_WINDOW_S[1]} s", _nak())
+            raise _Refused(
+                "timestamp_out_of_window",
+                f"{event.timestamp} is outside -{TIMESTAMP_WINDOW_S[0]}/+{TIMESTAMP_WINDOW_S[1]} s",
+                _nak(),
+            )
         event.receiver = event.receiver or ""  # the library would echo a missing receiver as "None"
         if event.response == ResponseType.DUH:
             raise _Refused("unknown_code", f"code {event.code!r} is not a SIA event code", _answer_to(event))
@@ -263,7 +298,9 @@ class SiaIngress:
     def _forward(self, frame: bytes, event: SIAEvent, received_at: datetime) -> bytes | None:
         try:
             envelope = adapt_sia(self.forwarder.site_id, event, received_at)
-        except AdapterRejected as exc:  # a valid frame no catalog type fits: kept, and ACKed so it is not resent for ever
+        except (
+            AdapterRejected
+        ) as exc:  # a valid frame no catalog type fits: kept, and ACKed so it is not resent for ever
             return self._refuse(frame, _Refused(exc.reason, exc.detail, _answer_to(event)), account=event.account)
         try:
             outcome = self.forwarder.publish(envelope, timeout=self.publish_timeout)
@@ -272,7 +309,12 @@ class SiaIngress:
             outcome = Outcome.FAILED
         if outcome in (Outcome.FORWARDED, Outcome.QUARANTINED):
             return self._count("ack", _answer_to(event))
-        log.warning("broker did not acknowledge account %s frame %s in %.0f s: no answer, the hub resends", event.account, event.sequence, self.publish_timeout)
+        log.warning(
+            "broker did not acknowledge account %s frame %s in %.0f s: no answer, the hub resends",
+            event.account,
+            event.sequence,
+            self.publish_timeout,
+        )
         return self._count("none", None)
 
     def _refuse(self, frame: bytes, refused: _Refused, account: str | None = None) -> bytes | None:
@@ -288,7 +330,9 @@ class SiaIngress:
             outcome = Outcome.FAILED
         if outcome != Outcome.QUARANTINED:
             return self._count("none", None)
-        return self._count((response_kind(refused.response) or "none").lower() if refused.response else "none", refused.response)
+        return self._count(
+            (response_kind(refused.response) or "none").lower() if refused.response else "none", refused.response
+        )
 
     def _count(self, kind: str, response: bytes | None) -> bytes | None:
         with self._lock:
@@ -339,20 +383,31 @@ HUB_EVENT_SIA_CODES = {
 }
 
 
-def build_frame(account: str, code: str, zone: int = 0, seq: int = 1, key: str | None = None, timestamp: datetime | None = None, area: int = 1) -> bytes:
+def build_frame(
+    account: str,
+    code: str,
+    zone: int = 0,
+    seq: int = 1,
+    key: str | None = None,
+    timestamp: datetime | None = None,
+    area: int = 1,
+) -> bytes:
     """One DC-09 frame, LF to CR, as a hub sends it.
 
     `code` is a SIA event code (`"BA"`: a SIA-DCS frame, `Nri<area>/<code><zone>`) or a four-digit
     Contact ID event with its qualifier (`"1130"`, `"3130"`: an ADM-CID frame, `<q><eee> <area> <zone>`).
     With `key` the content is AES-CBC encrypted (`*SIA-DCS`); the timestamp is now (UTC) unless given.
     """
-    stamp = (timestamp or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("_%H:%M:%S,%m-%d-%Y")
+    stamp = (timestamp or datetime.now(UTC)).astimezone(UTC).strftime("_%H:%M:%S,%m-%d-%Y")
     if len(code) == 4 and code.isdigit():
         token, content = "ADM-CID", f"#{account}|{code} {area:02d} {zone:03d}]{stamp}"
     else:
         token, content = "SIA-DCS", f"#{account}|Nri{area}/{code}{zone:03d}]{stamp}"
     if key:
-        token, content = "*" + token, SIAEvent(sia_account=SIAAccount(account, key)).encrypt_content(content[len(f"#{account}") :])
+        token, content = (
+            "*" + token,
+            SIAEvent(sia_account=SIAAccount(account, key)).encrypt_content(content[len(f"#{account}") :]),
+        )
     body = f'"{token}"{seq % 10000:04d}L0#{account}[{content}'
     return f"\n{SIAEvent._crc_calc(body)}{len(body):04X}{body}\r".encode("ascii")
 
@@ -383,7 +438,7 @@ class HubConnection:
         while b"\r" not in self._buffer:
             try:
                 chunk = self.sock.recv(4096)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 return None
             if not chunk:
                 raise ConnectionError("the receiver closed the connection")
@@ -394,7 +449,7 @@ class HubConnection:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "HubConnection":
+    def __enter__(self) -> HubConnection:
         return self
 
     def __exit__(self, *exc) -> None:

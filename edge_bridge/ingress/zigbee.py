@@ -39,7 +39,13 @@ class _Received:
     __slots__ = ("mid", "qos", "topic", "payload", "received_at", "delivery")
 
     def __init__(self, msg: mqtt.MQTTMessage, received_at: datetime) -> None:
-        self.mid, self.qos, self.topic, self.payload, self.received_at = msg.mid, msg.qos, msg.topic, msg.payload, received_at
+        self.mid, self.qos, self.topic, self.payload, self.received_at = (
+            msg.mid,
+            msg.qos,
+            msg.topic,
+            msg.payload,
+            received_at,
+        )
         self.delivery: Delivery | None = None
 
 
@@ -75,8 +81,10 @@ class ZigbeeIngress:
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
-    def start(self, wait_connected: float = 10.0) -> "ZigbeeIngress":
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False, manual_ack=True)
+    def start(self, wait_connected: float = 10.0) -> ZigbeeIngress:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False, manual_ack=True
+        )
         if self.username:
             client.username_pw_set(self.username, self.password)
         client.reconnect_delay_set(min_delay=1, max_delay=5)
@@ -208,4 +216,3 @@ class ZigbeeIngress:
             "bridge_seen_at": self.bridge_seen_at,
             "counts": dict(self.counts),
         }
-

@@ -27,7 +27,9 @@ def main() -> None:
         metrics_port=int(port) if port else None,
         archive_bucket=bucket,
     )
-    consumer = PriorityConsumer(load_routing_config(), aws_client("sqs"), settings, s3_filesystem() if bucket else None, aws_client("s3"))
+    consumer = PriorityConsumer(
+        load_routing_config(), aws_client("sqs"), settings, s3_filesystem() if bucket else None, aws_client("s3")
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

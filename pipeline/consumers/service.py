@@ -26,7 +26,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import requests
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -50,20 +50,46 @@ class ConsumerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.latency = Histogram(
-            "priority_queue_to_handled_seconds", "Seconds from SQS accepting an event to its batch committing", ["priority"], buckets=LATENCY_BUCKETS, registry=self.registry
+            "priority_queue_to_handled_seconds",
+            "Seconds from SQS accepting an event to its batch committing",
+            ["priority"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
-        self.handled = Counter("priority_events_handled", "Events handled (first time)", ["priority"], registry=self.registry)
-        self.duplicates = Counter("priority_duplicates_skipped", "Redelivered events recognised by (site_id, event_id)", ["priority"], registry=self.registry)
+        self.handled = Counter(
+            "priority_events_handled", "Events handled (first time)", ["priority"], registry=self.registry
+        )
+        self.duplicates = Counter(
+            "priority_duplicates_skipped",
+            "Redelivered events recognised by (site_id, event_id)",
+            ["priority"],
+            registry=self.registry,
+        )
         self.rejected = Counter(
-            "priority_messages_rejected", "Messages kept in the rejected table instead of handled (not valid envelopes, or failed alone)", ["priority"], registry=self.registry
+            "priority_messages_rejected",
+            "Messages kept in the rejected table instead of handled (not valid envelopes, or failed alone)",
+            ["priority"],
+            registry=self.registry,
         )
-        self.errors = Counter("priority_batch_errors", "Batch transactions that failed (their messages were then tried in smaller groups)", ["priority"], registry=self.registry)
+        self.errors = Counter(
+            "priority_batch_errors",
+            "Batch transactions that failed (their messages were then tried in smaller groups)",
+            ["priority"],
+            registry=self.registry,
+        )
         self.left = Counter(
-            "priority_messages_left_for_redelivery", "Messages not deleted for a shared cause (database not writable, S3 unreachable)", ["priority"], registry=self.registry
+            "priority_messages_left_for_redelivery",
+            "Messages not deleted for a shared cause (database not writable, S3 unreachable)",
+            ["priority"],
+            registry=self.registry,
         )
-        self.lag = Gauge("consumer_lag", "Queue-to-handled seconds of the most recent batch", ["priority"], registry=self.registry)
+        self.lag = Gauge(
+            "consumer_lag", "Queue-to-handled seconds of the most recent batch", ["priority"], registry=self.registry
+        )
         self.depth = Gauge("sqs_queue_depth", "Visible messages in a priority queue", ["queue"], registry=self.registry)
-        self.error_rate = Gauge("processing_error_rate", "Failed or rejected messages / messages received", registry=self.registry)
+        self.error_rate = Gauge(
+            "processing_error_rate", "Failed or rejected messages / messages received", registry=self.registry
+        )
         self._received = 0
         self._failed = 0
 
@@ -88,7 +114,15 @@ class ConsumerSettings:
 
 
 def _without_body(item: Item) -> Item:
-    return Item(item.priority, item.receipt_handle, item.enqueued_at, item.event, "", message_id=item.message_id, receive_count=item.receive_count)
+    return Item(
+        item.priority,
+        item.receipt_handle,
+        item.enqueued_at,
+        item.event,
+        "",
+        message_id=item.message_id,
+        receive_count=item.receive_count,
+    )
 
 
 class PriorityConsumer:
@@ -104,7 +138,12 @@ class PriorityConsumer:
         self._s3_lock = threading.Lock()
         self.claim_check_bucket = settings.claim_check_bucket or load_stack_config().claim_check.bucket
         # A lane each, so claim checks of a medium/low backlog never queue ahead of a high one.
-        self.claim_checks = {name: ThreadPoolExecutor(max_workers=settings.claim_check_workers, thread_name_prefix=f"consumer-claim-check-{name}") for name in LANES}
+        self.claim_checks = {
+            name: ThreadPoolExecutor(
+                max_workers=settings.claim_check_workers, thread_name_prefix=f"consumer-claim-check-{name}"
+            )
+            for name in LANES
+        }
         self.webhooks = ThreadPoolExecutor(max_workers=2)
         self.webhook_results: queue.Queue = queue.Queue()
         self._webhook_retries: list[tuple[float, int, int, dict]] = []  # heap of (due, seq, attempt, incident)
@@ -140,9 +179,9 @@ class PriorityConsumer:
         """The message as an item; a claim-check pointer is fetched on another thread (None here)."""
         attributes = message.get("Attributes", {})
         try:
-            enqueued_at = datetime.fromtimestamp(int(attributes["SentTimestamp"]) / 1000, tz=timezone.utc)
+            enqueued_at = datetime.fromtimestamp(int(attributes["SentTimestamp"]) / 1000, tz=UTC)
         except (KeyError, ValueError):
-            enqueued_at = datetime.now(timezone.utc)
+            enqueued_at = datetime.now(UTC)
         count = attributes.get("ApproximateReceiveCount", "0")
         base = {
             "priority": priority,
@@ -158,7 +197,12 @@ class PriorityConsumer:
         except EnvelopeRejected as exc:
             return Item(**base, event=None, reject_reason=f"{exc.reason}: {exc.detail}", error_type=type(exc).__name__)
         except Exception as exc:  # noqa: BLE001 - whatever it is, it is this message's alone
-            return Item(**base, event=None, reject_reason=f"unreadable: {type(exc).__name__}: {exc}", error_type=type(exc).__name__)
+            return Item(
+                **base,
+                event=None,
+                reject_reason=f"unreadable: {type(exc).__name__}: {exc}",
+                error_type=type(exc).__name__,
+            )
         try:
             self.claim_checks[lane(priority)].submit(self._resolve_claim_check, base)
         except RuntimeError:  # shutting down: the message comes back to the next consumer
@@ -168,12 +212,20 @@ class PriorityConsumer:
     def _resolve_claim_check(self, base: dict) -> None:
         """Fetch the envelope a pointer names; bad input is rejected, an unreachable S3 leaves it in SQS."""
         try:
-            text = verify_and_fetch(self._s3_client(), base["body"], bucket=self.claim_check_bucket, prefix=ROUTED_PREFIX)
+            text = verify_and_fetch(
+                self._s3_client(), base["body"], bucket=self.claim_check_bucket, prefix=ROUTED_PREFIX
+            )
             item = Item(**base, event=parse_envelope(text))
         except EnvelopeRejected as exc:
             item = Item(**base, event=None, reject_reason=f"{exc.reason}: {exc.detail}", error_type=type(exc).__name__)
         except Exception as exc:  # noqa: BLE001 - S3 (or its client) failed: not this message's fault
-            log.warning("claim check of %s message %s not fetched; left for redelivery: %s: %s", base["priority"], base["message_id"], type(exc).__name__, exc)
+            log.warning(
+                "claim check of %s message %s not fetched; left for redelivery: %s: %s",
+                base["priority"],
+                base["message_id"],
+                type(exc).__name__,
+                exc,
+            )
             self.metrics.left.labels(priority=base["priority"]).inc()
             self.pending.settle(base["priority"], 1)
             return
@@ -243,8 +295,12 @@ class PriorityConsumer:
     def _update_depths(self) -> None:
         for priority, url in self.urls.items():
             try:
-                attrs = self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"]
-                self.metrics.depth.labels(queue=self.routing.priority.queue_for(priority)).set(int(attrs["ApproximateNumberOfMessages"]))
+                attrs = self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])[
+                    "Attributes"
+                ]
+                self.metrics.depth.labels(queue=self.routing.priority.queue_for(priority)).set(
+                    int(attrs["ApproximateNumberOfMessages"])
+                )
             except Exception as exc:
                 log.debug("queue depth unavailable: %s", exc)
 
@@ -286,7 +342,13 @@ class PriorityConsumer:
         try:
             results, left = [store.handle_batch(items)], []
         except Exception as exc:
-            log.warning("batch of %d %s messages failed (%s: %s); trying them in smaller groups", len(items), priority, type(exc).__name__, exc)
+            log.warning(
+                "batch of %d %s messages failed (%s: %s); trying them in smaller groups",
+                len(items),
+                priority,
+                type(exc).__name__,
+                exc,
+            )
             self.metrics.errors.labels(priority=priority).inc()
             results, left = self._isolate(store, items, exc)
         kept = {id(item) for item in left}
@@ -313,7 +375,9 @@ class PriorityConsumer:
                 log.exception("automation for incident %s not started", incident["incident_id"])
                 self.webhook_results.put((incident["incident_id"], f"failed: {type(exc).__name__}: {exc}"))
 
-    def _isolate(self, store: ConsumerStore, items: list[Item], failure: Exception) -> tuple[list[BatchResult], list[Item]]:
+    def _isolate(
+        self, store: ConsumerStore, items: list[Item], failure: Exception
+    ) -> tuple[list[BatchResult], list[Item]]:
         """Split a failed batch until each failure is one message's own, and reject that message.
 
         Halving costs about 2·log2(n) transactions per bad message instead of n. If even the rejection
@@ -343,16 +407,29 @@ class PriorityConsumer:
     def _reject_alone(self, store: ConsumerStore, item: Item, exc: Exception) -> bool:
         """Record a message that failed by itself; False when nothing can be recorded (a shared cause)."""
         error_type = type(exc).__name__
-        for candidate, reason in ((item, f"handling_failed: {error_type}: {exc}"), (_without_body(item), f"handling_failed: {error_type}")):
+        for candidate, reason in (
+            (item, f"handling_failed: {error_type}: {exc}"),
+            (_without_body(item), f"handling_failed: {error_type}"),
+        ):
             try:
                 store.reject([(candidate, reason, error_type)])
             except Exception as failed:  # noqa: BLE001 - tried once more without the message's own text
                 cause = failed
                 continue
             where = item.event.dedupe_id if item.event else "-"
-            log.warning("%s message %s (event %s) failed alone and is kept in the rejected table: %s", item.priority, item.message_id, where, reason)
+            log.warning(
+                "%s message %s (event %s) failed alone and is kept in the rejected table: %s",
+                item.priority,
+                item.message_id,
+                where,
+                reason,
+            )
             return True
-        log.error("the rejected table cannot be written either (%s: %s); leaving the batch in SQS", type(cause).__name__, cause)
+        log.error(
+            "the rejected table cannot be written either (%s: %s); leaving the batch in SQS",
+            type(cause).__name__,
+            cause,
+        )
         return False
 
     def _delete_loop(self) -> None:
@@ -365,12 +442,26 @@ class PriorityConsumer:
             for start in range(0, len(handles), 10):
                 chunk = handles[start : start + 10]
                 try:
-                    failed = self.sqs.delete_message_batch(QueueUrl=self.urls[priority], Entries=[{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(chunk)]).get("Failed", [])
+                    failed = self.sqs.delete_message_batch(
+                        QueueUrl=self.urls[priority],
+                        Entries=[{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(chunk)],
+                    ).get("Failed", [])
                 except Exception as exc:  # settled already: a redelivery is recognised by (site_id, event_id)
-                    log.warning("delete of %d %s messages failed; they will come back as duplicates: %s", len(chunk), priority, exc)
+                    log.warning(
+                        "delete of %d %s messages failed; they will come back as duplicates: %s",
+                        len(chunk),
+                        priority,
+                        exc,
+                    )
                     continue
                 if failed:
-                    log.warning("%d of %d %s deletes failed; they will come back as duplicates: %s", len(failed), len(chunk), priority, failed[0].get("Message"))
+                    log.warning(
+                        "%d of %d %s deletes failed; they will come back as duplicates: %s",
+                        len(failed),
+                        len(chunk),
+                        priority,
+                        failed[0].get("Message"),
+                    )
 
     def _call_automation(self, incident: dict, attempt: int = 1) -> None:
         rule = self.routing.automation.rule_for(incident["event_type"])
@@ -409,7 +500,12 @@ class PriorityConsumer:
                 heapq.heappush(self._webhook_retries, (due, next(self._seq), attempt + 1, incident))
         else:
             self.webhook_results.put((incident["incident_id"], f"failed after {attempt} attempts: {result.error}"))
-            log.warning("automation webhook for incident %s failed %d times; giving up: %s", incident["incident_id"], attempt, result.error)
+            log.warning(
+                "automation webhook for incident %s failed %d times; giving up: %s",
+                incident["incident_id"],
+                attempt,
+                result.error,
+            )
 
     def _retry_due_webhooks(self) -> None:
         now, due = time.monotonic(), []
@@ -440,7 +536,14 @@ class PriorityConsumer:
         if not rows:
             return
         try:
-            write_log(self.filesystem, self.settings.archive_bucket, "priority_handled", PRIORITY_HANDLED_SCHEMA, rows, "handled_at")
+            write_log(
+                self.filesystem,
+                self.settings.archive_bucket,
+                "priority_handled",
+                PRIORITY_HANDLED_SCHEMA,
+                rows,
+                "handled_at",
+            )
         except Exception as exc:
             log.warning("priority_handled export failed (will retry): %s", exc)
             return
@@ -448,10 +551,17 @@ class PriorityConsumer:
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
-    def start(self) -> "PriorityConsumer":
+    def start(self) -> PriorityConsumer:
         if self.settings.metrics_port is not None:
-            self.http, _ = start_http_server(self.settings.metrics_port, addr="127.0.0.1", registry=self.metrics.registry)
-        for name, target in (("writer", self._writer_loop), ("deleter", self._delete_loop), ("high", self._high_loop), ("background", self._background_loop)):
+            self.http, _ = start_http_server(
+                self.settings.metrics_port, addr="127.0.0.1", registry=self.metrics.registry
+            )
+        for name, target in (
+            ("writer", self._writer_loop),
+            ("deleter", self._delete_loop),
+            ("high", self._high_loop),
+            ("background", self._background_loop),
+        ):
             thread = threading.Thread(target=target, name=f"consumer-{name}", daemon=True)
             self.threads[name] = thread
             thread.start()

@@ -16,7 +16,7 @@ import json
 import os
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -64,13 +64,40 @@ REJECTED_BODY_CHARS = 100_000
 
 _TS = pa.timestamp("us", tz="UTC")
 EVENT_COLUMNS = pa.schema(
-    [("event_id", pa.string()), ("event_type", pa.string()), ("source", pa.string()), ("site_id", pa.string()), ("device_id", pa.string()),
-     ("event_time", _TS), ("payload", pa.string()), ("priority", pa.string()), ("enqueued_at", _TS), ("handled_at", _TS), ("latency_ms", pa.float64())]
+    [
+        ("event_id", pa.string()),
+        ("event_type", pa.string()),
+        ("source", pa.string()),
+        ("site_id", pa.string()),
+        ("device_id", pa.string()),
+        ("event_time", _TS),
+        ("payload", pa.string()),
+        ("priority", pa.string()),
+        ("enqueued_at", _TS),
+        ("handled_at", _TS),
+        ("latency_ms", pa.float64()),
+    ]
 )
-STATUS_COLUMNS = pa.schema([("site_id", pa.string()), ("device_id", pa.string()), ("last_seen", _TS), ("last_event_type", pa.string()), ("state", pa.string())])
+STATUS_COLUMNS = pa.schema(
+    [
+        ("site_id", pa.string()),
+        ("device_id", pa.string()),
+        ("last_seen", _TS),
+        ("last_event_type", pa.string()),
+        ("state", pa.string()),
+    ]
+)
 EXPORTED_KEYS = pa.schema([("site_id", pa.string()), ("event_id", pa.string())])
 INCIDENT_COLUMNS = pa.schema(
-    [("incident_id", pa.string()), ("event_id", pa.string()), ("event_type", pa.string()), ("site_id", pa.string()), ("device_id", pa.string()), ("opened_at", _TS), ("webhook_status", pa.string())]
+    [
+        ("incident_id", pa.string()),
+        ("event_id", pa.string()),
+        ("event_type", pa.string()),
+        ("site_id", pa.string()),
+        ("device_id", pa.string()),
+        ("opened_at", _TS),
+        ("webhook_status", pa.string()),
+    ]
 )
 
 
@@ -114,7 +141,9 @@ class ConsumerStore:
 
     def _migrate(self) -> None:
         """Widen the keys of a file from before `(site_id, event_id)`; DuckDB cannot alter a primary key."""
-        pk = self.con.execute("SELECT constraint_column_names FROM duckdb_constraints() WHERE table_name = 'events' AND constraint_type = 'PRIMARY KEY'").fetchall()
+        pk = self.con.execute(
+            "SELECT constraint_column_names FROM duckdb_constraints() WHERE table_name = 'events' AND constraint_type = 'PRIMARY KEY'"
+        ).fetchall()
         if pk == [(["event_id"],)]:
             self.con.execute("BEGIN TRANSACTION")
             try:
@@ -143,7 +172,7 @@ class ConsumerStore:
         returns what it added), so a batch costs one indexed statement instead of a lookup and an insert.
         """
         result = BatchResult()
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         bad = [i for i in items if i.event is None]
         fresh: dict[tuple[str, str], Item] = {}
         for item in items:
@@ -159,12 +188,26 @@ class ConsumerStore:
             if bad:
                 self._insert_rejected(now, [(i, i.reject_reason, i.error_type) for i in bad])
                 result.rejected = len(bad)
-            handled_at = datetime.now(timezone.utc)
+            handled_at = datetime.now(UTC)
             rows, latencies = [], {}
             for key, item in fresh.items():
                 e = item.event
                 latencies[key] = max((handled_at - item.enqueued_at).total_seconds() * 1000, 0.0)
-                rows.append((e.event_id, e.event_type, e.source, e.site_id, e.device_id, e.timestamp, json.dumps(e.payload), item.priority, item.enqueued_at, handled_at, latencies[key]))
+                rows.append(
+                    (
+                        e.event_id,
+                        e.event_type,
+                        e.source,
+                        e.site_id,
+                        e.device_id,
+                        e.timestamp,
+                        json.dumps(e.payload),
+                        item.priority,
+                        item.enqueued_at,
+                        handled_at,
+                        latencies[key],
+                    )
+                )
             inserted: set[tuple[str, str]] = set()
             if rows:
                 inserted = set(
@@ -188,7 +231,15 @@ class ConsumerStore:
                 rule = self.automation.rule_for(e.event_type)
                 if rule and rule.incident:
                     status = None if rule.webhook_env and os.environ.get(rule.webhook_env) else "not_configured"
-                    incident = {"incident_id": str(uuid.uuid4()), "event_id": e.event_id, "event_type": e.event_type, "site_id": e.site_id, "device_id": e.device_id, "opened_at": handled_at, "webhook_status": status}
+                    incident = {
+                        "incident_id": str(uuid.uuid4()),
+                        "event_id": e.event_id,
+                        "event_type": e.event_type,
+                        "site_id": e.site_id,
+                        "device_id": e.device_id,
+                        "opened_at": handled_at,
+                        "webhook_status": status,
+                    }
                     incidents.append(incident)
             if statuses:
                 self._insert(
@@ -216,7 +267,7 @@ class ConsumerStore:
         """Keep messages the consumer will not handle, each with (reason, error_type), in one transaction."""
         self.con.execute("BEGIN TRANSACTION")
         try:
-            self._insert_rejected(datetime.now(timezone.utc), entries)
+            self._insert_rejected(datetime.now(UTC), entries)
             self.con.execute("COMMIT")
         except Exception:
             self.con.execute("ROLLBACK")
@@ -225,7 +276,18 @@ class ConsumerStore:
     def _insert_rejected(self, now: datetime, entries: list[tuple[Item, str | None, str | None]]) -> None:
         self.con.executemany(
             "INSERT INTO rejected (received_at, priority, reason, body, error_type, message_id, receive_count) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(now, i.priority, (reason or "")[:2000], i.body[:REJECTED_BODY_CHARS], error_type, i.message_id, i.receive_count) for i, reason, error_type in entries],
+            [
+                (
+                    now,
+                    i.priority,
+                    (reason or "")[:2000],
+                    i.body[:REJECTED_BODY_CHARS],
+                    error_type,
+                    i.message_id,
+                    i.receive_count,
+                )
+                for i, reason, error_type in entries
+            ],
         )
 
     def _insert(self, sql: str, schema: pa.Schema, rows: list[tuple]) -> list[tuple]:
@@ -240,7 +302,10 @@ class ConsumerStore:
     def set_webhook_statuses(self, statuses: list[tuple[str, str]]) -> None:
         self.con.execute("BEGIN TRANSACTION")
         try:
-            self.con.executemany("UPDATE incidents SET webhook_status = ? WHERE incident_id = ?", [(status[:500], incident_id) for incident_id, status in statuses])
+            self.con.executemany(
+                "UPDATE incidents SET webhook_status = ? WHERE incident_id = ?",
+                [(status[:500], incident_id) for incident_id, status in statuses],
+            )
             self.con.execute("COMMIT")
         except Exception:
             self.con.execute("ROLLBACK")
@@ -252,13 +317,19 @@ class ConsumerStore:
             "SELECT incident_id, event_id, event_type, site_id, device_id, opened_at FROM incidents WHERE webhook_status IS NULL OR starts_with(webhook_status, ?)",
             [RETRYING],
         ).fetchall()
-        return [dict(zip(("incident_id", "event_id", "event_type", "site_id", "device_id", "opened_at"), r)) for r in rows]
+        return [
+            dict(zip(("incident_id", "event_id", "event_type", "site_id", "device_id", "opened_at"), r)) for r in rows
+        ]
 
     def unexported(self, limit: int = 50_000) -> list[dict]:
         rows = self.con.execute(
-            "SELECT event_id, event_type, site_id, priority, enqueued_at, handled_at, latency_ms FROM events WHERE NOT exported ORDER BY handled_at LIMIT ?", [limit]
+            "SELECT event_id, event_type, site_id, priority, enqueued_at, handled_at, latency_ms FROM events WHERE NOT exported ORDER BY handled_at LIMIT ?",
+            [limit],
         ).fetchall()
-        return [dict(zip(("event_id", "event_type", "site_id", "priority", "enqueued_at", "handled_at", "latency_ms"), r)) for r in rows]
+        return [
+            dict(zip(("event_id", "event_type", "site_id", "priority", "enqueued_at", "handled_at", "latency_ms"), r))
+            for r in rows
+        ]
 
     def mark_exported(self, keys: list[tuple[str, str]]) -> None:
         """Flag exported rows by `(site_id, event_id)`."""

@@ -26,7 +26,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from edge_bridge.catalog import EventCatalog, EventCatalogError, key_path, load_event_catalog
@@ -56,7 +65,11 @@ def _catalog(info: ValidationInfo) -> EventCatalog:
 def _known_event_type(name: str, info: ValidationInfo) -> str:
     catalog = _catalog(info)
     if name not in catalog:
-        raise PydanticCustomError("unknown_event_type", "unknown event type '{name}' (not in {source})", {"name": name, "source": catalog.source})
+        raise PydanticCustomError(
+            "unknown_event_type",
+            "unknown event type '{name}' (not in {source})",
+            {"name": name, "source": catalog.source},
+        )
     return name
 
 
@@ -70,9 +83,13 @@ def _field_path(path: str) -> str:
     top = parts[0]
     if len(parts) == 1:
         if top == "payload":
-            raise ValueError("'payload' is an object: name its values ('payload.zone.name') or send it whole with 'payload.*'")
+            raise ValueError(
+                "'payload' is an object: name its values ('payload.zone.name') or send it whole with 'payload.*'"
+            )
         if top not in ENVELOPE_FIELDS:
-            raise ValueError(f"{path!r} is neither an envelope field ({', '.join(f for f in ENVELOPE_FIELDS if f != 'payload')}) nor 'payload.<key>[.<key>...][.*]'")
+            raise ValueError(
+                f"{path!r} is neither an envelope field ({', '.join(f for f in ENVELOPE_FIELDS if f != 'payload')}) nor 'payload.<key>[.<key>...][.*]'"
+            )
         return path
     if top != "payload":
         raise ValueError(f"{path!r}: only payload paths have several parts ('payload.<key>[.<key>...][.*]')")
@@ -98,7 +115,7 @@ class TransformConfig(_Strict):
         return rename
 
     @model_validator(mode="after")
-    def _not_renamed_to_stripped(self) -> "TransformConfig":
+    def _not_renamed_to_stripped(self) -> TransformConfig:
         clash = sorted(set(self.rename.values()) & set(self.strip_fields))
         if clash:
             raise ValueError(f"rename targets {clash} are also strip_fields")
@@ -134,7 +151,10 @@ class PartnerContract(_Strict):
                 "rules": self.rules,
                 "subscriptions": sorted(set(self.subscriptions)),
                 "allowed_fields": sorted(set(self.allowed_fields)),
-                "transform": {"strip_fields": sorted(set(self.transform.strip_fields)), "rename": dict(sorted(self.transform.rename.items()))},
+                "transform": {
+                    "strip_fields": sorted(set(self.transform.strip_fields)),
+                    "rename": dict(sorted(self.transform.rename.items())),
+                },
             },
             sort_keys=True,
             separators=(",", ":"),
@@ -165,7 +185,9 @@ class PartnerConfig(_Strict):
     @classmethod
     def _paths(cls, fields: tuple[str, ...] | None) -> tuple[str, ...]:
         if fields is None:
-            raise ValueError("required: list the fields this partner may receive (envelope fields, 'payload.<key>...', or 'payload.<key>.*' for a whole object)")
+            raise ValueError(
+                "required: list the fields this partner may receive (envelope fields, 'payload.<key>...', or 'payload.<key>.*' for a whole object)"
+            )
         if not fields:
             raise ValueError("an empty whitelist sends nothing; drop the partner or list fields")
         for path in fields:
@@ -173,10 +195,12 @@ class PartnerConfig(_Strict):
         return fields
 
     @model_validator(mode="after")
-    def _rename_sources_and_collisions(self) -> "PartnerConfig":
+    def _rename_sources_and_collisions(self) -> PartnerConfig:
         unknown = sorted(set(self.transform.rename) - set(self.allowed_fields or ()))
         if unknown:
-            raise ValueError(f"transform.rename sources {unknown} are not in allowed_fields (rename names whitelisted paths exactly)")
+            raise ValueError(
+                f"transform.rename sources {unknown} are not in allowed_fields (rename names whitelisted paths exactly)"
+            )
         kept = {path.partition(".")[0] for path in self.allowed_fields or () if path not in self.transform.rename}
         clash = sorted(kept & set(self.transform.rename.values()))
         if clash:
@@ -185,7 +209,9 @@ class PartnerConfig(_Strict):
 
     @property
     def contract(self) -> PartnerContract:
-        return PartnerContract(subscriptions=self.subscriptions, allowed_fields=self.allowed_fields, transform=self.transform)
+        return PartnerContract(
+            subscriptions=self.subscriptions, allowed_fields=self.allowed_fields, transform=self.transform
+        )
 
     @property
     def contract_version(self) -> str:
@@ -205,7 +231,9 @@ class PartnerConfig(_Strict):
     def secret(self) -> str:
         value = os.environ.get(self.secret_env)
         if not value:
-            raise RoutingConfigError(f"partner {self.name!r}: environment variable {self.secret_env} (its webhook secret) is not set")
+            raise RoutingConfigError(
+                f"partner {self.name!r}: environment variable {self.secret_env} (its webhook secret) is not set"
+            )
         return value
 
 
@@ -218,7 +246,9 @@ class PriorityQueues(_Strict):
 class PriorityConfig(_Strict):
     queues: PriorityQueues = PriorityQueues()
     default: Priority = "low"  # for an event type the catalog does not know (accepted on the wire, never dropped)
-    rules: dict[EventTypeName, Priority] = Field(default_factory=dict)  # the catalog's priorities, then the file's overrides
+    rules: dict[EventTypeName, Priority] = Field(
+        default_factory=dict
+    )  # the catalog's priorities, then the file's overrides
 
     @model_validator(mode="before")
     @classmethod
@@ -258,7 +288,9 @@ class AutomationRule(_Strict):
 
 
 class AutomationConfig(_Strict):
-    rules: tuple[AutomationRule, ...] = ()  # the file's rules (a webhook, or `incident: false`), then one per catalog incident type
+    rules: tuple[
+        AutomationRule, ...
+    ] = ()  # the file's rules (a webhook, or `incident: false`), then one per catalog incident type
 
     @model_validator(mode="before")
     @classmethod
@@ -266,7 +298,11 @@ class AutomationConfig(_Strict):
         if isinstance(data, dict) and isinstance(data.get("rules", ()), (list, tuple)):
             listed = list(data.get("rules", ()))
             named = {r.get("event_type") if isinstance(r, dict) else getattr(r, "event_type", None) for r in listed}
-            data = {**data, "rules": listed + [{"event_type": t, "incident": True} for t in _catalog(info).incident_types if t not in named]}
+            data = {
+                **data,
+                "rules": listed
+                + [{"event_type": t, "incident": True} for t in _catalog(info).incident_types if t not in named],
+            }
         return data
 
     @field_validator("rules")
@@ -318,7 +354,9 @@ class RoutingConfig(_Strict):
         return 1 + len(self.retry_delays_s)
 
 
-def parse_routing_config(data: object, source: str = "routing config", catalog: EventCatalog | None = None) -> RoutingConfig:
+def parse_routing_config(
+    data: object, source: str = "routing config", catalog: EventCatalog | None = None
+) -> RoutingConfig:
     """Validate `data` against the schema and the event catalog (default: `load_event_catalog()`)."""
     try:
         return RoutingConfig.model_validate(data or {}, context={"catalog": catalog or load_event_catalog()})
@@ -344,9 +382,14 @@ def load_routing_config(path: str | Path | None = None) -> RoutingConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m pipeline.routing.config --check [PATH]`: validate, and print each partner's contract version."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.routing.config", description="Validate a routing config and print each partner's contract version.")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.routing.config",
+        description="Validate a routing config and print each partner's contract version.",
+    )
     parser.add_argument("--check", action="store_true", help="validate (the only action; accepted for readability)")
-    parser.add_argument("path", nargs="?", help="the routing config (default: $PIPELINE_ROUTING_CONFIG or config/routing.yaml)")
+    parser.add_argument(
+        "path", nargs="?", help="the routing config (default: $PIPELINE_ROUTING_CONFIG or config/routing.yaml)"
+    )
     args = parser.parse_args(argv)
     try:
         routing = load_routing_config(args.path)
@@ -356,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{routing_config_path(args.path)}: valid, {len(routing.partners)} partners")
     for partner in routing.partners:
         contract = partner.contract
-        print(f"  {partner.name}: contract {contract.version} (subscriptions {', '.join(contract.subscriptions)}; allowed_fields {', '.join(contract.allowed_fields)})")
+        print(
+            f"  {partner.name}: contract {contract.version} (subscriptions {', '.join(contract.subscriptions)}; allowed_fields {', '.join(contract.allowed_fields)})"
+        )
     return 0
 
 

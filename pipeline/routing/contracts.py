@@ -55,7 +55,12 @@ class ContractHistory:
         except ClientError as exc:
             if not _missing(exc):
                 raise
-            self.s3.put_object(Bucket=self.bucket, Key=key, Body=contract.canonical_json().encode("utf-8"), ContentType="application/json")
+            self.s3.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=contract.canonical_json().encode("utf-8"),
+                ContentType="application/json",
+            )
             log.info("partner %s: contract %s recorded at s3://%s/%s", partner, contract.version, self.bucket, key)
             written = True
         with self._lock:
@@ -69,7 +74,9 @@ class ContractHistory:
             text = self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read().decode("utf-8")
         except ClientError as exc:
             if _missing(exc):
-                raise ContractHistoryError(f"partner {partner!r}: contract {version} is not in s3://{self.bucket}/{key}") from None
+                raise ContractHistoryError(
+                    f"partner {partner!r}: contract {version} is not in s3://{self.bucket}/{key}"
+                ) from None
             raise
         if contract_version(text) != version:
             raise ContractHistoryError(f"s3://{self.bucket}/{key} does not hash to {version}: it was altered")

@@ -24,7 +24,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import requests
 from botocore.exceptions import ClientError
@@ -67,7 +67,7 @@ class PartnerMessage:
     archive_hour: str | None = None
 
     @classmethod
-    def from_sqs(cls, raw: object) -> "PartnerMessage":
+    def from_sqs(cls, raw: object) -> PartnerMessage:
         try:
             item = json.loads(raw)
         except (ValueError, TypeError, RecursionError) as exc:
@@ -80,12 +80,21 @@ class PartnerMessage:
         webhook_id = item.get("webhook_id") or item["event_id"]
         for name, value in (("event_id", item["event_id"]), ("webhook_id", webhook_id), ("body", item["body"])):
             if not isinstance(value, str) or not value:
-                raise PoisonMessage("bad_field", f"{name} is {type(value).__name__} {str(value)[:60]!r}, not a non-empty string")
+                raise PoisonMessage(
+                    "bad_field", f"{name} is {type(value).__name__} {str(value)[:60]!r}, not a non-empty string"
+                )
         for name in ("site_id", "contract_version", "archive_hour"):
             value = item.get(name)
             if value is not None and not isinstance(value, str):
                 raise PoisonMessage("bad_field", f"{name} is {type(value).__name__}, not a string")
-        return cls(item["event_id"], webhook_id, item["body"], item.get("site_id"), item.get("contract_version"), item.get("archive_hour"))
+        return cls(
+            item["event_id"],
+            webhook_id,
+            item["body"],
+            item.get("site_id"),
+            item.get("contract_version"),
+            item.get("archive_hour"),
+        )
 
     def request(self, session: requests.Session, url: str, secret: str) -> requests.PreparedRequest:
         try:
@@ -103,7 +112,7 @@ class PartnerMessage:
             "contract_version": self.contract_version,
             "body_sha256": hashlib.sha256(sent).hexdigest(),
             "body_bytes": len(sent),
-            "webhook_timestamp": datetime.fromtimestamp(int(request.headers["webhook-timestamp"]), timezone.utc),
+            "webhook_timestamp": datetime.fromtimestamp(int(request.headers["webhook-timestamp"]), UTC),
             "archive_hour": self.archive_hour,
         }
 
@@ -171,7 +180,11 @@ class PartnerQueues:
 def _pending(sqs, url: str) -> int:
     attrs = sqs.get_queue_attributes(
         QueueUrl=url,
-        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible", "ApproximateNumberOfMessagesDelayed"],
+        AttributeNames=[
+            "ApproximateNumberOfMessages",
+            "ApproximateNumberOfMessagesNotVisible",
+            "ApproximateNumberOfMessagesDelayed",
+        ],
     )["Attributes"]
     return sum(int(v) for v in attrs.values())
 
@@ -179,7 +192,15 @@ def _pending(sqs, url: str) -> int:
 class PartnerDelivery:
     """Deliver one partner's queue for up to `max_seconds` (or until it is empty)."""
 
-    def __init__(self, partner: PartnerConfig, sqs, queues: PartnerQueues, delays: tuple[int, ...], attempt_log: AttemptLog | None, parallelism: int = 8) -> None:
+    def __init__(
+        self,
+        partner: PartnerConfig,
+        sqs,
+        queues: PartnerQueues,
+        delays: tuple[int, ...],
+        attempt_log: AttemptLog | None,
+        parallelism: int = 8,
+    ) -> None:
         self.partner, self.sqs, self.queues, self.delays = partner, sqs, queues, tuple(delays)
         self.attempt_log = attempt_log
         self.secret = partner.secret()
@@ -229,7 +250,9 @@ class PartnerDelivery:
             if isinstance(exc, ClientError):
                 # SQS refused one call about one message; it stays in the queue, and the queue's
                 # redrive policy ends its round trips if this keeps happening.
-                log.warning("%s: SQS refused a call for one message, which stays in the queue: %s", self.partner.name, exc)
+                log.warning(
+                    "%s: SQS refused a call for one message, which stays in the queue: %s", self.partner.name, exc
+                )
                 self._count("errors", f"sqs {exc.response.get('Error', {}).get('Code', 'error')}")
             else:
                 shared = shared or exc
@@ -261,10 +284,16 @@ class PartnerDelivery:
             self.sqs.delete_message(QueueUrl=self.queues.url, ReceiptHandle=message["ReceiptHandle"])
             outcome = "delivered"
         elif attempt < self.max_attempts:
-            self.sqs.change_message_visibility(QueueUrl=self.queues.url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=self.delays[attempt - 1])
+            self.sqs.change_message_visibility(
+                QueueUrl=self.queues.url,
+                ReceiptHandle=message["ReceiptHandle"],
+                VisibilityTimeout=self.delays[attempt - 1],
+            )
             outcome = "failed"
         else:
-            set_aside(self.sqs, self.queues.dlq_url, message, self.queues.url, ATTEMPTS_EXHAUSTED, result.error or "failed")
+            set_aside(
+                self.sqs, self.queues.dlq_url, message, self.queues.url, ATTEMPTS_EXHAUSTED, result.error or "failed"
+            )
             outcome = "dead_lettered"
         with self._lock:
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
@@ -298,7 +327,9 @@ class RedeliveryReport:
     poison: list[dict] = field(default_factory=list)
 
 
-def redeliver_partner_dlq(partner: PartnerConfig, sqs, queues: PartnerQueues, attempt_log: AttemptLog | None, max_messages: int = 10000) -> RedeliveryReport:
+def redeliver_partner_dlq(
+    partner: PartnerConfig, sqs, queues: PartnerQueues, attempt_log: AttemptLog | None, max_messages: int = 10000
+) -> RedeliveryReport:
     """Once the partner answers again, move its DLQ back to its queue for a fresh round of attempts.
 
     The probe is a real delivery of a dead-lettered event (signed, same webhook-id), so "answers again"
@@ -327,18 +358,26 @@ def redeliver_partner_dlq(partner: PartnerConfig, sqs, queues: PartnerQueues, at
         _release(sqs, queues.dlq_url, list(kept.values()))
 
 
-def _probe_and_move(partner, sqs, queues, attempt_log, max_messages, session, url, secret, is_poison, poison) -> RedeliveryReport:
+def _probe_and_move(
+    partner, sqs, queues, attempt_log, max_messages, session, url, secret, is_poison, poison
+) -> RedeliveryReport:
     seen: set[str] = set()
     while True:
         batch = sqs.receive_message(
-            QueueUrl=queues.dlq_url, MaxNumberOfMessages=10, WaitTimeSeconds=0, VisibilityTimeout=30, MessageAttributeNames=_ATTRIBUTE_NAMES
+            QueueUrl=queues.dlq_url,
+            MaxNumberOfMessages=10,
+            WaitTimeSeconds=0,
+            VisibilityTimeout=30,
+            MessageAttributeNames=_ATTRIBUTE_NAMES,
         ).get("Messages", [])
         fresh = [m for m in batch if m["MessageId"] not in seen]
         seen.update(m["MessageId"] for m in fresh)
         candidates = [m for m in batch if not is_poison(m)]
         if not fresh:
             _release(sqs, queues.dlq_url, [m["ReceiptHandle"] for m in candidates])
-            reason = f"no well-formed message in the DLQ; {len(poison)} poison left in place" if poison else "DLQ is empty"
+            reason = (
+                f"no well-formed message in the DLQ; {len(poison)} poison left in place" if poison else "DLQ is empty"
+            )
             return RedeliveryReport(False, False, 0, reason, list(poison.values()))
         if candidates[1:]:  # back in line for the move
             _release(sqs, queues.dlq_url, [m["ReceiptHandle"] for m in candidates[1:]])
@@ -362,14 +401,27 @@ def _probe_and_move(partner, sqs, queues, attempt_log, max_messages, session, ur
         break
     if attempt_log:
         outcome = "delivered" if result.ok else "failed"
-        attempt_log.record(**sent, partner=partner.name, attempt=0, attempted_at=attempted_at, status_code=result.status_code, latency_ms=result.latency_ms, outcome=outcome, error=result.error)
+        attempt_log.record(
+            **sent,
+            partner=partner.name,
+            attempt=0,
+            attempted_at=attempted_at,
+            status_code=result.status_code,
+            latency_ms=result.latency_ms,
+            outcome=outcome,
+            error=result.error,
+        )
         attempt_log.flush()
     if not result.ok:
         _release(sqs, queues.dlq_url, [message["ReceiptHandle"]])
-        return RedeliveryReport(True, False, 0, f"partner still failing ({result.error}); DLQ left in place", list(poison.values()))
+        return RedeliveryReport(
+            True, False, 0, f"partner still failing ({result.error}); DLQ left in place", list(poison.values())
+        )
     sqs.delete_message(QueueUrl=queues.dlq_url, ReceiptHandle=message["ReceiptHandle"])
     moved = move_messages(sqs, queues.dlq_url, queues.url, max_messages, keep=is_poison)
-    reason = "partner answered; DLQ moved back for delivery" + (f"; {len(poison)} poison left in the DLQ" if poison else "")
+    reason = "partner answered; DLQ moved back for delivery" + (
+        f"; {len(poison)} poison left in the DLQ" if poison else ""
+    )
     return RedeliveryReport(True, True, moved, reason, list(poison.values()))
 
 
@@ -378,7 +430,10 @@ def _release(sqs, url: str, receipt_handles: list[str]) -> None:
     for start in range(0, len(receipt_handles), 10):
         chunk = receipt_handles[start : start + 10]
         try:
-            sqs.change_message_visibility_batch(QueueUrl=url, Entries=[{"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": 0} for i, h in enumerate(chunk)])
+            sqs.change_message_visibility_batch(
+                QueueUrl=url,
+                Entries=[{"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": 0} for i, h in enumerate(chunk)],
+            )
         except ClientError as exc:  # they come back at the end of their timeout instead
             log.warning("could not make %d messages visible again in %s: %s", len(chunk), url, exc)
 
@@ -392,7 +447,11 @@ def move_messages(sqs, source_url: str, target_url: str, max_messages: int, keep
     moved, seen = 0, set()
     while moved < max_messages:
         batch = sqs.receive_message(
-            QueueUrl=source_url, MaxNumberOfMessages=10, WaitTimeSeconds=0, VisibilityTimeout=60, MessageAttributeNames=_ATTRIBUTE_NAMES
+            QueueUrl=source_url,
+            MaxNumberOfMessages=10,
+            WaitTimeSeconds=0,
+            VisibilityTimeout=60,
+            MessageAttributeNames=_ATTRIBUTE_NAMES,
         ).get("Messages", [])
         movable = [m for m in batch if not (keep and keep(m))]
         fresh = {m["MessageId"] for m in batch} - seen
@@ -402,11 +461,20 @@ def move_messages(sqs, source_url: str, target_url: str, max_messages: int, keep
         batch = [m for m in movable if m["MessageId"] in fresh]
         if not batch:
             continue
-        response = sqs.send_message_batch(QueueUrl=target_url, Entries=[{"Id": str(i), "MessageBody": m["Body"], **fifo.send_fields(target_url, m["Body"], m["MessageId"])} for i, m in enumerate(batch)])
+        response = sqs.send_message_batch(
+            QueueUrl=target_url,
+            Entries=[
+                {"Id": str(i), "MessageBody": m["Body"], **fifo.send_fields(target_url, m["Body"], m["MessageId"])}
+                for i, m in enumerate(batch)
+            ],
+        )
         sent = {int(e["Id"]) for e in response.get("Successful", [])}
         done = [batch[i] for i in sorted(sent)]
         if done:
-            sqs.delete_message_batch(QueueUrl=source_url, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done)])
+            sqs.delete_message_batch(
+                QueueUrl=source_url,
+                Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done)],
+            )
         moved += len(done)
         if len(done) < len(batch):
             log.warning("%d messages could not be moved now; they stay in %s", len(batch) - len(done), source_url)

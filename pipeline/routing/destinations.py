@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Iterable, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from botocore.exceptions import ClientError
 
@@ -66,7 +67,7 @@ class QueueLimits:
     max_batch_entries: int = SQS_MAX_BATCH_ENTRIES
 
     @classmethod
-    def from_stack(cls, stack=None) -> "QueueLimits":
+    def from_stack(cls, stack=None) -> QueueLimits:
         from pipeline.stack import load_stack_config
 
         stack = stack or load_stack_config()
@@ -129,7 +130,9 @@ def pack(items: list[Outgoing[T]], limits: QueueLimits) -> list[list[Outgoing[T]
 def _send_batch(sqs, queue_url: str, batch: list[Outgoing[T]]) -> list[tuple[T, str, str]]:
     """One SendMessageBatch; returns (tag, code, message) for each entry SQS refused for its content."""
     try:
-        response = sqs.send_message_batch(QueueUrl=queue_url, Entries=[{"Id": str(i), "MessageBody": item.body} for i, item in enumerate(batch)])
+        response = sqs.send_message_batch(
+            QueueUrl=queue_url, Entries=[{"Id": str(i), "MessageBody": item.body} for i, item in enumerate(batch)]
+        )
     except ClientError as exc:
         code = error_code(exc)
         if code in BATCH_CONTENT_CODES:
@@ -149,7 +152,13 @@ def _send_batch(sqs, queue_url: str, batch: list[Outgoing[T]]) -> list[tuple[T, 
     return refused
 
 
-def send_all(sqs, batches: dict[str, list[Outgoing[T]] | list[str]], limits: QueueLimits = QueueLimits(), refusals: list[tuple[T, str, str]] | None = None, parallelism: int = 4) -> None:
+def send_all(
+    sqs,
+    batches: dict[str, list[Outgoing[T]] | list[str]],
+    limits: QueueLimits = QueueLimits(),
+    refusals: list[tuple[T, str, str]] | None = None,
+    parallelism: int = 4,
+) -> None:
     """Send every message to its queue URL within SQS's limits, a few calls in parallel.
 
     An entry SQS refuses for its own content is added to `refusals` as (tag, code, message) and the
@@ -205,7 +214,12 @@ def described(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
-def partner_shares(routing: RoutingConfig, events: Iterable[Envelope], limits: QueueLimits = QueueLimits(), refused: list[Refused] | None = None) -> dict[str, list[Outgoing[Envelope]]]:
+def partner_shares(
+    routing: RoutingConfig,
+    events: Iterable[Envelope],
+    limits: QueueLimits = QueueLimits(),
+    refused: list[Refused] | None = None,
+) -> dict[str, list[Outgoing[Envelope]]]:
     """partner name -> messages for its queue: subscribed event types only, already in its schema.
 
     An event whose transform raises, or whose body is over the message limit, is added to `refused`
@@ -224,14 +238,18 @@ def partner_shares(routing: RoutingConfig, events: Iterable[Envelope], limits: Q
             except Exception as exc:  # noqa: BLE001 - this event's fate alone
                 if refused is None:
                     raise
-                refused.append(Refused(event, f"partner:{name}", "transform_failed", type(exc).__name__, described(exc)))
+                refused.append(
+                    Refused(event, f"partner:{name}", "transform_failed", type(exc).__name__, described(exc))
+                )
                 continue
             try:
                 message = partner_message(name, event, body, transform.version)
             except Exception as exc:  # noqa: BLE001 - this event's fate alone
                 if refused is None:
                     raise
-                refused.append(Refused(event, f"partner:{name}", "unexpected_error", type(exc).__name__, described(exc)))
+                refused.append(
+                    Refused(event, f"partner:{name}", "unexpected_error", type(exc).__name__, described(exc))
+                )
                 continue
             if body_bytes(message) > limits.max_message_bytes:
                 detail = f"{body_bytes(message)} bytes for partner {name}, limit {limits.max_message_bytes}"
@@ -248,7 +266,12 @@ class ContractRecorder(Protocol):
 
 
 def route_to_partner_queues(
-    sqs, routing: RoutingConfig, events: list[Envelope], queue_url: Callable[[str], str], limits: QueueLimits = QueueLimits(), history: ContractRecorder | None = None
+    sqs,
+    routing: RoutingConfig,
+    events: list[Envelope],
+    queue_url: Callable[[str], str],
+    limits: QueueLimits = QueueLimits(),
+    history: ContractRecorder | None = None,
 ) -> HandOver:
     """Each partner's share, transformed, into its queue; refused events come back for quarantine.
 
@@ -262,7 +285,11 @@ def route_to_partner_queues(
             if shares[partner.name]:
                 history.record(partner.name, partner.contract)
     names = {p.name: p.queue_name for p in routing.partners}
-    batches = {queue_url(names[name]): [Outgoing((name, item.tag), item.body) for item in items] for name, items in shares.items() if items}
+    batches = {
+        queue_url(names[name]): [Outgoing((name, item.tag), item.body) for item in items]
+        for name, items in shares.items()
+        if items
+    }
     refusals: list = []
     send_all(sqs, batches, limits, refusals)
     refused_per_partner: Counter = Counter()
@@ -282,7 +309,14 @@ def priority_body(event: Envelope) -> str:
 ClaimCheckIn = Callable[[Envelope, str], str]  # (event, body) -> the pointer body that replaces it
 
 
-def route_to_priority_queues(sqs, routing: RoutingConfig, events: list[Envelope], queue_url: Callable[[str], str], limits: QueueLimits = QueueLimits(), check_in: ClaimCheckIn | None = None) -> HandOver:
+def route_to_priority_queues(
+    sqs,
+    routing: RoutingConfig,
+    events: list[Envelope],
+    queue_url: Callable[[str], str],
+    limits: QueueLimits = QueueLimits(),
+    check_in: ClaimCheckIn | None = None,
+) -> HandOver:
     """Every event goes to exactly one priority queue, chosen by its event_type (or the default).
 
     An event over the message limit travels as a claim-check pointer made by `check_in` (the consumer
@@ -295,16 +329,28 @@ def route_to_priority_queues(sqs, routing: RoutingConfig, events: list[Envelope]
         try:
             body = priority_body(event)
         except Exception as exc:  # noqa: BLE001 - this event's fate alone
-            result.refused.append(Refused(event, f"priority:{priority}", "unexpected_error", type(exc).__name__, described(exc)))
+            result.refused.append(
+                Refused(event, f"priority:{priority}", "unexpected_error", type(exc).__name__, described(exc))
+            )
             continue
         if body_bytes(body) > limits.max_message_bytes:
             if check_in is None:
-                result.refused.append(Refused(event, f"priority:{priority}", "refused_by_sqs", "MessageTooLarge", f"{body_bytes(body)} bytes and no claim check"))
+                result.refused.append(
+                    Refused(
+                        event,
+                        f"priority:{priority}",
+                        "refused_by_sqs",
+                        "MessageTooLarge",
+                        f"{body_bytes(body)} bytes and no claim check",
+                    )
+                )
                 continue
             body = check_in(event, body)
         by_priority[priority].append(Outgoing((priority, event), body))
     refusals: list = []
-    send_all(sqs, {queue_url(routing.priority.queue_for(p)): items for p, items in by_priority.items()}, limits, refusals)
+    send_all(
+        sqs, {queue_url(routing.priority.queue_for(p)): items for p, items in by_priority.items()}, limits, refusals
+    )
     refused_per_priority: Counter = Counter()
     for (priority, event), code, message in refusals:
         result.refused.append(Refused(event, f"priority:{priority}", "refused_by_sqs", code, message))

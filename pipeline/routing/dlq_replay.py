@@ -62,10 +62,15 @@ class ReplayReport:
     quarantine_keys: list[str] = field(default_factory=list)
 
 
-def record_drain_failure(s3, bucket: str, run_id: str, step: str, message_ids: list[str], error: str, scope: str = "window") -> str:
+def record_drain_failure(
+    s3, bucket: str, run_id: str, step: str, message_ids: list[str], error: str, scope: str = "window"
+) -> str:
     """Say why a drain step failed for these messages; `scope="message"` when the step blames each one alone."""
     key = f"{FAILURES_PREFIX}/date={utc_now():%Y-%m-%d}/{run_id}-{step}.jsonl"
-    lines = [json.dumps({"message_id": m, "step": step, "error": error[:2000], "run_id": run_id, "scope": scope}) for m in message_ids]
+    lines = [
+        json.dumps({"message_id": m, "step": step, "error": error[:2000], "run_id": run_id, "scope": scope})
+        for m in message_ids
+    ]
     s3.put_object(Bucket=bucket, Key=key, Body="\n".join(lines).encode())
     return key
 
@@ -110,12 +115,18 @@ def _judge(message: dict, failure: DrainFailure | None, s3, claim_check_bucket: 
     except (BotoCoreError, ClientError):
         raise
     except Exception as exc:  # noqa: BLE001 - whatever else it is, it is this message's alone
-        return _Verdict(message, skip=("unexpected_error", type(exc).__name__, f"{type(exc).__name__}: {str(exc)[:300]}"))
+        return _Verdict(
+            message, skip=("unexpected_error", type(exc).__name__, f"{type(exc).__name__}: {str(exc)[:300]}")
+        )
     skip = None
     if failure is not None and failure.scope == "message":
         skip = ("failed_on_its_own", "DrainFailure", str(failure)[:2000])
     elif _replays(message) >= max_replays:
-        skip = ("replayed_too_often", "DrainFailure", f"dead-lettered again after {_replays(message)} replays; last failure: {failure or NO_RECORD}"[:2000])
+        skip = (
+            "replayed_too_often",
+            "DrainFailure",
+            f"dead-lettered again after {_replays(message)} replays; last failure: {failure or NO_RECORD}"[:2000],
+        )
     return _Verdict(message, event.event_id, event.site_id, event.event_type, skip)
 
 
@@ -150,14 +161,31 @@ def replay_events_dlq(
         verdicts = [_judge(m, failure_reasons.get(m["MessageId"]), s3, claim_check_bucket, max_replays) for m in batch]
         skipped = [v for v in verdicts if v.skip]
         if skipped:
-            lines = [quarantine_line(STAGE, *v.skip, v.message["Body"], message_id=v.message["MessageId"], site_id=v.site_id, event_id=v.event_id) for v in skipped]
+            lines = [
+                quarantine_line(
+                    STAGE,
+                    *v.skip,
+                    v.message["Body"],
+                    message_id=v.message["MessageId"],
+                    site_id=v.site_id,
+                    event_id=v.event_id,
+                )
+                for v in skipped
+            ]
             key = quarantine_key(f"{run_id}-{batch_no:05d}", STAGE, utc_now())
             write_quarantine(s3, archive_bucket, key, lines)  # durable before anything leaves the DLQ
             _delete(sqs, dlq_url, [v.message for v in skipped])
             report.quarantine_keys.append(key)
             for v in skipped:
                 reason, _, detail = v.skip
-                report.quarantined.append({"message_id": v.message["MessageId"], "event_id": v.event_id, "reason": reason, "detail": detail[:500]})
+                report.quarantined.append(
+                    {
+                        "message_id": v.message["MessageId"],
+                        "event_id": v.event_id,
+                        "reason": reason,
+                        "detail": detail[:500],
+                    }
+                )
                 report.reasons[f"quarantined: {reason}"] += 1
         back = [v for v in verdicts if not v.skip]
         if not back:
@@ -166,7 +194,9 @@ def replay_events_dlq(
             {
                 "Id": str(i),
                 "MessageBody": v.message["Body"],
-                "MessageAttributes": {REPLAY_COUNT: {"DataType": "Number", "StringValue": str(_replays(v.message) + 1)}},
+                "MessageAttributes": {
+                    REPLAY_COUNT: {"DataType": "Number", "StringValue": str(_replays(v.message) + 1)}
+                },
                 **fifo.send_fields(events_url, v.message["Body"], v.message["MessageId"]),
             }
             for i, v in enumerate(back)
@@ -177,17 +207,28 @@ def replay_events_dlq(
         for v in sent:
             failure = failure_reasons.get(v.message["MessageId"])
             reason = str(failure) if failure else NO_RECORD
-            report.items.append({"message_id": v.message["MessageId"], "event_id": v.event_id, "event_type": v.event_type, "reason": reason})
+            report.items.append(
+                {
+                    "message_id": v.message["MessageId"],
+                    "event_id": v.event_id,
+                    "event_type": v.event_type,
+                    "reason": reason,
+                }
+            )
             report.reasons[failure.step if failure else NO_RECORD] += 1
         report.moved += len(sent)
         if len(sent) < len(back):
-            log.warning("%d DLQ messages could not be sent back now; they stay for the next replay", len(back) - len(sent))
+            log.warning(
+                "%d DLQ messages could not be sent back now; they stay for the next replay", len(back) - len(sent)
+            )
             break
     return report
 
 
 def _delete(sqs, url: str, messages: list[dict]) -> None:
     if messages:
-        response = sqs.delete_message_batch(QueueUrl=url, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)])
+        response = sqs.delete_message_batch(
+            QueueUrl=url, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)]
+        )
         for failure in response.get("Failed", []):  # it comes back at the next replay, and is judged again
             log.warning("delete from the DLQ failed: %s", failure)

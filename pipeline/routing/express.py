@@ -20,8 +20,8 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from botocore.config import Config
 
@@ -35,7 +35,12 @@ DEFAULT_EXPRESS_QUEUE = "events-express"
 EXPRESS_PRIORITY = "high"
 # The lane's SQS client: long polls of up to 20 s need a read timeout above that, and the user agent
 # names the lane, so SQS's own records (CloudTrail, a proxy's counts) tell its calls from the drain's.
-CLIENT_CONFIG = Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=3, read_timeout=30, user_agent_appid="pipeline-express-lane")
+CLIENT_CONFIG = Config(
+    retries={"max_attempts": 2, "mode": "standard"},
+    connect_timeout=3,
+    read_timeout=30,
+    user_agent_appid="pipeline-express-lane",
+)
 
 
 @dataclass
@@ -45,7 +50,9 @@ class ExpressStats:
     partner_messages: dict[str, int] = field(default_factory=dict)  # partner -> messages queued
     not_high: int = 0  # events whose routing priority is not high: left to the drain
     unreadable: int = 0  # not an envelope (or a claim-check pointer): left to the drain
-    refused: dict[str, int] = field(default_factory=dict)  # reason -> events a destination refused (the drain quarantines them)
+    refused: dict[str, int] = field(
+        default_factory=dict
+    )  # reason -> events a destination refused (the drain quarantines them)
     failed_batches: int = 0  # batches left in the queue for a shared failure
     sqs_calls: Counter = field(default_factory=Counter)  # operation -> calls
 
@@ -103,7 +110,15 @@ class ExpressLane:
     name up; `history` records each partner's contract before a body made under it is queued.
     """
 
-    def __init__(self, sqs, routing: Callable[[], RoutingConfig], express_url: str, queue_url: Callable[[str], str], limits: QueueLimits = QueueLimits(), history=None) -> None:
+    def __init__(
+        self,
+        sqs,
+        routing: Callable[[], RoutingConfig],
+        express_url: str,
+        queue_url: Callable[[str], str],
+        limits: QueueLimits = QueueLimits(),
+        history=None,
+    ) -> None:
         self.sqs, self.routing, self.express_url, self.queue_url = sqs, routing, express_url, queue_url
         self.limits, self.history = limits, history
         self.stats = ExpressStats()
@@ -115,7 +130,14 @@ class ExpressLane:
         with self._calls_lock:  # the destinations send from a few threads at once
             self.stats.sqs_calls[model.name] += 1
 
-    def run(self, max_seconds: float, stop: threading.Event | None = None, wait_time_s: int = 20, on_progress: Callable[[ExpressStats], None] | None = None, progress_every_s: float = 60.0) -> ExpressStats:
+    def run(
+        self,
+        max_seconds: float,
+        stop: threading.Event | None = None,
+        wait_time_s: int = 20,
+        on_progress: Callable[[ExpressStats], None] | None = None,
+        progress_every_s: float = 60.0,
+    ) -> ExpressStats:
         """Route until `max_seconds` have passed or `stop` is set; a failed round is counted and the loop goes on."""
         stop = stop or threading.Event()
         deadline = time.monotonic() + max_seconds
@@ -125,7 +147,11 @@ class ExpressLane:
                 self.route_once(wait_time_s=max(1, min(wait_time_s, int(remaining))))
             except Exception as exc:  # noqa: BLE001 - SQS down or the like: the batch stays in the queue
                 self.stats.failed_batches += 1
-                log.warning("express lane round failed (%s: %s); its messages come back after the visibility timeout", type(exc).__name__, exc)
+                log.warning(
+                    "express lane round failed (%s: %s); its messages come back after the visibility timeout",
+                    type(exc).__name__,
+                    exc,
+                )
                 stop.wait(1)
             if on_progress and time.monotonic() >= next_progress:
                 on_progress(self.stats)
@@ -134,10 +160,15 @@ class ExpressLane:
 
     def route_once(self, wait_time_s: int = 20) -> int:
         """One long poll and what it brought; returns how many messages it received."""
-        messages = self.sqs.receive_message(QueueUrl=self.express_url, MaxNumberOfMessages=10, WaitTimeSeconds=wait_time_s).get("Messages", [])
+        messages = self.sqs.receive_message(
+            QueueUrl=self.express_url, MaxNumberOfMessages=10, WaitTimeSeconds=wait_time_s
+        ).get("Messages", [])
         if messages:
             self.route([m["Body"] for m in messages])
-            self.sqs.delete_message_batch(QueueUrl=self.express_url, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)])
+            self.sqs.delete_message_batch(
+                QueueUrl=self.express_url,
+                Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)],
+            )
         return len(messages)
 
     def route(self, bodies: list[str]) -> None:
@@ -181,4 +212,6 @@ class ExpressLane:
     def _count_refused(self, refused) -> None:
         for r in refused:
             self.stats.refused[r.reason] = self.stats.refused.get(r.reason, 0) + 1
-            log.info("express lane: %s refused %s (%s); the drain quarantines it", r.destination, r.event.dedupe_id, r.reason)
+            log.info(
+                "express lane: %s refused %s (%s); the drain quarantines it", r.destination, r.event.dedupe_id, r.reason
+            )

@@ -50,7 +50,9 @@ PRIORITY_HANDLED_SCHEMA = pa.schema(
 )
 
 
-def write_log(filesystem, bucket: str, prefix: str, schema: pa.Schema, rows: list[dict], date_column: str, tag: str = "") -> list[str]:
+def write_log(
+    filesystem, bucket: str, prefix: str, schema: pa.Schema, rows: list[dict], date_column: str, tag: str = ""
+) -> list[str]:
     """Write `rows` as one Parquet file per UTC date; returns the paths written."""
     by_date: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
@@ -82,7 +84,15 @@ class AttemptLog:
         with self._lock:
             rows, self._rows = self._rows, []
         if rows:
-            self.written += write_log(self.filesystem, self.bucket, "delivery_attempts", DELIVERY_ATTEMPT_SCHEMA, rows, "attempted_at", self.tag)
+            self.written += write_log(
+                self.filesystem,
+                self.bucket,
+                "delivery_attempts",
+                DELIVERY_ATTEMPT_SCHEMA,
+                rows,
+                "attempted_at",
+                self.tag,
+            )
         return len(rows)
 
 

@@ -14,7 +14,11 @@ from pipeline.stack import StackConfig, dead_letter_queue_name, load_stack_confi
 
 log = logging.getLogger(__name__)
 
-PRIORITY_QUEUE_ATTRIBUTES = {"VisibilityTimeout": 30, "MessageRetentionPeriod": 1209600, "ReceiveMessageWaitTimeSeconds": 0}
+PRIORITY_QUEUE_ATTRIBUTES = {
+    "VisibilityTimeout": 30,
+    "MessageRetentionPeriod": 1209600,
+    "ReceiveMessageWaitTimeSeconds": 0,
+}
 PARTNER_QUEUE_ATTRIBUTES = {"VisibilityTimeout": 60, "MessageRetentionPeriod": 1209600}
 
 
@@ -28,12 +32,20 @@ def provision_routing(sqs, routing: RoutingConfig | None = None, stack: StackCon
     for priority in PRIORITIES:
         name = routing.priority.queue_for(priority)
         dlq_name = dead_letter_queue_name(name)
-        url, dlq = ensure_queue_with_dlq(sqs, name, dlq_name, stack.priority_queues.dead_letter.max_receive_count, {**PRIORITY_QUEUE_ATTRIBUTES, **size})
+        url, dlq = ensure_queue_with_dlq(
+            sqs,
+            name,
+            dlq_name,
+            stack.priority_queues.dead_letter.max_receive_count,
+            {**PRIORITY_QUEUE_ATTRIBUTES, **size},
+        )
         queues[name], queues[dlq_name] = url, dlq
     for partner in routing.partners:
         # Retries are counted by the delivery run; the redrive is only a backstop for a message
         # that crashes every run that receives it.
-        url, dlq = ensure_queue_with_dlq(sqs, partner.queue_name, partner.dlq_name, routing.max_attempts + 3, {**PARTNER_QUEUE_ATTRIBUTES, **size})
+        url, dlq = ensure_queue_with_dlq(
+            sqs, partner.queue_name, partner.dlq_name, routing.max_attempts + 3, {**PARTNER_QUEUE_ATTRIBUTES, **size}
+        )
         queues[partner.queue_name], queues[partner.dlq_name] = url, dlq
     log.info("provisioned routing queues %s", sorted(queues))
     return queues

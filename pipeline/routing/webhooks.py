@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import requests
 from standardwebhooks import Webhook
@@ -34,12 +34,14 @@ class WebhookResult:
 CONTRACT_VERSION_HEADER = "x-contract-version"
 
 
-def signed_headers(secret: str, msg_id: str, body: str, now: datetime | None = None, contract_version: str | None = None) -> dict[str, str]:
+def signed_headers(
+    secret: str, msg_id: str, body: str, now: datetime | None = None, contract_version: str | None = None
+) -> dict[str, str]:
     """Standard Webhooks headers, plus the partner contract version the body was made under (when known).
 
     The version header is not part of the signature (the standard signs id, timestamp and body); it
     tells the partner which schema to expect and is logged with the attempt on our side."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     headers = {
         "content-type": "application/json",
         "webhook-id": msg_id,
@@ -51,7 +53,9 @@ def signed_headers(secret: str, msg_id: str, body: str, now: datetime | None = N
     return headers
 
 
-def prepare_signed(session: requests.Session, url: str, secret: str, msg_id: str, body: str, contract_version: str | None = None) -> requests.PreparedRequest:
+def prepare_signed(
+    session: requests.Session, url: str, secret: str, msg_id: str, body: str, contract_version: str | None = None
+) -> requests.PreparedRequest:
     """The signed request, ready to send; raises when this message cannot make one (never for the network).
 
     A webhook-id or body of the wrong type, or a header value the HTTP library refuses (CR/LF in an id),
@@ -109,7 +113,9 @@ def send_signed(session: requests.Session, request: requests.PreparedRequest, ti
         response.close()
 
 
-def post_signed(session: requests.Session, url: str, secret: str, msg_id: str, body: str, timeout_s: float) -> WebhookResult:
+def post_signed(
+    session: requests.Session, url: str, secret: str, msg_id: str, body: str, timeout_s: float
+) -> WebhookResult:
     """One attempt; never raises for network trouble nor for a request this message cannot make (`refused`)."""
     try:
         request = prepare_signed(session, url, secret, msg_id, body)

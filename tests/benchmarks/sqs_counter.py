@@ -33,7 +33,7 @@ class SqsCallCounter:
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def start(self) -> "SqsCallCounter":
+    def start(self) -> SqsCallCounter:
         counter = self
 
         class Handler(BaseHTTPRequestHandler):

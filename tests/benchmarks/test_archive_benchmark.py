@@ -7,7 +7,7 @@ analyst query over the Parquet archive in S3 against the same query over local J
 """
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import duckdb
 import pyarrow as pa
@@ -28,7 +28,7 @@ EVENTS = 1_000_000
 HOURS = 24
 BATCHES_PER_HOUR = 8  # drain windows landing in each hour
 REDELIVERED_SHARE = 0.05  # SQS at-least-once: this share of events lands twice
-START = datetime(2024, 3, 4, 0, 0, tzinfo=timezone.utc)
+START = datetime(2024, 3, 4, 0, 0, tzinfo=UTC)
 ANALYST_QUERY = """
     select site_id, event_type, count(*) as events, quantile_cont(epoch_ms(received_at) - epoch_ms("timestamp"), 0.95) as p95_delay_ms
     from {source}
@@ -62,7 +62,8 @@ def test_archive_and_analytics_figures(aws, tmp_path, monkeypatch):
     def plain_rewrite():
         for hour in hours:
             table = pa.concat_tables(
-                pq.read_table(info.path, filesystem=filesystem) for info in filesystem.get_file_info(pa_selector(landing_dir(bucket, "landing", hour)))
+                pq.read_table(info.path, filesystem=filesystem)
+                for info in filesystem.get_file_info(pa_selector(landing_dir(bucket, "landing", hour)))
             )
             pq.write_table(table, f"{bucket}/baseline/{hour}.parquet", filesystem=filesystem, compression=COMPRESSION)
 
@@ -88,11 +89,19 @@ def test_archive_and_analytics_figures(aws, tmp_path, monkeypatch):
 
     con = analyst.connect()
     query_s, rows = _seconds(lambda: con.sql(ANALYST_QUERY.format(source=analyst.read_archive_sql(bucket))).fetchall())
-    json_query_s, json_rows = _seconds(lambda: duckdb.sql(ANALYST_QUERY.format(source=f"read_json('{jsonl}', format = 'newline_delimited')")).fetchall())
+    json_query_s, json_rows = _seconds(
+        lambda: duckdb.sql(
+            ANALYST_QUERY.format(source=f"read_json('{jsonl}', format = 'newline_delimited')")
+        ).fetchall()
+    )
     assert sum(r[2] for r in rows) == sum(r[2] for r in json_rows)
 
-    datagen.write_daily_log(filesystem, bucket, "delivery_attempts", datagen.delivery_attempts_table(events), "attempted_at")
-    datagen.write_daily_log(filesystem, bucket, "priority_handled", datagen.priority_handled_table(events), "handled_at")
+    datagen.write_daily_log(
+        filesystem, bucket, "delivery_attempts", datagen.delivery_attempts_table(events), "attempted_at"
+    )
+    datagen.write_daily_log(
+        filesystem, bucket, "priority_handled", datagen.priority_handled_table(events), "handled_at"
+    )
     monkeypatch.setenv("DBT_DUCKDB_PATH", str(tmp_path / "analytics.duckdb"))
     dbt_s, _ = _seconds(_dbt_build)
     marts = duckdb.connect(str(tmp_path / "analytics.duckdb"), read_only=True)

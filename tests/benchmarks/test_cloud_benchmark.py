@@ -19,13 +19,12 @@ Targets (high p99 < 1 s, medium p99 < 10 s, partner p99 < 5 s) are printed next 
 """
 
 import base64
-import json
 import os
 import subprocess
 import sys
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import duckdb
 import pytest
@@ -58,7 +57,6 @@ def pct(values, q):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    import yaml
 
     workdir = tmp_path_factory.mktemp("cloud-bench")
     emulator = AwsEmulator().start()
@@ -66,12 +64,22 @@ def stack(tmp_path_factory):
     secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
     receiver = PartnerReceiver(secret).start()
     os.environ.update(aws_env(emulator.endpoint_url))
-    os.environ.update(PIPELINE_EVENTS_QUEUE="events", PIPELINE_ARCHIVE_BUCKET="events-archive", PARTNER_SECURITY_MONITORING_SECRET=secret)
+    os.environ.update(
+        PIPELINE_EVENTS_QUEUE="events",
+        PIPELINE_ARCHIVE_BUCKET="events-archive",
+        PARTNER_SECURITY_MONITORING_SECRET=secret,
+    )
     from pipeline.provisioning import provision
     from pipeline.stack import aws_client
 
     provisioned = provision()
-    yield {"aws": emulator, "sqs": aws_client("sqs"), "queues": provisioned.queues, "workdir": workdir, "receiver": receiver}
+    yield {
+        "aws": emulator,
+        "sqs": aws_client("sqs"),
+        "queues": provisioned.queues,
+        "workdir": workdir,
+        "receiver": receiver,
+    }
     os.environ.clear()
     os.environ.update(saved)
     receiver.stop()
@@ -108,7 +116,12 @@ def test_drain_throughput_vs_naive_one_message_consumer(stack):
     phase_routing(stack, "drain")
     sqs, url = stack["sqs"], stack["queues"]["events"]
     send_all(sqs, {url: [e.to_json() for e in events(N_DRAIN)]})
-    resources = {"sqs": SQSResource(events_queue="events"), "archive": ArchiveStore(bucket="events-archive"), "drain_settings": DrainSettings(), "routing": RoutingSettings()}
+    resources = {
+        "sqs": SQSResource(events_queue="events"),
+        "archive": ArchiveStore(bucket="events-archive"),
+        "drain_settings": DrainSettings(),
+        "routing": RoutingSettings(),
+    }
     run_rates, drained = [], 0
     started = time.perf_counter()
     while drained < N_DRAIN:
@@ -120,8 +133,12 @@ def test_drain_throughput_vs_naive_one_message_consumer(stack):
     drain_rate = N_DRAIN / (time.perf_counter() - started)
 
     naive_rate = naive_consumer_rate(stack)
-    print(f"\n[cloud] drain_events_job: {N_DRAIN} events in {len(run_rates)} runs: {drain_rate:,.0f} events/s overall; per run {[f'{n} @ {r:,.0f}/s' for n, r in run_rates]}")
-    print(f"[cloud] naive one-message-at-a-time consumer ({N_NAIVE} events): {naive_rate:,.0f} events/s  -> drain / naive = {drain_rate / naive_rate:.1f}x")
+    print(
+        f"\n[cloud] drain_events_job: {N_DRAIN} events in {len(run_rates)} runs: {drain_rate:,.0f} events/s overall; per run {[f'{n} @ {r:,.0f}/s' for n, r in run_rates]}"
+    )
+    print(
+        f"[cloud] naive one-message-at-a-time consumer ({N_NAIVE} events): {naive_rate:,.0f} events/s  -> drain / naive = {drain_rate / naive_rate:.1f}x"
+    )
     assert drained == N_DRAIN
 
 
@@ -144,8 +161,14 @@ def naive_consumer_rate(stack) -> float:
             event = parse_envelope(m["Body"])
             for partner, transform in transforms:
                 if transform.subscribes(event.event_type):
-                    sqs.send_message(QueueUrl=qurl[partner.queue_name], MessageBody=partner_message(partner.name, event, transform.apply(event.to_wire())))
-            sqs.send_message(QueueUrl=qurl[routing.priority.queue_for(routing.priority.for_event_type(event.event_type))], MessageBody=m["Body"])
+                    sqs.send_message(
+                        QueueUrl=qurl[partner.queue_name],
+                        MessageBody=partner_message(partner.name, event, transform.apply(event.to_wire())),
+                    )
+            sqs.send_message(
+                QueueUrl=qurl[routing.priority.queue_for(routing.priority.for_event_type(event.event_type))],
+                MessageBody=m["Body"],
+            )
             s3.put_object(Bucket="events-archive", Key=f"naive/{event.event_id}.json", Body=m["Body"].encode())
             sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
             done += 1
@@ -155,8 +178,20 @@ def naive_consumer_rate(stack) -> float:
 def start_consumer(stack, name):
     port = free_port()
     db = stack["workdir"] / f"{name}.duckdb"
-    env = {**os.environ, "PIPELINE_CONSUMER_DB": str(db), "PIPELINE_CONSUMER_METRICS_PORT": str(port), "PIPELINE_ARCHIVE_BUCKET": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.consumers"], cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(stack["workdir"] / f"{name}.log", "wb"), start_new_session=True)
+    env = {
+        **os.environ,
+        "PIPELINE_CONSUMER_DB": str(db),
+        "PIPELINE_CONSUMER_METRICS_PORT": str(port),
+        "PIPELINE_ARCHIVE_BUCKET": "",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.consumers"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(stack["workdir"] / f"{name}.log", "wb"),
+        start_new_session=True,
+    )
     return proc, port, db
 
 
@@ -168,7 +203,10 @@ def handled(port, priority=None):
     except requests.RequestException:
         return 0
     return sum(
-        s.value for f in text_string_to_metric_families(text) if f.name == "priority_events_handled" for s in f.samples
+        s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "priority_events_handled"
+        for s in f.samples
         if s.name.endswith("_total") and (priority is None or s.labels.get("priority") == priority)
     )
 
@@ -183,18 +221,33 @@ def test_priority_latency_percentiles_with_medium_and_low_backed_up(stack):
     try:
         wait_until(lambda: handled(port) > 0, 60, message="the consumer to start")
         for i in range(N_HIGH):
-            sqs.send_message(QueueUrl=q["high"], MessageBody=sample_envelope(event_type="intrusion_alert", device_id=f"h-{i}").to_json())
+            sqs.send_message(
+                QueueUrl=q["high"],
+                MessageBody=sample_envelope(event_type="intrusion_alert", device_id=f"h-{i}").to_json(),
+            )
             time.sleep(0.02)  # steady arrival rate of high events (~40/s with the send itself)
         wait_until(lambda: handled(port, "high") >= N_HIGH, 60, message="all high events")
-        waiting = sum(int(sqs.get_queue_attributes(QueueUrl=q[n], AttributeNames=["ApproximateNumberOfMessages"])["Attributes"]["ApproximateNumberOfMessages"]) for n in ("medium", "low"))
+        waiting = sum(
+            int(
+                sqs.get_queue_attributes(QueueUrl=q[n], AttributeNames=["ApproximateNumberOfMessages"])["Attributes"][
+                    "ApproximateNumberOfMessages"
+                ]
+            )
+            for n in ("medium", "low")
+        )
     finally:
         stop_process(proc, timeout=60)
     with duckdb.connect(str(db), read_only=True) as con:
         rows = con.sql("SELECT priority, latency_ms FROM events").fetchall()
-    print(f"\n[cloud] priority consumer, {N_BACKLOG} medium/low backlog + {N_HIGH} high arriving; {waiting} medium/low still waiting when high was done")
+    print(
+        f"\n[cloud] priority consumer, {N_BACKLOG} medium/low backlog + {N_HIGH} high arriving; {waiting} medium/low still waiting when high was done"
+    )
     for priority in ("high", "medium", "low"):
         lat = [l for p, l in rows if p == priority]
-        print(f"[cloud]   {priority:6s} n={len(lat):5d}  p50={pct(lat, 50):8.0f} ms  p90={pct(lat, 90):8.0f} ms  p99={pct(lat, 99):8.0f} ms  max={max(lat, default=float('nan')):8.0f} ms" + ("   (target p99 < 1000 ms)" if priority == "high" else ""))
+        print(
+            f"[cloud]   {priority:6s} n={len(lat):5d}  p50={pct(lat, 50):8.0f} ms  p90={pct(lat, 90):8.0f} ms  p99={pct(lat, 99):8.0f} ms  max={max(lat, default=float('nan')):8.0f} ms"
+            + ("   (target p99 < 1000 ms)" if priority == "high" else "")
+        )
     assert len([1 for p, _ in rows if p == "high"]) == N_HIGH
 
 
@@ -235,7 +288,13 @@ class Backlog:
 
     def __enter__(self) -> "Backlog":
         args = [self.queues["medium"], self.queues["low"], str(WAITING), str(WAITING_EVERY_S)]
-        self.proc = subprocess.Popen([sys.executable, "-c", BACKLOG_SCRIPT, *args], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", BACKLOG_SCRIPT, *args],
+            cwd=PROJECT_ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         self.proc.stdout.readline()  # the first top-up is in
         return self
 
@@ -245,7 +304,13 @@ class Backlog:
 
 
 def dagster_env(home, **extra) -> dict:
-    return {**os.environ, "DAGSTER_HOME": str(home), "PYTHONUNBUFFERED": "1", "PATH": os.pathsep.join([str(PROJECT_ROOT / ".venv" / "bin"), os.environ.get("PATH", "")]), **extra}
+    return {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "PYTHONUNBUFFERED": "1",
+        "PATH": os.pathsep.join([str(PROJECT_ROOT / ".venv" / "bin"), os.environ.get("PATH", "")]),
+        **extra,
+    }
 
 
 def attribute_calls(edge_counts, dagster_counts, tag: str) -> dict[str, int]:
@@ -259,7 +324,11 @@ def attribute_calls(edge_counts, dagster_counts, tag: str) -> dict[str, int]:
     for (operation, queue, app), calls in dagster_counts.items():
         if app == CLIENT_CONFIG.user_agent_appid or queue.startswith(express_queue):
             parts["express lane"] += calls
-        elif queue == "events" or queue.startswith(f"{tag}-") or (queue == partner_queue and operation == "SendMessageBatch"):
+        elif (
+            queue == "events"
+            or queue.startswith(f"{tag}-")
+            or (queue == partner_queue and operation == "SendMessageBatch")
+        ):
             parts["drain"] += calls
         elif queue.startswith(partner_queue):
             parts["partner delivery"] += calls
@@ -305,38 +374,71 @@ def e2e_phase(stack, workdir, tag: str, express: bool) -> dict:
         instance_config["run_coordinator"]["config"]["dequeue_interval_seconds"] = int(DEQUEUE_INTERVAL_S)
     (home / "dagster.yaml").write_text(yaml.safe_dump(instance_config))
     edge_env = dagster_env(
-        home, **aws_env(edge_counter.url), EDGE_MQTT_HOST="127.0.0.1", EDGE_MQTT_PORT=str(broker.port), EDGE_CLIENT_ID=f"edge-bench-{tag}",
-        EDGE_STATE_DIR=str(workdir / "edge_state"), EDGE_EVENTS_QUEUE_URL=stack["queues"]["events"], EDGE_ADMIN_PORT=str(free_port()),
+        home,
+        **aws_env(edge_counter.url),
+        EDGE_MQTT_HOST="127.0.0.1",
+        EDGE_MQTT_PORT=str(broker.port),
+        EDGE_CLIENT_ID=f"edge-bench-{tag}",
+        EDGE_STATE_DIR=str(workdir / "edge_state"),
+        EDGE_EVENTS_QUEUE_URL=stack["queues"]["events"],
+        EDGE_ADMIN_PORT=str(free_port()),
         **({"EDGE_EXPRESS_QUEUE_URL": express_url} if express else {}),
     )
     edge = EdgeProcess(workdir / "edge", edge_env).start().wait_subscribed(60)
     consumer, port, db = start_consumer(stack, f"e2e-{tag}")
-    daemon_env = dagster_env(home, **aws_env(dagster_counter.url), **({"PIPELINE_EXPRESS_QUEUE": f"{tag}-express"} if express else {}))
+    daemon_env = dagster_env(
+        home, **aws_env(dagster_counter.url), **({"PIPELINE_EXPRESS_QUEUE": f"{tag}-express"} if express else {})
+    )
     daemon = subprocess.Popen(
         [str(PROJECT_ROOT / ".venv" / "bin" / "dagster-daemon"), "run", "-w", str(PROJECT_ROOT / "workspace.yaml")],
-        cwd=PROJECT_ROOT, env=daemon_env, stdout=open(workdir / "dagster.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=PROJECT_ROOT,
+        env=daemon_env,
+        stdout=open(workdir / "dagster.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     published: list = []
     try:
         # Warm-up: the first drain run pays for the daemon's first ticks; with the lane on, the express
         # run and the partner's long-running run are up once a warm-up alarm has reached the partner.
-        warm = [sample_envelope(event_type=k, device_id=f"warm-{tag}-{k}", timestamp=datetime.now(timezone.utc)) for k in ("door_access", "intrusion_alert")]
+        warm = [
+            sample_envelope(event_type=k, device_id=f"warm-{tag}-{k}", timestamp=datetime.now(UTC))
+            for k in ("door_access", "intrusion_alert")
+        ]
         for ev in warm:
             publish(broker.port, ev.topic, [ev.to_json()], client_id=f"bench-warm-{tag}")
-        wait_until(lambda: handled(port) >= 2 and warm[1].dedupe_id in receiver.accepted, 300, interval=0.5, message="the warm-up events through the whole pipeline")
+        wait_until(
+            lambda: handled(port) >= 2 and warm[1].dedupe_id in receiver.accepted,
+            300,
+            interval=0.5,
+            message="the warm-up events through the whole pipeline",
+        )
         edge_counter.reset(), dagster_counter.reset()
         with Backlog(queues) as backlog:
             start = time.monotonic()
             while time.monotonic() - start < E2E_SECONDS:
-                kind = KINDS[len(published) % 2]  # door_access (medium) and intrusion_alert (high), both subscribed by the partner
-                ev = sample_envelope(event_type=kind, device_id=f"e2e-{tag}-{len(published)}", timestamp=datetime.now(timezone.utc))
+                kind = KINDS[
+                    len(published) % 2
+                ]  # door_access (medium) and intrusion_alert (high), both subscribed by the partner
+                ev = sample_envelope(
+                    event_type=kind, device_id=f"e2e-{tag}-{len(published)}", timestamp=datetime.now(UTC)
+                )
                 publish(broker.port, ev.topic, [ev.to_json()], client_id=f"bench-e2e-{tag}")
                 published.append(ev)
-                time.sleep(max(0.0, start + len(published) / E2E_RATE - time.monotonic()))  # the traffic's pace, not a wait for anything
+                time.sleep(
+                    max(0.0, start + len(published) / E2E_RATE - time.monotonic())
+                )  # the traffic's pace, not a wait for anything
         ids = {ev.dedupe_id for ev in published}
-        wait_until(lambda: ids <= set(receiver.accepted), 300, interval=0.5, message="every published event at the partner")
+        wait_until(
+            lambda: ids <= set(receiver.accepted), 300, interval=0.5, message="every published event at the partner"
+        )
         everything = [stack["queues"]["events"], *queues.values()]
-        wait_until(lambda: all(sum(queue_counts(url)) == 0 for url in everything), 300, interval=0.5, message="the events and priority queues empty (all handled)")
+        wait_until(
+            lambda: all(sum(queue_counts(url)) == 0 for url in everything),
+            300,
+            interval=0.5,
+            message="the events and priority queues empty (all handled)",
+        )
         edge_counts, dagster_counts = edge_counter.reset(), dagster_counter.reset()
     finally:
         stop_process(daemon, timeout=30)
@@ -346,19 +448,44 @@ def e2e_phase(stack, workdir, tag: str, express: bool) -> dict:
         edge_counter.stop()
         dagster_counter.stop()
     with duckdb.connect(str(db), read_only=True) as con:
-        rows = dict(con.sql(f"SELECT event_id, epoch_ms(handled_at) - epoch_ms(event_time) FROM events WHERE device_id LIKE 'e2e-{tag}-%'").fetchall())
+        parts = {
+            event_id: (to_queue, in_consumer)
+            for event_id, to_queue, in_consumer in con.sql(
+                f"SELECT event_id, epoch_ms(enqueued_at) - epoch_ms(event_time), epoch_ms(handled_at) - epoch_ms(enqueued_at) FROM events WHERE device_id LIKE 'e2e-{tag}-%'"
+            ).fetchall()
+        }
+    rows = {event_id: to_queue + in_consumer for event_id, (to_queue, in_consumer) in parts.items()}
     first_verified = {}
     for request in receiver.requests:
         if request.verified and request.status == 200:
             first_verified.setdefault(request.webhook_id, request.at)
-    latency = {"high": [], "medium": [], "partner": [], "partner medium": []}
+    latency = {
+        "high": [],
+        "medium": [],
+        "partner": [],
+        "partner medium": [],
+        "high to queue": [],
+        "high in consumer": [],
+    }
     for ev in published:
         priority = "high" if ev.event_type == "intrusion_alert" else "medium"
         latency[priority].append(float(rows[ev.event_id]))
-        latency["partner" if priority == "high" else "partner medium"].append((first_verified[ev.dedupe_id] - ev.timestamp.timestamp()) * 1000)
+        if priority == "high":
+            latency["high to queue"].append(float(parts[ev.event_id][0]))
+            latency["high in consumer"].append(float(parts[ev.event_id][1]))
+        latency["partner" if priority == "high" else "partner medium"].append(
+            (first_verified[ev.dedupe_id] - ev.timestamp.timestamp()) * 1000
+        )
     calls = attribute_calls(edge_counts, dagster_counts, tag)
     delivered = {"drain": len(published), "express lane": len(latency["high"]), "partner delivery": len(published)}
-    return {"latency": latency, "calls": calls, "delivered": delivered, "cadence": drain_cadence(home), "waiting": backlog.seen, "published": len(published)}
+    return {
+        "latency": latency,
+        "calls": calls,
+        "delivered": delivered,
+        "cadence": drain_cadence(home),
+        "waiting": backlog.seen,
+        "published": len(published),
+    }
 
 
 def row(label: str, values: dict[str, list[float]], key: str, target: str = "") -> str:
@@ -374,7 +501,10 @@ def test_alarm_path_end_to_end_with_the_express_lane_off_and_on_through_the_real
     """Everything real: Mosquitto, edge service, SQS, dagster-daemon (the project's dagster.yaml and sensor
     settings, a new process per run), priority consumer, a verifying partner. Latency = when the consumer
     committed (or the partner got) the event - its timestamp, set just before the publish at the site."""
-    phases = {"off": e2e_phase(stack, tmp_path / "landed", "landed", express=False), "on": e2e_phase(stack, tmp_path / "express", "express", express=True)}
+    phases = {
+        "off": e2e_phase(stack, tmp_path / "landed", "landed", express=False),
+        "on": e2e_phase(stack, tmp_path / "express", "express", express=True),
+    }
     latency = {phase: figures["latency"] for phase, figures in phases.items()}
     cadence = {phase: figures["cadence"] for phase, figures in phases.items()}
     waiting = [w for figures in phases.values() for w in figures["waiting"]]
@@ -385,20 +515,54 @@ def test_alarm_path_end_to_end_with_the_express_lane_off_and_on_through_the_real
     )
     print(f"[cloud]   {'ms, p50 p90 p99':44s} {'express lane off (landed)':>23s}   | {'express lane on':>23s}   target")
     print(row("high: MQTT publish -> committed by consumer", latency, "high", f"p99 < {TARGETS_MS['high']:,} ms"))
+    print(row("  of which publish -> in the high queue", latency, "high to queue"))
+    print(row("  of which high queue -> committed", latency, "high in consumer"))
     print(row("medium: MQTT publish -> committed", latency, "medium", f"p99 < {TARGETS_MS['medium']:,} ms"))
-    print(row("partner, intrusion_alert (high): -> webhook", latency, "partner", f"p99 < {TARGETS_MS['partner']:,} ms (received, signature verified)"))
+    print(
+        row(
+            "partner, intrusion_alert (high): -> webhook",
+            latency,
+            "partner",
+            f"p99 < {TARGETS_MS['partner']:,} ms (received, signature verified)",
+        )
+    )
     print(row("partner, door_access (medium): -> webhook", latency, "partner medium", "(drain path either way)"))
-    print(row("drain run: queued -> started (dequeue+launch)", {k: {"x": [v * 1000 for v in c["queued_to_started"]]} for k, c in cadence.items()}, "x"))
-    print(row("drain run: started -> ended", {k: {"x": [v * 1000 for v in c["run_seconds"]]} for k, c in cadence.items()}, "x"))
-    print(row("drain runs: between two launches", {k: {"x": [v * 1000 for v in c["between_launches"]]} for k, c in cadence.items()}, "x"))
-    print("[cloud]   SQS calls per delivered event (calls / events; every call counted by a proxy in front of the endpoint):")
+    print(
+        row(
+            "drain run: queued -> started (dequeue+launch)",
+            {k: {"x": [v * 1000 for v in c["queued_to_started"]]} for k, c in cadence.items()},
+            "x",
+        )
+    )
+    print(
+        row(
+            "drain run: started -> ended",
+            {k: {"x": [v * 1000 for v in c["run_seconds"]]} for k, c in cadence.items()},
+            "x",
+        )
+    )
+    print(
+        row(
+            "drain runs: between two launches",
+            {k: {"x": [v * 1000 for v in c["between_launches"]]} for k, c in cadence.items()},
+            "x",
+        )
+    )
+    print(
+        "[cloud]   SQS calls per delivered event (calls / events; every call counted by a proxy in front of the endpoint):"
+    )
     for part in ("drain", "express lane", "partner delivery"):
         cells = []
         for phase in ("off", "on"):
             calls, events = phases[phase]["calls"].get(part, 0), phases[phase]["delivered"][part]
             cells.append(f"{calls / events:6.1f} ({calls:,} / {events:,})" if calls else f"{'-':>6s}")
         print(f"[cloud]     {part:42s} {cells[0]:>23s}   | {cells[1]:>23s}")
-    others = {k: v for phase in phases.values() for k, v in phase["calls"].items() if k not in ("drain", "express lane", "partner delivery")}
+    others = {
+        k: v
+        for phase in phases.values()
+        for k, v in phase["calls"].items()
+        if k not in ("drain", "express lane", "partner delivery")
+    }
     print(f"[cloud]     (also: {others})")
     for phase, figures in phases.items():
         assert len(figures["latency"]["high"]) + len(figures["latency"]["medium"]) == figures["published"]

@@ -65,7 +65,9 @@ def fresh_queue(stack, name: str) -> str:
 
 
 def depth(stack, url: str) -> int:
-    attrs = stack["sqs"].get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+    attrs = stack["sqs"].get_queue_attributes(
+        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    )["Attributes"]
     return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
 
 
@@ -101,7 +103,12 @@ def publish_lines(port: int, lines: Iterable[bytes]) -> None:
         if line is not None:
             chunk.append(line)
         if chunk and (line is None or len(chunk) == PUBLISH_CHUNK):
-            subprocess.run(["mosquitto_pub", "-p", str(port), "-t", TOPIC, "-q", "1", "-l"], input=b"\n".join(chunk) + b"\n", check=True, timeout=300)
+            subprocess.run(
+                ["mosquitto_pub", "-p", str(port), "-t", TOPIC, "-q", "1", "-l"],
+                input=b"\n".join(chunk) + b"\n",
+                check=True,
+                timeout=300,
+            )
             chunk = []
 
 
@@ -181,8 +188,13 @@ def naive_rate(stack) -> float:
 def start_edge(stack, client_id: str, queue_url: str, endpoint: str, **extra) -> EdgeProcess:
     env = {**os.environ, **aws_env(endpoint)}
     env.update(
-        EDGE_MQTT_PORT=str(stack["broker"].port), EDGE_CLIENT_ID=client_id, EDGE_STATE_DIR=str(stack["workdir"] / client_id),
-        EDGE_EVENTS_QUEUE_URL=queue_url, EDGE_ADMIN_PORT=str(free_port()), PYTHONUNBUFFERED="1", **extra,
+        EDGE_MQTT_PORT=str(stack["broker"].port),
+        EDGE_CLIENT_ID=client_id,
+        EDGE_STATE_DIR=str(stack["workdir"] / client_id),
+        EDGE_EVENTS_QUEUE_URL=queue_url,
+        EDGE_ADMIN_PORT=str(free_port()),
+        PYTHONUNBUFFERED="1",
+        **extra,
     )
     return EdgeProcess(stack["workdir"] / f"{client_id}-proc", env).start()
 
@@ -193,7 +205,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 def child_pids(pid: int) -> list[int]:
-    return [int(p) for task in os.listdir(f"/proc/{pid}/task") for p in open(f"/proc/{pid}/task/{task}/children").read().split()]
+    return [
+        int(p)
+        for task in os.listdir(f"/proc/{pid}/task")
+        for p in open(f"/proc/{pid}/task/{task}/children").read().split()
+    ]
 
 
 def bridge_rate(stack) -> tuple[float, dict[str, float], float]:
@@ -205,7 +221,13 @@ def bridge_rate(stack) -> tuple[float, dict[str, float], float]:
         # The clock starts when the service connects: a persistent session's backlog flows from the
         # CONNACK on, before the SUBACK, so waiting for "subscribed" would miss the first window.
         wait_until(lambda: "connected to MQTT" in edge.log(), 120, interval=0.005, message="the bridge to connect")
-        pids = {"service": [edge.proc.pid], "sender processes": child_pids(edge.proc.pid), "SQS emulator": [stack["aws"].proc.pid], "broker": [stack["broker"].proc.pid], "benchmark": [os.getpid()]}
+        pids = {
+            "service": [edge.proc.pid],
+            "sender processes": child_pids(edge.proc.pid),
+            "SQS emulator": [stack["aws"].proc.pid],
+            "broker": [stack["broker"].proc.pid],
+            "benchmark": [os.getpid()],
+        }
         before = {name: sum(map(cpu_seconds, group)) for name, group in pids.items()}
         started = time.perf_counter()
         wait_until(lambda: depth(stack, url) >= N, 600, interval=0.05, message="the bridge to deliver the backlog")
@@ -236,11 +258,15 @@ def outage_and_replay_rates(stack) -> tuple[float, float]:
         # As for the bridge, the clock starts at the CONNACK: the backlog flows into the retry log from there.
         wait_until(lambda: "connected to MQTT" in edge.log(), 120, interval=0.005, message="the service to connect")
         started = time.perf_counter()
-        wait_until(lambda: admin.status()["jobs_pending"] >= N, 600, interval=0.05, message="the backlog in the retry log")
+        wait_until(
+            lambda: admin.status()["jobs_pending"] >= N, 600, interval=0.05, message="the backlog in the retry log"
+        )
         into_log = N / (time.perf_counter() - started)
         proxy.open()
         started = time.perf_counter()
-        wait_until(lambda: admin.status()["jobs_pending"] == 0, 600, interval=0.05, message="the replay to drain the retry log")
+        wait_until(
+            lambda: admin.status()["jobs_pending"] == 0, 600, interval=0.05, message="the replay to drain the retry log"
+        )
         replay = N / (time.perf_counter() - started)
         assert depth(stack, url) >= N
     finally:
@@ -266,9 +292,20 @@ def service_rss_with_buffered(stack, count: int) -> dict:
         proxy.cut()
         started = time.perf_counter()
         publish_lines(stack["broker"].port, synthetic_lines(count))
-        wait_until(lambda: admin.status()["jobs_pending"] >= count, 1200, interval=0.5, message=f"{count} events in the retry log")
+        wait_until(
+            lambda: admin.status()["jobs_pending"] >= count,
+            1200,
+            interval=0.5,
+            message=f"{count} events in the retry log",
+        )
         status = admin.status()
-        return {"idle_kb": idle, "peak_kb": rss_kb(edge.proc.pid, "VmHWM"), "rate": count / (time.perf_counter() - started), "pending": status["jobs_pending"], "bytes": status["retry_log_bytes"]}
+        return {
+            "idle_kb": idle,
+            "peak_kb": rss_kb(edge.proc.pid, "VmHWM"),
+            "rate": count / (time.perf_counter() - started),
+            "pending": status["jobs_pending"],
+            "bytes": status["retry_log_bytes"],
+        }
     finally:
         edge.stop()
         proxy.cut()
@@ -298,7 +335,14 @@ RSS_SCRIPT = textwrap.dedent(
 
 def retry_log_alone(stack) -> dict:
     body = stack["lines"].read_text().splitlines()[0]
-    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(RSS_EVENTS), body], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=1200, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(RSS_EVENTS), body],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -314,18 +358,18 @@ def test_edge_throughput_and_memory_figures(stack):
     lower = min(subscriber, batches)
     print(
         f"""
-edge benchmark ({N} events of ~{len(stack['lines'].read_text().splitlines()[0])} bytes; naive on {N_NAIVE}; one broker, one endpoint)
+edge benchmark ({N} events of ~{len(stack["lines"].read_text().splitlines()[0])} bytes; naive on {N_NAIVE}; one broker, one endpoint)
   ceiling: bare paho subscriber drain      {subscriber:10.0f} events/s
   ceiling: bare 10-message batch sender    {batches:10.0f} events/s
   naive baseline (send_message, ack first) {naive:10.0f} events/s
   bridge (edge service, MQTT -> SQS)       {bridge:10.0f} events/s   = {bridge / naive:5.1f}x naive (target >= 10x), {bridge / lower:4.2f}x lower ceiling (target >= 0.7x)
   CPU while the bridge ran ({bridge_s:.1f} s x {os.cpu_count()} cores): {", ".join(f"{k} {v:.2f} s" for k, v in cpu.items())} = {sum(cpu.values()) / (bridge_s * os.cpu_count()):.0%} busy
   into the retry log, SQS cut (service)    {into_log:10.0f} events/s   (target >= 20000)
-  into the retry log while publishing 1M   {buffered['rate']:10.0f} events/s
-  into the retry log alone (1000/commit)   {alone['rate']:10.0f} events/s
+  into the retry log while publishing 1M   {buffered["rate"]:10.0f} events/s
+  into the retry log alone (1000/commit)   {alone["rate"]:10.0f} events/s
   replay from the retry log to SQS         {replay:10.0f} events/s
-  service RSS with {buffered['pending']} buffered: idle (after 2,000 delivered) {buffered['idle_kb'] / 1024:.0f} MB, peak {buffered['peak_kb'] / 1024:.0f} MB (+{(buffered['peak_kb'] - buffered['idle_kb']) / 1024:.0f} MB, target <= +100 MB), retry log {buffered['bytes'] / 1e6:.0f} MB
-  retry log alone with {alone['pending']} buffered: RSS idle {alone['idle_kb'] / 1024:.0f} MB, peak {alone['peak_kb'] / 1024:.0f} MB (+{(alone['peak_kb'] - alone['idle_kb']) / 1024:.0f} MB)
+  service RSS with {buffered["pending"]} buffered: idle (after 2,000 delivered) {buffered["idle_kb"] / 1024:.0f} MB, peak {buffered["peak_kb"] / 1024:.0f} MB (+{(buffered["peak_kb"] - buffered["idle_kb"]) / 1024:.0f} MB, target <= +100 MB), retry log {buffered["bytes"] / 1e6:.0f} MB
+  retry log alone with {alone["pending"]} buffered: RSS idle {alone["idle_kb"] / 1024:.0f} MB, peak {alone["peak_kb"] / 1024:.0f} MB (+{(alone["peak_kb"] - alone["idle_kb"]) / 1024:.0f} MB)
 """
     )
     assert alone["pending"] == RSS_EVENTS
@@ -356,7 +400,13 @@ def consumer_handled_high(port: int) -> float:
         text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
     except requests.RequestException:
         return -1
-    return sum(s.value for f in text_string_to_metric_families(text) if f.name == "priority_events_handled" for s in f.samples if s.name.endswith("_total") and s.labels.get("priority") == "high")
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "priority_events_handled"
+        for s in f.samples
+        if s.name.endswith("_total") and s.labels.get("priority") == "high"
+    )
 
 
 def alarm_recovery(stack, order: str) -> dict:
@@ -376,26 +426,53 @@ def alarm_recovery(stack, order: str) -> dict:
     workdir.mkdir()
     events_url, express_url = fresh_queue(stack, f"{tag}-events"), provision_express_queue(sqs, f"{tag}-express")
     routing_path = workdir / "routing.yaml"
-    routing_path.write_text(yaml.safe_dump({"partners": [], "priority": {"queues": {p: f"{tag}-{p}" for p in ("high", "medium", "low")}}}))
+    routing_path.write_text(
+        yaml.safe_dump({"partners": [], "priority": {"queues": {p: f"{tag}-{p}" for p in ("high", "medium", "low")}}})
+    )
     routing = load_routing_config(routing_path)
     provision_routing(sqs, routing)
     port, db = free_port(), workdir / "consumer.duckdb"
-    consumer_env = {**os.environ, "PIPELINE_ROUTING_CONFIG": str(routing_path), "PIPELINE_CONSUMER_DB": str(db), "PIPELINE_CONSUMER_METRICS_PORT": str(port), "PIPELINE_ARCHIVE_BUCKET": ""}
-    consumer = subprocess.Popen([sys.executable, "-m", "pipeline.consumers"], cwd=PROJECT_ROOT, env=consumer_env, stdout=subprocess.DEVNULL, stderr=open(workdir / "consumer.log", "wb"), start_new_session=True)
+    consumer_env = {
+        **os.environ,
+        "PIPELINE_ROUTING_CONFIG": str(routing_path),
+        "PIPELINE_CONSUMER_DB": str(db),
+        "PIPELINE_CONSUMER_METRICS_PORT": str(port),
+        "PIPELINE_ARCHIVE_BUCKET": "",
+    }
+    consumer = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.consumers"],
+        cwd=PROJECT_ROOT,
+        env=consumer_env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(workdir / "consumer.log", "wb"),
+        start_new_session=True,
+    )
     lane = ExpressLane(sqs, lambda: routing, express_url, lambda name: sqs.get_queue_url(QueueName=name)["QueueUrl"])
     stop = threading.Event()
     lane_thread = threading.Thread(target=lane.run, args=(3600, stop), kwargs={"wait_time_s": 1}, daemon=True)
     lane_thread.start()
     proxy = TcpProxy(stack["aws"].port)  # closed: SQS is cut from the start
-    edge = start_edge(stack, f"bench-{tag}", events_url, proxy.url, EDGE_EXPRESS_QUEUE_URL=express_url, EDGE_RETRY_ORDER=order).wait_subscribed()
+    edge = start_edge(
+        stack, f"bench-{tag}", events_url, proxy.url, EDGE_EXPRESS_QUEUE_URL=express_url, EDGE_RETRY_ORDER=order
+    ).wait_subscribed()
     admin = AdminClient(edge.admin_url)
     try:
         publish_lines(stack["broker"].port, outage_lines(RECOVERY_EVENTS, RECOVERY_ALARMS, tag))
-        wait_until(lambda: admin.status()["jobs_pending"] >= RECOVERY_EVENTS, 1200, interval=0.5, message=f"{RECOVERY_EVENTS} events in the retry log")
+        wait_until(
+            lambda: admin.status()["jobs_pending"] >= RECOVERY_EVENTS,
+            1200,
+            interval=0.5,
+            message=f"{RECOVERY_EVENTS} events in the retry log",
+        )
         wait_until(lambda: consumer_handled_high(port) == 0, 60, message="the priority consumer up")
         recovered = time.time()
         proxy.open()
-        wait_until(lambda: consumer_handled_high(port) >= RECOVERY_ALARMS, 1200, interval=0.1, message="every buffered alarm handled")
+        wait_until(
+            lambda: consumer_handled_high(port) >= RECOVERY_ALARMS,
+            1200,
+            interval=0.1,
+            message="every buffered alarm handled",
+        )
         alarms_done = time.time() - recovered
         still_pending = admin.status()["jobs_pending"]
     finally:
@@ -406,8 +483,17 @@ def alarm_recovery(stack, order: str) -> dict:
         stop_process(consumer, timeout=60)
         drop_session(stack["broker"].port, f"bench-{tag}")
     with duckdb.connect(str(db), read_only=True) as con:
-        handled_at = [epoch_ms / 1000 for (epoch_ms,) in con.sql("SELECT epoch_ms(handled_at) FROM events WHERE event_type = 'intrusion_alert'").fetchall()]
-    return {"latency_s": [at - recovered for at in handled_at], "alarms_done_s": alarms_done, "still_pending": still_pending}
+        handled_at = [
+            epoch_ms / 1000
+            for (epoch_ms,) in con.sql(
+                "SELECT epoch_ms(handled_at) FROM events WHERE event_type = 'intrusion_alert'"
+            ).fetchall()
+        ]
+    return {
+        "latency_s": [at - recovered for at in handled_at],
+        "alarms_done_s": alarms_done,
+        "still_pending": still_pending,
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -424,8 +510,8 @@ def test_alarms_buffered_in_an_outage_are_replayed_before_the_backlog(stack):
 alarms first after an outage ({RECOVERY_EVENTS:,} events buffered with SQS cut, {RECOVERY_ALARMS} intrusion alarms among them, the newest one last;
 recovery = the SQS link back; handled = committed by the priority consumer, through the edge's and the cloud's express lanes)
                                       recovery -> handled, s:  p50      p99      newest   (all alarms handled after; events still in the retry log then)
-  FIFO replay (the landed order)                          {percentile(fifo['latency_s'], 50):8.2f} {percentile(fifo['latency_s'], 99):8.2f} {max(fifo['latency_s']):8.2f}   ({fifo['alarms_done_s']:.1f} s; {fifo['still_pending']:,} pending)
-  priority replay (high first, EDGE_RETRY_ORDER=priority) {percentile(first['latency_s'], 50):8.2f} {percentile(first['latency_s'], 99):8.2f} {max(first['latency_s']):8.2f}   ({first['alarms_done_s']:.1f} s; {first['still_pending']:,} pending)   target: within seconds
+  FIFO replay (the landed order)                          {percentile(fifo["latency_s"], 50):8.2f} {percentile(fifo["latency_s"], 99):8.2f} {max(fifo["latency_s"]):8.2f}   ({fifo["alarms_done_s"]:.1f} s; {fifo["still_pending"]:,} pending)
+  priority replay (high first, EDGE_RETRY_ORDER=priority) {percentile(first["latency_s"], 50):8.2f} {percentile(first["latency_s"], 99):8.2f} {max(first["latency_s"]):8.2f}   ({first["alarms_done_s"]:.1f} s; {first["still_pending"]:,} pending)   target: within seconds
 """
     )
     assert len(fifo["latency_s"]) == len(first["latency_s"]) == RECOVERY_ALARMS

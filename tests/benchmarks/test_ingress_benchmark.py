@@ -83,8 +83,19 @@ BARE_HTTP = textwrap.dedent(
 
 
 def start_process(code: str, env: dict[str, str]) -> subprocess.Popen:
-    env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, start_new_session=True, text=True)
+    env = {
+        **os.environ,
+        **env,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "READY"
     return proc
 
@@ -93,13 +104,24 @@ def zigbee_run(broker_port: int, base: str, subscriber: SiteSubscriber, count: i
     """zigbee2mqtt publishes `count` states at QoS 1 as fast as its broker takes them (`mosquitto_pub -l`, a
     process of its own, so the figure is not a Python publisher's); the time until the site broker's
     subscriber has every one."""
-    lines = "".join(json.dumps({"contact": n % 2 == 0, "battery": 90, "linkquality": 100, "seq": f"{prefix}-{n}"}) + "\n" for n in range(count))
+    lines = "".join(
+        json.dumps({"contact": n % 2 == 0, "battery": 90, "linkquality": 100, "seq": f"{prefix}-{n}"}) + "\n"
+        for n in range(count)
+    )
     before = len(subscriber.snapshot())
     started = time.perf_counter()
-    pub = subprocess.run(["mosquitto_pub", "-p", str(broker_port), "-q", "1", "-l", "-t", f"{base}/door_1", "-i", f"bench-pub-{prefix}"],
-                         input=lines.encode(), timeout=300)
+    pub = subprocess.run(
+        ["mosquitto_pub", "-p", str(broker_port), "-q", "1", "-l", "-t", f"{base}/door_1", "-i", f"bench-pub-{prefix}"],
+        input=lines.encode(),
+        timeout=300,
+    )
     assert pub.returncode == 0
-    wait_until(lambda: len(subscriber.snapshot()) - before >= count, 300, interval=0.02, message=f"{count} relayed messages at the site broker")
+    wait_until(
+        lambda: len(subscriber.snapshot()) - before >= count,
+        300,
+        interval=0.02,
+        message=f"{count} relayed messages at the site broker",
+    )
     return count, time.perf_counter() - started
 
 
@@ -131,45 +153,97 @@ def http_run(port: int, path: str, bodies, clients: int, total: int) -> tuple[in
 
 
 def nvr_body(ident: str) -> tuple[bytes, dict]:
-    alert = {"ipAddress": "10.0.3.21", "macAddress": "44:19:b6:0a:11:02", "channelID": 4, "dateTime": "2024-01-15T11:30:00+01:00",
-             "activePostCount": 1, "eventType": "VMD", "eventState": "active", "eventDescription": ident}
+    alert = {
+        "ipAddress": "10.0.3.21",
+        "macAddress": "44:19:b6:0a:11:02",
+        "channelID": 4,
+        "dateTime": "2024-01-15T11:30:00+01:00",
+        "activePostCount": 1,
+        "eventType": "VMD",
+        "eventState": "active",
+        "eventDescription": ident,
+    }
     return nvr.to_xml(alert), {"Content-Type": "application/xml"}
 
 
 def idp_body(ident: str) -> tuple[bytes, dict]:
-    body = json.dumps({"eventId": ident, "occurredAt": "2024-01-15T10:30:00Z", "door": {"id": "door-1"},
-                       "credential": {"type": "card", "id": "card-1"}, "decision": "granted"}).encode()
+    body = json.dumps(
+        {
+            "eventId": ident,
+            "occurredAt": "2024-01-15T10:30:00Z",
+            "door": {"id": "door-1"},
+            "credential": {"type": "card", "id": "card-1"},
+            "decision": "granted",
+        }
+    ).encode()
     return body, {"Content-Type": "application/json", "X-Signature": sign(SECRET, body)}
 
 
 def test_each_ingress_rate_into_the_site_broker_next_to_a_bare_baseline_for_its_protocol(tmp_path):
     broker = Mosquitto(tmp_path / "mosquitto").start()
     http_port, bare_port = free_port(), free_port()
-    env = forwarder_env(SITE, broker.port, tmp_path / "state", http_port, FORWARDER_INGRESSES="zigbee,nvr,idp",
-                        FORWARDER_ZIGBEE_BASE_TOPIC="zigbee2mqtt", FORWARDER_IDP_SECRET=SECRET)
+    env = forwarder_env(
+        SITE,
+        broker.port,
+        tmp_path / "state",
+        http_port,
+        FORWARDER_INGRESSES="zigbee,nvr,idp",
+        FORWARDER_ZIGBEE_BASE_TOPIC="zigbee2mqtt",
+        FORWARDER_IDP_SECRET=SECRET,
+    )
     forwarder = ForwarderProcess(env, tmp_path / "forwarder.log").start()
     relay = start_process(BARE_RELAY, {"PORT": str(broker.port)})
     bare_http = start_process(BARE_HTTP, {"PORT": str(bare_port)})
     subscriber = SiteSubscriber(broker.port, client_id="ingress-bench-subscriber")
     rows = []
     try:
-        rows.append(("ZigBee", "bare paho relay", *zigbee_run(broker.port, "bare", subscriber, ZIGBEE_MESSAGES, "bare"), ""))
-        rows.append(("ZigBee", "forwarder (manual ack)", *zigbee_run(broker.port, "zigbee2mqtt", subscriber, ZIGBEE_MESSAGES, "fwd"), ""))
+        rows.append(
+            ("ZigBee", "bare paho relay", *zigbee_run(broker.port, "bare", subscriber, ZIGBEE_MESSAGES, "bare"), "")
+        )
+        rows.append(
+            (
+                "ZigBee",
+                "forwarder (manual ack)",
+                *zigbee_run(broker.port, "zigbee2mqtt", subscriber, ZIGBEE_MESSAGES, "fwd"),
+                "",
+            )
+        )
         for family, path, bodies in (("NVR", NVR_PATH, nvr_body), ("IDP", IDP_PATH, idp_body)):
             for clients in (1, CLIENTS):
                 total = HTTP_REQUESTS if clients > 1 else HTTP_REQUESTS // 3
-                rows.append((family, f"bare 200 server, {clients} client(s)", *http_run(bare_port, path, bodies, clients, total), ""))
+                rows.append(
+                    (
+                        family,
+                        f"bare 200 server, {clients} client(s)",
+                        *http_run(bare_port, path, bodies, clients, total),
+                        "",
+                    )
+                )
                 before = len(subscriber.snapshot())
                 ok, seconds = http_run(http_port, path, bodies, clients, total)
-                wait_until(lambda: len(subscriber.snapshot()) - before >= ok, 60, message="every answered request at the broker")
-                rows.append((family, f"forwarder, {clients} client(s)", ok, seconds, f"{len(subscriber.snapshot()) - before} at the broker"))
+                wait_until(
+                    lambda: len(subscriber.snapshot()) - before >= ok,
+                    60,
+                    message="every answered request at the broker",
+                )
+                rows.append(
+                    (
+                        family,
+                        f"forwarder, {clients} client(s)",
+                        ok,
+                        seconds,
+                        f"{len(subscriber.snapshot()) - before} at the broker",
+                    )
+                )
     finally:
         subscriber.close()
         forwarder.stop()
         stop_process(relay)
         stop_process(bare_http)
         broker.stop()
-    print("\nIngresses: events/s into the site broker, each answered only after its PUBACK, next to a bare baseline (same run)")
+    print(
+        "\nIngresses: events/s into the site broker, each answered only after its PUBACK, next to a bare baseline (same run)"
+    )
     baseline = None
     for family, label, count, seconds, note in rows:
         rate = count / seconds

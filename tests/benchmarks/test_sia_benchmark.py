@@ -12,7 +12,6 @@ subscriber. Figures are printed, not asserted.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -81,7 +80,18 @@ def run_hubs(port: int, accounts: list[str], frames_each: int, key: str | None, 
 
 
 def start_process(code: str, env: dict[str, str]) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **env, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, start_new_session=True, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env={
+            **os.environ,
+            **env,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+        },
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "READY"
     return proc
 
@@ -90,10 +100,16 @@ def test_sia_ingress_rate_into_the_site_broker_next_to_a_bare_acking_server(tmp_
     broker = Mosquitto(tmp_path / "mosquitto").start()
     plain, encrypted = [f"B{i:03X}" for i in range(HUBS)], [f"C{i:03X}" for i in range(HUBS)]
     sia_port, bare_port = free_port(), free_port()
-    ingress = start_process(FORWARDER_PROCESS, {
-        "SITE": SITE, "MQTT_PORT": str(broker.port), "STATE_DIR": str(tmp_path / "state"), "FORWARDER_SIA_PORT": str(sia_port),
-        "FORWARDER_SIA_ACCOUNTS": ",".join(plain + [f"{a}={KEY}" for a in encrypted]),
-    })
+    ingress = start_process(
+        FORWARDER_PROCESS,
+        {
+            "SITE": SITE,
+            "MQTT_PORT": str(broker.port),
+            "STATE_DIR": str(tmp_path / "state"),
+            "FORWARDER_SIA_PORT": str(sia_port),
+            "FORWARDER_SIA_ACCOUNTS": ",".join(plain + [f"{a}={KEY}" for a in encrypted]),
+        },
+    )
     bare = start_process(BARE_SERVER, {"PORT": str(bare_port)})
     subscriber = SiteSubscriber(broker.port, client_id="sia-bench-subscriber")
     rows, seq_base = [], 1
@@ -111,7 +127,9 @@ def test_sia_ingress_rate_into_the_site_broker_next_to_a_bare_acking_server(tmp_
             seq_base += each
             arrived = ""
             if port == sia_port:
-                wait_until(lambda: len(subscriber.messages) - before >= acked, 60, message="every ACKed frame at the broker")
+                wait_until(
+                    lambda: len(subscriber.messages) - before >= acked, 60, message="every ACKed frame at the broker"
+                )
                 arrived = f"{len(subscriber.messages) - before} at the broker"
             rows.append((label, acked, seconds, arrived))
     finally:
@@ -119,7 +137,9 @@ def test_sia_ingress_rate_into_the_site_broker_next_to_a_bare_acking_server(tmp_
         stop_process(ingress)
         stop_process(bare)
         broker.stop()
-    print("\nSIA DC-09 ingress (each frame ACKed only after the site broker's PUBACK) vs a bare server that ACKs at once")
+    print(
+        "\nSIA DC-09 ingress (each frame ACKed only after the site broker's PUBACK) vs a bare server that ACKs at once"
+    )
     bare_rate = {}
     for label, acked, seconds, arrived in rows:
         rate, hubs = acked / seconds, label.split(", ")[1]

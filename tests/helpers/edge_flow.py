@@ -13,14 +13,14 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import sample_envelope, wait_until
 
-T0 = datetime(2024, 1, 15, 10, 30, tzinfo=timezone.utc)
+T0 = datetime(2024, 1, 15, 10, 30, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class ContinuousPublisher:
         self._thread = threading.Thread(target=self._run, name="continuous-publisher", daemon=True)
         self._errors: list[BaseException] = []
 
-    def start(self) -> "ContinuousPublisher":
+    def start(self) -> ContinuousPublisher:
         self._thread.start()
         return self
 

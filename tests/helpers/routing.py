@@ -17,7 +17,9 @@ RENAME = {"timestamp": "event_time", "site_id": "location_id"}
 
 
 @contextmanager
-def partner_routing(tmp_path, monkeypatch, subscriptions: list[str], allowed_fields: list[str], **routing) -> Iterator[tuple]:
+def partner_routing(
+    tmp_path, monkeypatch, subscriptions: list[str], allowed_fields: list[str], **routing
+) -> Iterator[tuple]:
     """Yields (routing config, its path, queue URLs by name, the receiver); partner `acme` strips `credential`."""
     secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
     receiver = PartnerReceiver(secret).start()
