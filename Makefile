@@ -9,7 +9,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 setup: system-deps python-deps node-deps
 
 # Debian packages the local stack runs on (Mosquitto, Node.js for the SQS/S3 emulator, Prometheus +
-# promtool and the Pushgateway for monitoring).
+# promtool and the Pushgateway for monitoring, PostgreSQL for the production-profile stores' tests).
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
@@ -17,6 +17,7 @@ system-deps:
 	command -v node >/dev/null || missing="$$missing nodejs npm"; \
 	command -v prometheus >/dev/null && command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v prometheus-pushgateway >/dev/null || missing="$$missing prometheus-pushgateway"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
