@@ -1,4 +1,5 @@
-"""Real local stand-ins for the production parts: Mosquitto, the SQS + S3 emulator, Prometheus + Pushgateway.
+"""Real local stand-ins for the production parts: Mosquitto, the SQS + S3 emulator, Prometheus + Pushgateway,
+PostgreSQL.
 
 The demo and the tests both start them through these classes, each on its own free port and in its
 own directory, so a test can kill, restart and cut them. Nothing here is used against AWS.
@@ -456,3 +457,128 @@ class Prometheus(ManagedProcess):
 
         self.write_config()
         requests.post(f"{self.url}/-/reload", timeout=10).raise_for_status()
+
+
+def _postgres_bin_dir() -> Path:
+    """The newest Debian PostgreSQL server's bin directory (initdb and postgres are not on PATH there)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    if not found:
+        raise RuntimeError("postgresql is not installed: run `make setup` (Debian package postgresql)")
+    return found[-1].parent
+
+
+@dataclass
+class Postgres(ManagedProcess):
+    """A private PostgreSQL server (Debian package) in a data directory of its own, on a free port.
+
+    PostgreSQL refuses to run as root, so when started by root the server runs as the `postgres` user
+    from a fresh directory under /tmp that it owns (as Mosquitto's data does). Local trust
+    authentication for `user`, on 127.0.0.1 only: it stands in for a managed server in tests and the
+    demo, never for a deployment. `stop()` is a fast shutdown (SIGINT: open sessions are ended).
+    """
+
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    user: str = "pipeline"
+    proc: subprocess.Popen | None = None
+    data_dir: Path | None = None  # kept across restarts; `discard()` removes it
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
+
+    def _run_as(self) -> dict:
+        if os.geteuid() != 0:
+            return {}
+        user = pwd.getpwnam("postgres")
+        return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+
+    def _init(self) -> None:
+        as_postgres = self._run_as()
+        self.data_dir = Path(tempfile.mkdtemp(prefix="postgres-data-")) if as_postgres else self.workdir / "data"
+        if as_postgres:
+            os.chown(self.data_dir, as_postgres["user"], as_postgres["group"])
+        subprocess.run(
+            [
+                str(_postgres_bin_dir() / "initdb"),
+                f"--pgdata={self.data_dir}",
+                f"--username={self.user}",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+                "--no-instructions",
+            ],
+            check=True,
+            capture_output=True,
+            cwd="/",
+            **as_postgres,
+        )
+
+    def start(self, timeout: float = 30.0) -> Postgres:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.data_dir is None:
+            self._init()
+        self.proc = subprocess.Popen(
+            [
+                str(_postgres_bin_dir() / "postgres"),
+                "-D",
+                str(self.data_dir),
+                "-p",
+                str(self.port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                f"unix_socket_directories={self.data_dir}",
+                "-c",
+                "max_connections=200",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.workdir / "postgres.log", "ab"),
+            start_new_session=True,
+            cwd="/",
+            **self._run_as(),
+        )
+        self._wait_ready(timeout)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited with {self.proc.returncode}; see {self.workdir / 'postgres.log'}")
+            ready = subprocess.run(
+                [str(_postgres_bin_dir() / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)],
+                capture_output=True,
+            )
+            if ready.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"postgres not ready after {timeout:.0f}s; see {self.workdir / 'postgres.log'}")
+            time.sleep(0.1)
+
+    def create_database(self, name: str) -> str:
+        """A new, empty database; returns its URL."""
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(self.url(), autocommit=True) as con:
+            con.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        return self.url(name)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.kill(self.proc.pid, signal.SIGINT)
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            kill9(self.proc)
+        except ProcessLookupError:
+            pass
+
+    def discard(self) -> None:
+        """Stop the server and remove its data."""
+        self.stop()
+        if self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            self.data_dir = None
