@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 from pipeline import analyst
 from pipeline.archive import compact_hour
 from pipeline.stack import s3_filesystem
-from tests import datagen
+from tests.helpers import datagen
 
 START = datetime(2024, 3, 4, 0, 0, tzinfo=UTC)
 

@@ -12,8 +12,8 @@ from pipeline.jobs import drain_events_job
 from pipeline.resources import RESOURCES, DrainSettings
 from pipeline.sensors import archive_hours_sensor
 from pipeline.stack import aws_client, s3_filesystem
-from tests import datagen
 from tests.conftest import sample_envelope
+from tests.helpers import datagen
 
 BASE = datetime(2024, 1, 15, 10, 0, tzinfo=UTC)
 HOUR = hour_key(BASE)

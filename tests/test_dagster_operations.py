@@ -28,8 +28,8 @@ from dagster._core.launcher import WorkerStatus
 from devstack.processes import AwsEmulator, aws_env, stop_process
 from pipeline import run_launcher
 from pipeline.run_launcher import GRPC_INFO_TAG, WORKER_STARTED, HealthCheckedRunLauncher
-from tests import datagen
 from tests.conftest import PROJECT_ROOT, alive, wait_until
+from tests.helpers import datagen
 
 # What the seed and the README promise runs by itself: the 02:00 replays (edge and cloud), partner
 # redelivery, the dbt daily build, and the sensors that drain, deliver and archive.

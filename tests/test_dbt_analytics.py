@@ -15,7 +15,7 @@ from pipeline.archive import archive_dir, compact_hour, hour_key
 from pipeline.resources import RESOURCES
 from pipeline.routing.logs import AttemptLog
 from pipeline.stack import s3_filesystem
-from tests import datagen
+from tests.helpers import datagen
 
 START = datetime(2024, 3, 4, 0, 0, tzinfo=UTC)
 

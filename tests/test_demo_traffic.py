@@ -9,7 +9,7 @@ import subprocess
 from devstack.processes import Mosquitto, MqttUser, stop_process
 from devstack.traffic import SiteTraffic
 from tests.conftest import PROJECT_ROOT, wait_until
-from tests.forwarder_support import SiteSubscriber
+from tests.helpers.forwarder import SiteSubscriber
 
 SITES = ["site-001", "site-002"]
 FAMILIES = ("ajax", "zigbee", "nvr", "idp")

@@ -15,7 +15,7 @@ from edge_bridge.adapters import nvr
 from edge_bridge.forwarder import Forwarder
 from edge_bridge.ingress.http import IDP_PATH, NVR_PATH, HttpIngress, sign
 from tests.conftest import wait_until
-from tests.forwarder_support import SiteSubscriber
+from tests.helpers.forwarder import SiteSubscriber
 
 SITE = "site-h"
 SECRET = "door-system-shared-secret"

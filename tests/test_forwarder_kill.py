@@ -22,7 +22,7 @@ from devstack.tcp_proxy import TcpProxy
 from edge_bridge.adapters import nvr
 from edge_bridge.ingress.http import IDP_PATH, NVR_PATH, sign
 from tests.conftest import wait_until
-from tests.forwarder_support import ForwarderProcess, SiteSubscriber, Zigbee2Mqtt, forwarder_env
+from tests.helpers.forwarder import ForwarderProcess, SiteSubscriber, Zigbee2Mqtt, forwarder_env
 
 SITE = "site-k"
 SECRET = "kill-test-door-secret"

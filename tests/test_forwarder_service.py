@@ -14,7 +14,7 @@ from edge_bridge.adapters import nvr
 from edge_bridge.forwarder.service import ForwarderConfig, ForwarderConfigError
 from edge_bridge.ingress.http import IDP_PATH, NVR_PATH
 from tests.conftest import PROJECT_ROOT, wait_until
-from tests.forwarder_support import ForwarderProcess, SiteSubscriber, Zigbee2Mqtt, forwarder_env
+from tests.helpers.forwarder import ForwarderProcess, SiteSubscriber, Zigbee2Mqtt, forwarder_env
 
 
 def test_settings_come_from_the_environment_with_the_site_broker_as_zigbee2mqtts_by_default():

@@ -11,7 +11,7 @@ from devstack.processes import Mosquitto
 from edge_bridge.forwarder import Forwarder
 from edge_bridge.ingress.zigbee import ZigbeeIngress
 from tests.conftest import wait_until
-from tests.forwarder_support import SiteSubscriber, Zigbee2Mqtt
+from tests.helpers.forwarder import SiteSubscriber, Zigbee2Mqtt
 
 SITE = "site-z"
 

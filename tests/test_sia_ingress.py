@@ -7,15 +7,12 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 
-import paho.mqtt.client as mqtt
 import pytest
 from Crypto.Cipher import AES
-from paho.mqtt.enums import CallbackAPIVersion
 
 from devstack.processes import free_port, kill9
 from edge_bridge.forwarder import Forwarder, Outcome
@@ -30,9 +27,10 @@ from edge_bridge.ingress.sia import (
     sia_ingress_from_env,
 )
 from tests.conftest import PROJECT_ROOT, wait_until
+from tests.helpers.forwarder import SiteSubscriber
+from tests.helpers.sia import FORWARDER_PROCESS, KEY
 
 SITE = "site-123"
-KEY = "K3y-0f-16-chars!"  # an Ajax hub's encryption key is typed in as characters
 
 
 # --- a forwarder stand-in, for the answers alone -----------------------------------------------------------
@@ -278,38 +276,10 @@ def test_no_configured_account_means_no_sia_receiver(fake):
 # --- against the real forwarder and a real Mosquitto ----------------------------------------------------------
 
 
-class SiteSubscriber:
-    """What arrived at the site broker under sites/+/events/#, through a persistent QoS 1 session."""
-
-    def __init__(self, port: int, client_id: str = "sia-test-subscriber") -> None:
-        self.messages: list[dict] = []
-        self.topics: list[str] = []
-        self.subscribed = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
-        self.client.on_connect = lambda c, *a: c.subscribe("sites/+/events/#", qos=1)
-        self.client.on_subscribe = lambda *a: self.subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(min_delay=1, max_delay=2)
-        self.client.connect("127.0.0.1", port, keepalive=30)
-        self.client.loop_start()
-        assert self.subscribed.wait(10), "subscriber not subscribed"
-
-    def _on_message(self, client, userdata, msg) -> None:
-        self.topics.append(msg.topic)
-        self.messages.append(json.loads(msg.payload))
-
-    def keys(self) -> set[str]:
-        return {m["idempotency_key"] for m in list(self.messages)}
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 @pytest.fixture
 def site(mosquitto, tmp_path):
     forwarder = Forwarder.connect(SITE, "127.0.0.1", mosquitto.port, tmp_path)
-    subscriber = SiteSubscriber(mosquitto.port)
+    subscriber = SiteSubscriber(mosquitto.port, client_id="sia-test-subscriber")
     ingress = SiaIngress(forwarder, "127.0.0.1", 0, {"A1B2C3": None, "BBB": KEY}, publish_timeout=2).start()
     yield ingress, forwarder, subscriber
     ingress.stop()
@@ -366,21 +336,6 @@ def test_an_encrypted_frame_with_the_right_key_arrives_and_one_with_a_wrong_key_
     assert [(m["device_id"], m["payload"]["sequence"], m["payload"]["encrypted"]) for m in subscriber.messages] == [
         ("ajax-BBB-zone-9", "0006", True)
     ]
-
-
-FORWARDER_PROCESS = textwrap.dedent(
-    """
-    import os, sys, threading
-    from pathlib import Path
-    from edge_bridge.forwarder import Forwarder
-    from edge_bridge.ingress.sia import SiaIngress, parse_accounts
-
-    forwarder = Forwarder.connect(os.environ["SITE"], "127.0.0.1", int(os.environ["MQTT_PORT"]), Path(os.environ["STATE_DIR"]))
-    SiaIngress(forwarder, "127.0.0.1", int(os.environ["FORWARDER_SIA_PORT"]), parse_accounts(os.environ["FORWARDER_SIA_ACCOUNTS"]), publish_timeout=2).start()
-    print("READY", flush=True)
-    threading.Event().wait()
-    """
-)
 
 
 class Hub(threading.Thread):

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from devstack.processes import free_port
 from edge_bridge.simulator import LiveSite, Simulator, SiteFleet, read_targets
 from tests.conftest import wait_until
-from tests.forwarder_support import ForwarderProcess, SiteSubscriber, forwarder_env
+from tests.helpers.forwarder import ForwarderProcess, SiteSubscriber, forwarder_env
 
 SITE = "site-001"
 

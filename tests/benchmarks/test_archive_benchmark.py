@@ -20,7 +20,7 @@ from pipeline.analytics import analytics_dbt_models
 from pipeline.archive import COMPRESSION, compact_hour, landing_dir
 from pipeline.resources import RESOURCES
 from pipeline.stack import aws_client, s3_filesystem
-from tests import datagen
+from tests.helpers import datagen
 
 pytestmark = pytest.mark.benchmark
 

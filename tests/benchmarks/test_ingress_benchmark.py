@@ -29,7 +29,7 @@ from devstack.processes import Mosquitto, free_port, stop_process
 from edge_bridge.adapters import nvr
 from edge_bridge.ingress.http import IDP_PATH, NVR_PATH, sign
 from tests.conftest import PROJECT_ROOT, wait_until
-from tests.forwarder_support import ForwarderProcess, SiteSubscriber, forwarder_env
+from tests.helpers.forwarder import ForwarderProcess, SiteSubscriber, forwarder_env
 
 pytestmark = pytest.mark.benchmark
 
@@ -222,7 +222,7 @@ def test_each_ingress_rate_into_the_site_broker_next_to_a_bare_baseline_for_its_
                 before = len(subscriber.snapshot())
                 ok, seconds = http_run(http_port, path, bodies, clients, total)
                 wait_until(
-                    lambda: len(subscriber.snapshot()) - before >= ok,
+                    lambda before=before, ok=ok: len(subscriber.snapshot()) - before >= ok,
                     60,
                     message="every answered request at the broker",
                 )

@@ -23,7 +23,8 @@ import pytest
 from devstack.processes import Mosquitto, free_port, stop_process
 from edge_bridge.ingress.sia import HubConnection, build_frame, response_kind
 from tests.conftest import PROJECT_ROOT, wait_until
-from tests.test_sia_ingress import FORWARDER_PROCESS, KEY, SiteSubscriber
+from tests.helpers.forwarder import SiteSubscriber
+from tests.helpers.sia import FORWARDER_PROCESS, KEY
 
 pytestmark = pytest.mark.benchmark
 
@@ -128,7 +129,9 @@ def test_sia_ingress_rate_into_the_site_broker_next_to_a_bare_acking_server(tmp_
             arrived = ""
             if port == sia_port:
                 wait_until(
-                    lambda: len(subscriber.messages) - before >= acked, 60, message="every ACKed frame at the broker"
+                    lambda before=before, acked=acked: len(subscriber.messages) - before >= acked,
+                    60,
+                    message="every ACKed frame at the broker",
                 )
                 arrived = f"{len(subscriber.messages) - before} at the broker"
             rows.append((label, acked, seconds, arrived))
