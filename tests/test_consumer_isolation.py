@@ -8,6 +8,7 @@ import pytest
 
 from devstack.processes import free_port
 from edge_bridge.claim_check import check_in_downstream
+from pipeline.consumers.duckdb_store import DuckDBStore
 from pipeline.consumers.pending import PendingWork
 from pipeline.consumers.store import ConsumerStore, Item
 from pipeline.routing.config import AutomationConfig
@@ -223,7 +224,7 @@ def test_a_consumer_file_keyed_by_event_id_alone_is_migrated_keeping_its_rows(tm
     with duckdb.connect(str(path)) as con:
         con.execute(OLD_SCHEMA)
     automation = AutomationConfig.model_validate({"rules": [{"event_type": "intrusion_alert", "incident": True}]})
-    store = ConsumerStore(path, automation)
+    store = DuckDBStore(path, automation)
     try:
         theirs = sample_envelope(site_id="site-b", event_type="intrusion_alert", event_id="evt-1")
         result = store.handle_batch([Item("high", "handle", datetime.now(UTC), theirs, theirs.to_json())])

@@ -1,6 +1,7 @@
 """`python -m pipeline.consumers`: run the priority consumer until SIGTERM/SIGINT.
 
-Environment: PIPELINE_CONSUMER_DB (DuckDB file, default .consumer/consumer.duckdb),
+Environment: PIPELINE_CONSUMER_STORE_URL (postgresql://user@host:port/db: the store every replica shares;
+unset: the DuckDB file PIPELINE_CONSUMER_DB, default .consumer/consumer.duckdb),
 PIPELINE_CONSUMER_METRICS_PORT (/metrics, default 9102; empty disables), PIPELINE_ARCHIVE_BUCKET
 (where the priority_handled log goes; unset: not exported), PIPELINE_ROUTING_CONFIG, PIPELINE_STACK_CONFIG
 (the claim-check bucket that events too big for SQS are fetched from), and the standard AWS variables.
@@ -24,6 +25,7 @@ def main() -> None:
     bucket = os.environ.get("PIPELINE_ARCHIVE_BUCKET") or None
     settings = ConsumerSettings(
         db_path=os.environ.get("PIPELINE_CONSUMER_DB", str(PROJECT_ROOT / ".consumer" / "consumer.duckdb")),
+        store_url=os.environ.get("PIPELINE_CONSUMER_STORE_URL") or None,
         metrics_port=int(port) if port else None,
         archive_bucket=bucket,
     )

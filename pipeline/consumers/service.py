@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from edge_bridge.claim_check import ROUTED_PREFIX, verify_and_fetch
 from edge_bridge.envelope import EnvelopeRejected, claim_check_pointer, format_ts, parse_envelope
 from pipeline.consumers.pending import LANES, PendingWork, lane
-from pipeline.consumers.store import RETRYING, BatchResult, ConsumerStore, Item
+from pipeline.consumers.store import RETRYING, BatchResult, ConsumerStore, Item, open_store
 from pipeline.routing.config import PRIORITIES, RoutingConfig
 from pipeline.routing.logs import PRIORITY_HANDLED_SCHEMA, write_log
 from pipeline.routing.webhooks import post_signed
@@ -90,6 +90,16 @@ class ConsumerMetrics:
         self.error_rate = Gauge(
             "processing_error_rate", "Failed or rejected messages / messages received", registry=self.registry
         )
+        self.taken_over = Counter(
+            "priority_automation_taken_over",
+            "Unsettled automation webhooks taken over from a consumer replica that is gone",
+            registry=self.registry,
+        )
+        self.in_hand = Gauge(
+            "priority_messages_in_hand",
+            "Messages received from SQS and not yet settled (committed, rejected or left for redelivery)",
+            registry=self.registry,
+        )
         self._received = 0
         self._failed = 0
 
@@ -101,7 +111,8 @@ class ConsumerMetrics:
 
 @dataclass
 class ConsumerSettings:
-    db_path: str
+    db_path: str  # the DuckDB file, unless store_url names a PostgreSQL server
+    store_url: str | None = None  # postgresql://…: the store shared by every replica
     metrics_port: int | None = None
     archive_bucket: str | None = None
     claim_check_bucket: str | None = None  # None: the stack config's claim_check.bucket
@@ -111,6 +122,11 @@ class ConsumerSettings:
     max_pending_high: int = 1000  # high messages received and not yet written; the high poller waits beyond
     claim_check_workers: int = 2  # per lane (high; medium and low)
     depth_interval_s: float = 5.0
+    takeover_interval_s: float = 5.0  # how often to look for automation webhooks a gone replica left
+
+    @property
+    def store_location(self) -> str:
+        return self.store_url or self.db_path
 
 
 def _without_body(item: Item) -> Item:
@@ -131,6 +147,7 @@ class PriorityConsumer:
         self.urls = {p: sqs.get_queue_url(QueueName=routing.priority.queue_for(p))["QueueUrl"] for p in PRIORITIES}
         self.metrics = ConsumerMetrics()
         self.pending = PendingWork(settings.max_pending_high)
+        self.metrics.in_hand.set_function(self.pending.outstanding)
         self._seq = itertools.count()
         self.stopping = threading.Event()
         self.threads: dict[str, threading.Thread] = {}
@@ -307,11 +324,10 @@ class PriorityConsumer:
     # -- writing (the only thread that touches DuckDB) -----------------------------------------------
 
     def _writer_loop(self) -> None:
-        store = ConsumerStore(self.settings.db_path, self.routing.automation)
+        store = open_store(self.settings.store_location, self.routing.automation)
         try:
-            for incident in store.pending_webhooks():
-                self._call_automation(incident)
-            last_export = time.monotonic()
+            self._take_over_webhooks(store)
+            last_export = last_takeover = time.monotonic()
             while not (self._pollers_done() and self.pending.outstanding() == 0):
                 try:
                     taken = self.pending.take(timeout=0.2)
@@ -323,6 +339,9 @@ class PriorityConsumer:
                             self.pending.settle(priority, len(items))
                     self._retry_due_webhooks()
                     self._store_webhook_results(store)
+                    if time.monotonic() - last_takeover > self.settings.takeover_interval_s:
+                        self._take_over_webhooks(store)
+                        last_takeover = time.monotonic()
                     if time.monotonic() - last_export > self.settings.export_interval_s:
                         self._export(store)
                         last_export = time.monotonic()
@@ -333,6 +352,14 @@ class PriorityConsumer:
             self._export(store)
         finally:
             store.close()
+
+    def _take_over_webhooks(self, store: ConsumerStore) -> None:
+        """Call the webhooks of incidents no running consumer sees to (at start: this one's own, left by its
+        previous run; later: a gone replica's)."""
+        incidents = store.orphaned_webhooks()
+        self.metrics.taken_over.inc(len(incidents))
+        for incident in incidents:
+            self._call_automation(incident)
 
     def _pollers_done(self) -> bool:
         return self.stopping.is_set() and not any(self.threads[n].is_alive() for n in ("high", "background"))
@@ -532,10 +559,8 @@ class PriorityConsumer:
         """Copy newly handled rows to the archive bucket's priority_handled log (for dbt SLA models)."""
         if not (self.filesystem and self.settings.archive_bucket):
             return
-        rows = store.unexported()
-        if not rows:
-            return
-        try:
+
+        def write(rows: list[dict]) -> None:
             write_log(
                 self.filesystem,
                 self.settings.archive_bucket,
@@ -544,10 +569,11 @@ class PriorityConsumer:
                 rows,
                 "handled_at",
             )
+
+        try:
+            store.export(write)
         except Exception as exc:
             log.warning("priority_handled export failed (will retry): %s", exc)
-            return
-        store.mark_exported([(r["site_id"], r["event_id"]) for r in rows])
 
     # -- lifecycle -------------------------------------------------------------------------------------
 

@@ -1,13 +1,18 @@
-"""The priority consumer's database (DuckDB): events, incidents, device status, rejected messages.
+"""The priority consumer's store: events, incidents, device status, rejected messages — one interface, two
+databases.
 
-DuckDB allows one writing process, so only the consumer service opens it, from one thread. Each
-batch is one transaction whose insert skips events already present, which makes handling
-idempotent: SQS may deliver an event twice (or a drain run may route it twice), its side effects
-happen once. An event's identity is `(site_id, event_id)` (`Envelope.key`): a site's publisher chooses
-its ids, so an id alone would let one site's events pass for another's duplicates.
+`ConsumerStore` holds what handling an event means (which events are new, the device status they leave,
+the incidents they open) and the dedupe rule; `DuckDBStore` (`duckdb_store.py`, one file, one consumer
+process: the demo and the tests) and `PostgresStore` (`postgres_store.py`, one server, any number of
+consumer replicas: production) only say how rows reach their database. `open_store` picks one from a
+location: a `postgresql://` URL, or a DuckDB file path.
 
-A file written before the identity included the site (events keyed by event_id alone) is migrated
-when it is opened: its rows are kept and its keys widened, in one transaction.
+Each batch is one transaction whose events insert skips events already present (`ON CONFLICT DO
+NOTHING` against the `(site_id, event_id)` primary key) and returns what it added, which makes handling
+idempotent: SQS may deliver an event twice, a drain run may route it twice, two replicas may hold two
+copies at once; the database lets exactly one transaction insert it, and only that one opens its incident
+and calls its automation. An event's identity is `(site_id, event_id)` (`Envelope.key`): a site's
+publisher chooses its ids, so an id alone would let one site's events pass for another's duplicates.
 """
 
 from __future__ import annotations
@@ -15,44 +20,19 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 
 from edge_bridge.envelope import Envelope
 from pipeline.routing.config import AutomationConfig
 
 RETRYING = "retrying"  # the start of an incident's webhook_status between two attempts of its webhook
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    event_id VARCHAR NOT NULL,
-    event_type VARCHAR, source VARCHAR, site_id VARCHAR NOT NULL, device_id VARCHAR,
-    event_time TIMESTAMPTZ, payload JSON,
-    priority VARCHAR, enqueued_at TIMESTAMPTZ, handled_at TIMESTAMPTZ, latency_ms DOUBLE,
-    exported BOOLEAN DEFAULT false,
-    PRIMARY KEY (site_id, event_id)
-);
-CREATE TABLE IF NOT EXISTS incidents (
-    incident_id VARCHAR PRIMARY KEY, event_id VARCHAR, event_type VARCHAR,
-    site_id VARCHAR, device_id VARCHAR, opened_at TIMESTAMPTZ,
-    webhook_status VARCHAR,  -- null: no webhook yet; 'retrying (attempt n): …' | 'delivered' | 'failed …' | 'not_configured'
-    UNIQUE (site_id, event_id)
-);
-CREATE TABLE IF NOT EXISTS device_status (
-    site_id VARCHAR, device_id VARCHAR, last_seen TIMESTAMPTZ, last_event_type VARCHAR, state VARCHAR,
-    PRIMARY KEY (site_id, device_id)
-);
-CREATE TABLE IF NOT EXISTS rejected (
-    received_at TIMESTAMPTZ, priority VARCHAR,
-    reason VARCHAR,  -- '<stable reason>: <detail>'; the reasons are REJECTED_REASONS and the envelope's
-    body VARCHAR,  -- the SQS body (a claim-check pointer stays a pointer), cut at REJECTED_BODY_CHARS
-    error_type VARCHAR, message_id VARCHAR, receive_count INTEGER
-);
-"""
 
 # The reasons the consumer itself gives, beside the envelope's (`edge_bridge.envelope.REJECTION_REASONS`)
 # and the claim check's (`bad_claim_check`, `claim_check_mismatch`).
@@ -99,6 +79,8 @@ INCIDENT_COLUMNS = pa.schema(
         ("webhook_status", pa.string()),
     ]
 )
+INCIDENT_FIELDS = ("incident_id", "event_id", "event_type", "site_id", "device_id", "opened_at")
+EXPORT_FIELDS = ("event_id", "event_type", "site_id", "priority", "enqueued_at", "handled_at", "latency_ms")
 
 
 @dataclass(frozen=True)
@@ -124,6 +106,15 @@ class BatchResult:
     new_incidents: list[dict] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class BatchStatements:
+    """A database's statements for one batch, each fed the rows of its schema by `ConsumerStore._insert`."""
+
+    events: str  # insert, skipping present (site_id, event_id); returns the keys it added
+    device_status: str  # upsert; an older event never overwrites a newer one
+    incidents: str
+
+
 def device_state(event: Envelope) -> str:
     for key in ("state", "status", "result"):
         if isinstance(event.payload.get(key), (str, int, float, bool)):
@@ -131,45 +122,18 @@ def device_state(event: Envelope) -> str:
     return event.event_type
 
 
-class ConsumerStore:
-    def __init__(self, path: str | Path, automation: AutomationConfig) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.con = duckdb.connect(str(path))
-        self._migrate()
-        self.con.execute(SCHEMA)
-        self.automation = automation
+class ConsumerStore(ABC):
+    """What the consumer's writer needs from its database. Only the writer thread of a consumer uses it."""
 
-    def _migrate(self) -> None:
-        """Widen the keys of a file from before `(site_id, event_id)`; DuckDB cannot alter a primary key."""
-        pk = self.con.execute(
-            "SELECT constraint_column_names FROM duckdb_constraints() WHERE table_name = 'events' AND constraint_type = 'PRIMARY KEY'"
-        ).fetchall()
-        if pk == [(["event_id"],)]:
-            self.con.execute("BEGIN TRANSACTION")
-            try:
-                self.con.execute("ALTER TABLE events RENAME TO events_keyed_by_event_id")
-                self.con.execute("ALTER TABLE incidents RENAME TO incidents_keyed_by_event_id")
-                self.con.execute(SCHEMA)
-                self.con.execute("INSERT INTO events BY NAME SELECT * FROM events_keyed_by_event_id")
-                self.con.execute("INSERT INTO incidents BY NAME SELECT * FROM incidents_keyed_by_event_id")
-                self.con.execute("DROP TABLE events_keyed_by_event_id")
-                self.con.execute("DROP TABLE incidents_keyed_by_event_id")
-                self.con.execute("COMMIT")
-            except Exception:
-                self.con.execute("ROLLBACK")
-                raise
-        self.con.execute(SCHEMA)
-        for column, kind in (("error_type", "VARCHAR"), ("message_id", "VARCHAR"), ("receive_count", "INTEGER")):
-            self.con.execute(f"ALTER TABLE rejected ADD COLUMN IF NOT EXISTS {column} {kind}")
-
-    def close(self) -> None:
-        self.con.close()
+    automation: AutomationConfig
+    statements: BatchStatements
 
     def handle_batch(self, items: list[Item]) -> BatchResult:
         """Insert, automate and update status for every new event of `items`, in one transaction.
 
         The events insert itself is the duplicate check (the primary key skips what is present and
         returns what it added), so a batch costs one indexed statement instead of a lookup and an insert.
+        Rows go in key order, so two replicas' transactions always lock shared keys in the same order.
         """
         result = BatchResult()
         now = datetime.now(UTC)
@@ -182,9 +146,8 @@ class ConsumerStore:
                 result.duplicates += 1
             else:
                 fresh[item.event.key] = item
-        con = self.con
-        con.execute("BEGIN TRANSACTION")
-        try:
+        fresh = dict(sorted(fresh.items()))
+        with self._transaction():
             if bad:
                 self._insert_rejected(now, [(i, i.reject_reason, i.error_type) for i in bad])
                 result.rejected = len(bad)
@@ -210,14 +173,7 @@ class ConsumerStore:
                 )
             inserted: set[tuple[str, str]] = set()
             if rows:
-                inserted = set(
-                    self._insert(
-                        """INSERT INTO events (event_id, event_type, source, site_id, device_id, event_time, payload, priority, enqueued_at, handled_at, latency_ms)
-                           SELECT * FROM batch ON CONFLICT DO NOTHING RETURNING site_id, event_id""",
-                        EVENT_COLUMNS,
-                        rows,
-                    )
-                )
+                inserted = set(self._insert(self.statements.events, EVENT_COLUMNS, rows))
             result.duplicates += len(fresh) - len(inserted)
             statuses, incidents = {}, []
             for key, item in fresh.items():
@@ -243,99 +199,91 @@ class ConsumerStore:
                     incidents.append(incident)
             if statuses:
                 self._insert(
-                    """INSERT INTO device_status SELECT * FROM batch
-                       ON CONFLICT (site_id, device_id) DO UPDATE SET
-                         last_seen = excluded.last_seen, last_event_type = excluded.last_event_type, state = excluded.state
-                       WHERE excluded.last_seen >= device_status.last_seen""",
+                    self.statements.device_status,
                     STATUS_COLUMNS,
-                    [(s, d, ts, t, st) for (s, d), (ts, t, st) in statuses.items()],
+                    [(s, d, ts, t, st) for (s, d), (ts, t, st) in sorted(statuses.items())],
                 )
             if incidents:
                 self._insert(
-                    "INSERT INTO incidents SELECT * FROM batch",
+                    self.statements.incidents,
                     INCIDENT_COLUMNS,
                     [tuple(i[c] for c in INCIDENT_COLUMNS.names) for i in incidents],
                 )
-            con.execute("COMMIT")
-        except Exception:
-            con.execute("ROLLBACK")
-            raise
         result.new_incidents = incidents
         return result
 
     def reject(self, entries: list[tuple[Item, str, str]]) -> None:
         """Keep messages the consumer will not handle, each with (reason, error_type), in one transaction."""
-        self.con.execute("BEGIN TRANSACTION")
-        try:
+        with self._transaction():
             self._insert_rejected(datetime.now(UTC), entries)
-            self.con.execute("COMMIT")
-        except Exception:
-            self.con.execute("ROLLBACK")
-            raise
-
-    def _insert_rejected(self, now: datetime, entries: list[tuple[Item, str | None, str | None]]) -> None:
-        self.con.executemany(
-            "INSERT INTO rejected (received_at, priority, reason, body, error_type, message_id, receive_count) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    now,
-                    i.priority,
-                    (reason or "")[:2000],
-                    i.body[:REJECTED_BODY_CHARS],
-                    error_type,
-                    i.message_id,
-                    i.receive_count,
-                )
-                for i, reason, error_type in entries
-            ],
-        )
 
     def _insert(self, sql: str, schema: pa.Schema, rows: list[tuple]) -> list[tuple]:
-        """One statement per batch from an Arrow table: DuckDB's executemany costs a round per row."""
-        batch = pa.Table.from_pylist([dict(zip(schema.names, r)) for r in rows], schema=schema)
-        self.con.register("batch", batch)
-        try:
-            return self.con.execute(sql).fetchall()
-        finally:
-            self.con.unregister("batch")
+        """Every batch statement of `handle_batch` passes here: one statement for all of a batch's rows."""
+        return self._insert_rows(sql, schema, rows)
 
+    @staticmethod
+    def _rejected_rows(now: datetime, entries: list[tuple[Item, str | None, str | None]]) -> list[tuple]:
+        return [
+            (
+                now,
+                i.priority,
+                (reason or "")[:2000],
+                i.body[:REJECTED_BODY_CHARS],
+                error_type,
+                i.message_id,
+                i.receive_count,
+            )
+            for i, reason, error_type in entries
+        ]
+
+    # -- what each database implements -----------------------------------------------------------------
+
+    @abstractmethod
+    def _transaction(self) -> AbstractContextManager:
+        """Commit when the block ends, roll back if it raises."""
+
+    @abstractmethod
+    def _insert_rows(self, sql: str, schema: pa.Schema, rows: list[tuple]) -> list[tuple]:
+        """Run one of `statements` over `rows` (columns as in `schema`); what it returns."""
+
+    @abstractmethod
+    def _insert_rejected(self, now: datetime, entries: list[tuple[Item, str | None, str | None]]) -> None: ...
+
+    @abstractmethod
     def set_webhook_statuses(self, statuses: list[tuple[str, str]]) -> None:
-        self.con.execute("BEGIN TRANSACTION")
-        try:
-            self.con.executemany(
-                "UPDATE incidents SET webhook_status = ? WHERE incident_id = ?",
-                [(status[:500], incident_id) for incident_id, status in statuses],
-            )
-            self.con.execute("COMMIT")
-        except Exception:
-            self.con.execute("ROLLBACK")
-            raise
+        """Record (incident_id, webhook_status) pairs."""
 
-    def pending_webhooks(self) -> list[dict]:
-        """Incidents whose automation webhook is not settled: never tried, or between two attempts."""
-        rows = self.con.execute(
-            "SELECT incident_id, event_id, event_type, site_id, device_id, opened_at FROM incidents WHERE webhook_status IS NULL OR starts_with(webhook_status, ?)",
-            [RETRYING],
-        ).fetchall()
-        return [
-            dict(zip(("incident_id", "event_id", "event_type", "site_id", "device_id", "opened_at"), r)) for r in rows
-        ]
+    @abstractmethod
+    def orphaned_webhooks(self) -> list[dict]:
+        """Incidents whose webhook no running consumer is seeing to (never tried, or between two attempts),
+        now this consumer's to call. Asked at start and then from time to time."""
 
-    def unexported(self, limit: int = 50_000) -> list[dict]:
-        rows = self.con.execute(
-            "SELECT event_id, event_type, site_id, priority, enqueued_at, handled_at, latency_ms FROM events WHERE NOT exported ORDER BY handled_at LIMIT ?",
-            [limit],
-        ).fetchall()
-        return [
-            dict(zip(("event_id", "event_type", "site_id", "priority", "enqueued_at", "handled_at", "latency_ms"), r))
-            for r in rows
-        ]
+    @abstractmethod
+    def export(self, write: Callable[[list[dict]], None], limit: int = 50_000) -> int:
+        """Hand up to `limit` handled rows not yet exported to `write`, and mark them once it returned.
 
-    def mark_exported(self, keys: list[tuple[str, str]]) -> None:
-        """Flag exported rows by `(site_id, event_id)`."""
-        if keys:
-            self._insert(
-                "UPDATE events SET exported = true FROM batch WHERE events.site_id = batch.site_id AND events.event_id = batch.event_id",
-                EXPORTED_KEYS,
-                keys,
-            )
+        If `write` raises, nothing is marked and the rows are offered again next time. Returns the count.
+        """
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+def open_store(location: str | Path, automation: AutomationConfig) -> ConsumerStore:
+    """The store at `location`: a `postgresql://` (or `postgres://`) URL, or a DuckDB file path."""
+    text = str(location)
+    if text.startswith(("postgresql://", "postgres://")):
+        from pipeline.consumers.postgres_store import PostgresStore
+
+        return PostgresStore(text, automation)
+    from pipeline.consumers.duckdb_store import DuckDBStore
+
+    return DuckDBStore(text, automation)
+
+
+def incident_dicts(rows: Iterator[tuple] | list[tuple]) -> list[dict]:
+    return [dict(zip(INCIDENT_FIELDS, r)) for r in rows]
+
+
+def export_dicts(rows: Iterator[tuple] | list[tuple]) -> list[dict]:
+    return [dict(zip(EXPORT_FIELDS, r)) for r in rows]
