@@ -52,6 +52,10 @@ class EdgeConfig:
     # How the retry log hands out due jobs: "priority" (high first, oldest first within a priority) or
     # "fifo" (oldest first, as before priorities; for comparison).
     retry_order: str = "priority"
+    # Reconciliation manifests (edge_bridge.manifest): the bucket they go to ("" or "none": not written)
+    # and how often the changed hours are put.
+    manifest_bucket: str | None = "events-archive"
+    manifest_interval_s: float = 60.0
 
     @classmethod
     def from_env(cls) -> EdgeConfig:
@@ -83,6 +87,10 @@ class EdgeConfig:
             quarantine_keep_files=int(_env("EDGE_QUARANTINE_KEEP_FILES", "4")),
             express_queue_url=_env("EDGE_EXPRESS_QUEUE_URL"),
             retry_order=_env("EDGE_RETRY_ORDER", "priority"),
+            manifest_bucket=None
+            if _env("EDGE_MANIFEST_BUCKET", "events-archive").lower() == "none"
+            else _env("EDGE_MANIFEST_BUCKET", "events-archive"),
+            manifest_interval_s=float(_env("EDGE_MANIFEST_INTERVAL_S", "60")),
         )
 
     def queue_url(self) -> str:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 from edge_bridge.claim_check import ClaimChecker, s3_client
 from edge_bridge.envelope import EnvelopeRejected, parse_envelope
+from edge_bridge.manifest import HourKey, event_hour, event_hour_of_body
 from edge_bridge.priorities import EXPRESS_PRIORITY, UNKNOWN_PRIORITY
 from edge_bridge.quarantine import PROCESSING_ERROR, error_detail
 from edge_bridge.sqs_sender import SQS_BATCH_MAX, Outgoing, SqsBatchSender, sqs_client
@@ -75,6 +76,10 @@ class ChunkResult:
     express_sent: int = 0  # events the express queue took as well
     express_failed: int = 0  # express sends that failed (ignored: the events queue decides)
     express_calls: int = 0
+    # Reconciliation (edge_bridge.manifest): SQS messages created per (site, event hour), and the
+    # (site, event hour) of each failed token, for the accepted count when the retry log commits it.
+    sent_hours: dict[HourKey, int] = field(default_factory=dict)
+    hours: dict[int, HourKey] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,7 @@ class _Item:
     site_id: str
     body: str
     priority: str = UNKNOWN_PRIORITY
+    hour: HourKey | None = None  # (site, event hour); a retry job's is read from its body when it is sent
 
 
 class _Worker:
@@ -138,8 +144,9 @@ class _Worker:
                     except Exception as exc:  # noqa: BLE001 - it raises alone: its own fate
                         result.rejected.append((event.key.token, PROCESSING_ERROR, error_detail("send", exc)))
         if result.failed:
-            by_token = {item.token: item.priority for item in items}
-            result.priorities.update((token, by_token[token]) for token, _, _ in result.failed)
+            by_token = {item.token: item for item in items}
+            result.priorities.update((token, by_token[token].priority) for token, _, _ in result.failed)
+            result.hours.update((token, by_token[token].hour) for token, _, _ in result.failed if by_token[token].hour)
 
     def _send_express(self, items: list[_Item], result: ChunkResult) -> None:
         """Best effort: the high-priority events of the chunk to the express queue too, never instead.
@@ -186,6 +193,10 @@ class _Worker:
         outcome = sender.send(outgoing)
         result.send_seconds.append(time.perf_counter() - started)
         result.sent += [event.key.token for event in outcome.sent]
+        for event in outcome.sent:
+            key = event.key.hour or _hour_of(event.key.body)
+            if key is not None:
+                result.sent_hours[key] = result.sent_hours.get(key, 0) + 1
         result.failed += [(event.key.token, event.event_id, error) for event, error in outcome.failed]
         if outcome.call_error:
             result.call_error = outcome.call_error
@@ -239,7 +250,8 @@ def validate(
                 )
                 continue
             priority = priorities.get(envelope.event_type, UNKNOWN_PRIORITY)
-            items.append(_Item(token, envelope.event_id, envelope.site_id, payload.decode("utf-8"), priority))
+            hour = (envelope.site_id, event_hour(envelope.timestamp, envelope.received_at))
+            items.append(_Item(token, envelope.event_id, envelope.site_id, payload.decode("utf-8"), priority, hour))
         except EnvelopeRejected as exc:
             result.rejected.append((token, exc.reason, exc.detail))
         except Exception as exc:  # noqa: BLE001 - whatever else one message raises is its fate, not its chunk's
@@ -254,12 +266,21 @@ def not_sent(
     items, result = validate(messages, priorities)
     result.failed = [(i.token, i.event_id, reason) for i in items]
     result.priorities = {i.token: i.priority for i in items}
+    result.hours = {i.token: i.hour for i in items}
     return result
 
 
 def _group_of(item: _Item, fifo: bool) -> str:
     """A FIFO queue's MessageGroupId is the site; a standard queue needs none."""
     return (item.site_id or _site_of(item.body)) if fifo else ""
+
+
+def _hour_of(body: str) -> HourKey | None:
+    try:
+        return event_hour_of_body(body)
+    except Exception:  # noqa: BLE001 - a body the retry log kept is valid; a count is not worth a failed send
+        log.warning("cannot read the site and hour of a sent event for reconciliation")
+        return None
 
 
 def _site_of(body: str) -> str:

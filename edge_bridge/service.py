@@ -39,6 +39,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_bridge.config import EdgeConfig
 from edge_bridge.envelope import Envelope, make_idempotency_key, utc_now
+from edge_bridge.manifest import HourCounts, HourKey, ManifestWriter
 from edge_bridge.metrics import EdgeMetrics
 from edge_bridge.mqtt_client import Client
 from edge_bridge.priorities import UNKNOWN_PRIORITY, catalog_priorities
@@ -85,6 +86,7 @@ class Ready:
     received: Received
     event_id: str
     priority: str = UNKNOWN_PRIORITY  # the catalog's, recorded with the job so high is replayed first
+    hour: HourKey | None = None  # (site, event hour), counted as accepted when the retry log commits it
 
     @property
     def body(self) -> str:
@@ -121,6 +123,7 @@ class _RetryOutcome:
     done: list[int] = field(default_factory=list)
     failed: list[tuple[int, str]] = field(default_factory=list)
     quarantined: list[tuple[Job, str, str]] = field(default_factory=list)
+    sent_hours: collections.Counter = field(default_factory=collections.Counter)
 
 
 class CircuitBreaker:
@@ -176,6 +179,8 @@ class EdgeService:
         )
         self.metrics.jobs_pending.set_function(lambda: self.retry_log.pending)
         self.metrics.dlq_size.set_function(lambda: self.retry_log.dlq_size)
+        self.reconciliation = HourCounts(config.state_dir)  # accepted/sent per site and hour (edge_bridge.manifest)
+        self.manifests: ManifestWriter | None = None
         self.breaker = CircuitBreaker()
         self.metrics.circuit_open.set_function(lambda: int(self.breaker.is_open))
         self.inbox = Inbox()
@@ -393,6 +398,7 @@ class EdgeService:
             self.metrics.claim_checks.inc(result.claim_checks)
         self._count_express(result)
         if result.sent:
+            self.reconciliation.record(accepted=result.sent_hours, sent=result.sent_hours)
             self._acknowledge([batch[token] for token in result.sent])
             self.metrics.delivered.labels("realtime").inc(len(result.sent))
         if result.failed:
@@ -410,7 +416,11 @@ class EdgeService:
             priority = result.priorities.get
             self._spill_q.put(
                 [
-                    (Ready(batch[token], event_id, priority(token, UNKNOWN_PRIORITY)), error, cause)
+                    (
+                        Ready(batch[token], event_id, priority(token, UNKNOWN_PRIORITY), result.hours.get(token)),
+                        error,
+                        cause,
+                    )
                     for token, event_id, error in result.failed
                 ]
             )
@@ -529,6 +539,7 @@ class EdgeService:
         self.retry_log.add([(r.event_id, r.body, error, r.priority) for r, error, _ in group])
         # Committed: from here on nothing may send the group to the retry log again.
         try:
+            self.reconciliation.record(accepted=collections.Counter(r.hour for r, _, _ in group if r.hour))
             self._acknowledge([r.received for r, _, _ in group])
             for cause, count in collections.Counter(cause for _, _, cause in group).items():
                 self.metrics.spilled.labels(cause).inc(count)
@@ -574,6 +585,7 @@ class EdgeService:
             )
             for reason, count in collections.Counter(reason for _, reason, _ in outcome.quarantined).items():
                 self.metrics.quarantined.labels(reason).inc(count)
+        self.reconciliation.record(sent=outcome.sent_hours)  # before the jobs close: a crash counts a resend again
         moved = self.retry_log.record(outcome.done + [j.job_id for j, _, _ in outcome.quarantined], outcome.failed)
         self.metrics.delivered.labels("retry").inc(len(outcome.done))
         self.metrics.retry_failures.inc(len(outcome.failed))
@@ -606,6 +618,7 @@ class EdgeService:
             return
         jobs = {j.job_id: j for j in chunk}
         outcome.done += result.sent
+        outcome.sent_hours.update(result.sent_hours)
         outcome.failed += [(job_id, error) for job_id, _, error in result.failed]
         outcome.quarantined += [(jobs[job_id], reason, detail) for job_id, reason, detail in result.rejected]
         if result.call_error:
@@ -677,6 +690,16 @@ class EdgeService:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+        if self.config.manifest_bucket:
+            from edge_bridge.claim_check import s3_client
+
+            self.manifests = ManifestWriter(
+                self.reconciliation,
+                s3_client(),
+                self.config.manifest_bucket,
+                self.config.client_id,
+                self.config.manifest_interval_s,
+            ).start()
         if self.config.admin_port >= 0:
             from edge_bridge.admin import AdminServer
 
@@ -696,5 +719,7 @@ class EdgeService:
             self.admin.stop()
         self.client.disconnect()
         self.client.loop_stop()
+        if self.manifests:
+            self.manifests.stop()  # the last counts, after every thread that counts has stopped
         self.retry_log.close()
         self.quarantine.close()
