@@ -343,19 +343,14 @@ def trace_event(service: EdgeService, event_id: str, site_id: str | None) -> dic
 
 
 def _retry_log_rows(retry_log, event_id: str, site_id: str | None) -> tuple[list[dict], list[dict]]:
-    """The retry log's rows for one event id (a body from another site is left out when `site_id` is given).
-
-    RetryLog has no lookup by event id, so this reads its two tables under its own lock, as its methods do.
-    """
-    with retry_log._lock:
-        jobs = retry_log._con.execute(
-            "SELECT job_id, attempts, next_attempt_at, last_error, created_at, body FROM jobs WHERE event_id = ? ORDER BY job_id LIMIT ?",
-            [event_id, TRACE_MAX_ROWS],
-        ).fetchall()
-        dead = retry_log._con.execute(
-            "SELECT attempts, last_error, created_at, failed_at, body FROM dlq WHERE event_id = ? ORDER BY failed_at LIMIT ?",
-            [event_id, TRACE_MAX_ROWS],
-        ).fetchall()
+    """The retry log's rows for one event id (a body from another site is left out when `site_id` is given)."""
+    held = retry_log.find(event_id, TRACE_MAX_ROWS)
+    jobs = [
+        (h.job_id, h.attempts, h.next_attempt_at, h.last_error, h.created_at, h.body)
+        for h in held
+        if h.state == "pending"
+    ]
+    dead = [(h.attempts, h.last_error, h.created_at, h.failed_at, h.body) for h in held if h.state == "dlq"]
     pending = [
         {
             "job_id": job_id,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -97,3 +98,35 @@ class EdgeMetrics:
         self.mqtt_connections = Counter(
             "edge_mqtt_connections", "MQTT connections made (more than one: the broker dropped the service)", registry=r
         )
+        self.retry_log_salvaged = Counter(
+            "edge_retry_log_salvaged",
+            "Rows copied from a corrupt retry log into a fresh one when the service started",
+            ["table"],
+            registry=r,
+        )
+        self.retry_log_lost = Counter(
+            "edge_retry_log_lost",
+            "Rows of a corrupt retry log that could not be read when the service started (those it could count)",
+            ["table"],
+            registry=r,
+        )
+        self.retry_log_loss_unknown = Gauge(
+            "edge_retry_log_salvage_loss_unknown",
+            "1 when the corrupt retry log found at start could not be counted: an unknown number of rows is lost",
+            registry=r,
+        )
+        self.retry_log_corrupt_files = Gauge(
+            "edge_retry_log_corrupt_files",
+            "Corrupt retry logs moved aside in the state directory and not yet cleared away",
+            registry=r,
+        )
+
+    def watch_retry_log_salvage(self, report, retry_log_path: Path) -> None:
+        """Count what the start-up check salvaged and lost; keep the moved-aside files in sight until cleared."""
+        from edge_bridge.retry_log_salvage import EVENT_TABLES, moved_aside
+
+        for table in EVENT_TABLES:
+            self.retry_log_salvaged.labels(table).inc(report.salvaged.get(table, 0))
+            self.retry_log_lost.labels(table).inc(report.lost.get(table) or 0)
+        self.retry_log_loss_unknown.set(int(report.loss_unknown))
+        self.retry_log_corrupt_files.set_function(lambda: len(moved_aside(retry_log_path)))

@@ -70,6 +70,22 @@ class DeadLetter:
     body_bytes: int
 
 
+@dataclass(frozen=True)
+class HeldEvent:
+    """One row of the retry log holding an event: a pending job (`state` "pending") or a dead letter ("dlq")."""
+
+    state: str
+    event_id: str
+    body: str
+    attempts: int
+    last_error: str
+    created_at: float
+    priority: str
+    job_id: int | None = None  # pending only
+    next_attempt_at: float | None = None  # pending only
+    failed_at: float | None = None  # dlq only
+
+
 class RetryLog:
     """Pending jobs and the local DLQ in one DuckDB file; every method is one transaction.
 
@@ -288,6 +304,29 @@ class RetryLog:
                 [limit],
             ).fetchall()
         return [DeadLetter(*row) for row in rows]
+
+    def find(self, event_id: str, limit: int = 100) -> list[HeldEvent]:
+        """Every row holding `event_id`: pending jobs (by job id), then dead letters (oldest failure first).
+
+        At most `limit` of each: an event id a careless site reuses must not make the answer huge.
+        """
+        with self._lock:
+            jobs = self._con.execute(
+                """SELECT event_id, body, attempts, last_error, created_at, priority, job_id, next_attempt_at
+                   FROM jobs WHERE event_id = ? ORDER BY job_id LIMIT ?""",
+                [event_id, limit],
+            ).fetchall()
+            dead = self._con.execute(
+                """SELECT event_id, body, attempts, last_error, created_at, priority, failed_at
+                   FROM dlq WHERE event_id = ? ORDER BY failed_at LIMIT ?""",
+                [event_id, limit],
+            ).fetchall()
+        return [
+            HeldEvent("pending", e, b, a, err, c, priority_name(p), job_id=j, next_attempt_at=due)
+            for e, b, a, err, c, p, j, due in jobs
+        ] + [
+            HeldEvent("dlq", e, b, a, err, c, priority_name(p), failed_at=failed) for e, b, a, err, c, p, failed in dead
+        ]
 
     def replay_dlq(self, now: float | None = None) -> int:
         """Move every DLQ row back to `jobs`, due now with a fresh attempt count; returns how many."""

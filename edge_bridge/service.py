@@ -45,6 +45,7 @@ from edge_bridge.mqtt_client import Client
 from edge_bridge.priorities import UNKNOWN_PRIORITY, catalog_priorities
 from edge_bridge.quarantine import PROCESSING_ERROR, Quarantine, error_detail
 from edge_bridge.retry_log import Job, RetryLog
+from edge_bridge.retry_log_salvage import check_at_start
 from edge_bridge.send_workers import (
     CHUNK_MAX,
     ChunkResult,
@@ -169,8 +170,12 @@ class EdgeService:
             keep_files=config.quarantine_keep_files,
             on_dropped=self.metrics.quarantine_dropped.inc,
         )
+        # A retry log that cannot be read whole is moved aside and salvaged here, so the service still starts.
+        retry_log_path = config.state_dir / "retry_log.duckdb"
+        self.retry_log_check = check_at_start(retry_log_path, priorities=self._priority_of)
+        self.metrics.watch_retry_log_salvage(self.retry_log_check, retry_log_path)
         self.retry_log = RetryLog(
-            config.state_dir / "retry_log.duckdb",
+            retry_log_path,
             max_events=config.retry_log_max_events,
             backoff_s=config.retry_backoff_s,
             max_attempts=config.retry_max_attempts,
@@ -669,6 +674,7 @@ class EdgeService:
             "quarantine_dropped": self.quarantine.dropped,
             "express_lane": self.config.express_queue_url is not None,
             "retry_order": self.retry_log.order,
+            "retry_log_check": self.retry_log_check.as_dict(),
         }
 
     # --- lifecycle ------------------------------------------------------------------------------
