@@ -1,7 +1,7 @@
-"""`python -m edge_bridge.cli status | dlq list | dlq replay | quarantine list | quarantine release | emit`: operate a running edge service.
+"""`python -m edge_bridge.cli status | dlq list | dlq replay | quarantine list | quarantine release | emit | retry-log check`: operate a running edge service.
 
 Everything goes through the service's admin API (`EDGE_ADMIN_URL`, default http://127.0.0.1:9108),
-because the service alone may write its DuckDB retry log. `dlq replay` and `emit` change the service's
+because the service alone may write its DuckDB retry log; `retry-log check` alone reads the file, read-only. `dlq replay` and `emit` change the service's
 state, so they send the service's token from `EDGE_ADMIN_TOKEN` (kept out of the command line, where
 any local user could read it in the process list).
 """
@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import requests
 
@@ -74,6 +75,49 @@ class AdminClient:
         return self._post("/events", {"event_type": event_type, "payload": payload, "device_id": device_id}).json()
 
 
+def check_retry_log(path: str | None, client: AdminClient) -> int:
+    """Print what an integrity read of the retry log finds; 0 ok, 1 corrupt, 2 not checked.
+
+    The service holds the file's lock while it runs, and DuckDB lets no reader in beside a writer: then
+    this says so and prints what the service found when it checked the file at its start.
+    """
+    from edge_bridge.config import EdgeConfig
+    from edge_bridge.retry_log_salvage import CORRUPT, LOCKED, OK, check, moved_aside
+
+    target = Path(path) if path else EdgeConfig.from_env().state_dir / "retry_log.duckdb"
+    result = check(target)
+    print(f"retry log {target}: {result.status}{': ' + result.reason if result.reason else ''}")
+    print(f"  size: {result.size_bytes} bytes, write-ahead log {result.wal_bytes} bytes")
+    if result.status in (OK, CORRUPT):
+        for name, table in sorted(result.tables.items()):
+            rows = "rows unknown" if table.rows is None else f"{table.rows} rows"
+            print(f"  {name}: {rows}{', unreadable: ' + table.error if table.error else ''}")
+        print(f"  pending jobs: {_count(result.pending_jobs)}, DLQ rows: {_count(result.dlq_rows)}")
+    for aside in moved_aside(target):
+        print(f"  moved aside earlier: {aside}")
+    if result.status == OK:
+        return 0
+    if result.status == CORRUPT:
+        return 1
+    if result.status == LOCKED:
+        print("  the file is held by a running edge service; stop it to read the file, or see its view:")
+        try:
+            status = client.status()
+        except requests.RequestException as exc:
+            print(f"  (its admin API is unreachable at {client.base_url}: {exc})")
+        else:
+            start = status.get("retry_log_check", {})
+            print(
+                f"  service: pending jobs {status['jobs_pending']}, DLQ rows {status['dlq_size']}, "
+                f"{status['retry_log_bytes']} bytes; its start-up check: {json.dumps(start)}"
+            )
+    return 2
+
+
+def _count(value: int | None) -> str:
+    return "unknown" if value is None else str(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edge_bridge.cli", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -101,7 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     emit.add_argument("event_type")
     emit.add_argument("--payload", default="{}", help="JSON object")
     emit.add_argument("--device-id", default="edge-service")
+    retry_log = commands.add_parser("retry-log", help="the DuckDB retry log file").add_subparsers(
+        dest="retry_log_command", required=True
+    )
+    retry_log_check = retry_log.add_parser(
+        "check", help="read every row, read-only: ok or corrupt (exit 1), rows per table, size"
+    )
+    retry_log_check.add_argument("--path", help="default: $EDGE_STATE_DIR/retry_log.duckdb")
     args = parser.parse_args(argv)
+    if args.command == "retry-log":
+        return check_retry_log(args.path, AdminClient(args.admin_url))
 
     client = AdminClient(args.admin_url)
     try:

@@ -29,13 +29,14 @@ def promtool(*args: str, cwd: Path = RULES_DIR) -> subprocess.CompletedProcess:
 def test_promtool_check_rules_accepts_the_alert_rules():
     result = promtool("check", "rules", str(ALERTS))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 8 rules found" in result.stdout
+    assert "SUCCESS: 10 rules found" in result.stdout
 
 
 def test_promtool_unit_tests_of_the_alert_rules_pass():
     assert [p.name for p in ALERTS_TESTS] == [
         "alerts_freshness_test.yml",
         "alerts_quarantine_test.yml",
+        "alerts_retry_log_test.yml",
         "alerts_test.yml",
     ]
     result = promtool("test", "rules", *map(str, ALERTS_TESTS))
@@ -90,6 +91,11 @@ MUTATIONS = [
         "increase(edge_quarantine_dropped_total",
         "increase(edge_events_quarantined_total",
     ),
+    ("EdgeRetryLogSalvaged", "expr", "_lost_total) > 0", "_lost_total) > 1"),
+    ("EdgeRetryLogSalvaged", "expr", "loss_unknown > 0", "loss_unknown > 1"),
+    ("EdgeRetryLogSalvaged", "expr", "sum without (table) (edge_retry_log_lost_total)", "edge_retry_log_lost_total"),
+    ("EdgeRetryLogMovedAside", "expr", "> 0", "> 1"),
+    ("EdgeRetryLogMovedAside", "expr", "> 0", ">= 0"),
     ("ArchiveFreshnessStale", "expr", "> 600", "> 660"),
     ("ArchiveFreshnessStale", "expr", "> 600", ">= 600"),
     ("ArchiveFreshnessStale", "expr", "> 600", "> 540"),
