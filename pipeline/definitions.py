@@ -2,7 +2,7 @@
 
 from dagster import Definitions
 
-from pipeline import analytics, archive_replay, assets, partner_jobs, replay, sensors
+from pipeline import analytics, archive_replay, assets, partner_jobs, reconciliation_checks, replay, sensors
 from pipeline.resources import RESOURCES
 
 defs = Definitions.merge(
@@ -13,4 +13,5 @@ defs = Definitions.merge(
     partner_jobs.defs,
     replay.defs,
     archive_replay.defs,
+    reconciliation_checks.defs,
 )

@@ -32,6 +32,7 @@ class QueueMessage:
     body: str
     receive_count: int
     sent_at: datetime | None = None  # SQS's SentTimestamp: when the edge's send was accepted
+    resent: bool = False  # a cloud-side re-send (it carries QUEUED_AT_ATTRIBUTE), not a message the edge made
 
 
 def sent_at(attributes: dict, message_attributes: dict | None = None) -> datetime | None:
@@ -86,6 +87,9 @@ class ParsedWindow:
     # When the edge handed each event in `bodies` to SQS (ISO-8601 UTC, "" if SQS did not say): the
     # SentTimestamp of its first copy in the window (of the pointer message for a claim check).
     queued_at: list[str] = field(default_factory=list)
+    # Every message behind `bodies` (duplicates included), as (index into bodies, message id, resent):
+    # what the drain received, for reconciliation (pipeline.reconciliation).
+    received: list[tuple[int, str, bool]] = field(default_factory=list)
     _events: list[Envelope] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -130,6 +134,7 @@ def receive_window(sqs, queue_url: str, max_messages: int, wait_time_s: int = 1,
                     body=msg["Body"],
                     receive_count=int(msg.get("Attributes", {}).get("ApproximateReceiveCount", 1)),
                     sent_at=sent_at(msg.get("Attributes", {}), msg.get("MessageAttributes")),
+                    resent=QUEUED_AT_ATTRIBUTE in (msg.get("MessageAttributes") or {}),
                 )
             )
         # A short answer means the backlog is taken, except on a FIFO queue: there a receive returns
@@ -152,6 +157,8 @@ def parse_window(window: Window, s3_client=None, claim_check_bucket: str | None 
     message is quarantined as `unreadable`, with its exception type; its neighbours go on.
     """
     events: dict[tuple[str, str], str] = {}
+    index: dict[tuple[str, str], int] = {}
+    received: list[tuple[int, str, bool]] = []
     queued: list[str] = []
     parsed: list[Envelope] = []
     receipts, quarantined, duplicates, held = [], [], 0, 0
@@ -193,12 +200,22 @@ def parse_window(window: Window, s3_client=None, claim_check_bucket: str | None 
         receipts.append(msg.receipt_handle)
         if env.key in events:
             duplicates += 1
+            received.append((index[env.key], msg.message_id, msg.resent))
             continue
+        index[env.key] = len(events)
+        received.append((index[env.key], msg.message_id, msg.resent))
         events[env.key] = body
         queued.append(msg.sent_at.isoformat() if msg.sent_at else "")
         parsed.append(env)
     return ParsedWindow(
-        list(events.values()), receipts, quarantined, duplicates, held, queued_at=queued, _events=parsed
+        list(events.values()),
+        receipts,
+        quarantined,
+        duplicates,
+        held,
+        queued_at=queued,
+        received=received,
+        _events=parsed,
     )
 
 

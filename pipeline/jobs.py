@@ -25,7 +25,7 @@ from dagster import (
 
 from edge_bridge.claim_check import check_in_downstream
 from edge_bridge.envelope import Envelope, format_ts, utc_now
-from pipeline import drain
+from pipeline import drain, reconciliation
 from pipeline.archive import write_landing
 from pipeline.metrics import push_gauges
 from pipeline.partitions import archive_hourly_partitions
@@ -107,6 +107,8 @@ def land_in_archive(context: OpExecutionContext, parsed: drain.ParsedWindow, arc
     """
     if not parsed.bodies:
         return
+    # What this window received, by site and hour, before anything of it lands (pipeline.reconciliation).
+    reconciliation.write_drain_manifests(archive.get_client(), archive.bucket, context.run_id, parsed)
     ingested_at = utc_now()
     refused: list[destinations.Refused] = []
 
