@@ -29,13 +29,14 @@ def promtool(*args: str, cwd: Path = RULES_DIR) -> subprocess.CompletedProcess:
 def test_promtool_check_rules_accepts_the_alert_rules():
     result = promtool("check", "rules", str(ALERTS))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 10 rules found" in result.stdout
+    assert "SUCCESS: 11 rules found" in result.stdout
 
 
 def test_promtool_unit_tests_of_the_alert_rules_pass():
     assert [p.name for p in ALERTS_TESTS] == [
         "alerts_freshness_test.yml",
         "alerts_quarantine_test.yml",
+        "alerts_reconciliation_test.yml",
         "alerts_retry_log_test.yml",
         "alerts_test.yml",
     ]
@@ -103,6 +104,11 @@ MUTATIONS = [
     ("ArchiveFreshnessMissing", "for", "15m", "14m"),
     ("ArchiveFreshnessMissing", "for", "15m", "16m"),
     ("ArchiveFreshnessMissing", "expr", ', instance="freshness"', ""),
+    ("ReconciliationMismatch", "for", "10m", "9m"),
+    ("ReconciliationMismatch", "for", "10m", "11m"),
+    ("ReconciliationMismatch", "expr", "> 0", ">= 0"),
+    ("ReconciliationMismatch", "expr", "> 0", "> 1"),
+    ("ReconciliationMismatch", "expr", "by (site, hour)", "by (site)"),
 ]
 
 
